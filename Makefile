@@ -1,0 +1,45 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+WORKERS ?= 2
+
+.PHONY: run test install lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+.env:
+	@echo "SECRET_KEY=$$($(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(50))')" > .env
+	@echo "Wrote a random SECRET_KEY to .env (kept for later starts)."
+
+run: install .env
+	$(BIN)/python manage.py migrate --noinput
+	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
+	@if $(BIN)/python manage.py shell -c "from django.conf import settings; raise SystemExit(0 if settings.AGENT_API_KEY else 1)" 2>/dev/null; then \
+		$(BIN)/python manage.py seed_default_instance; \
+	else echo "AGENT_API_KEY not set: no default instance seeded (legacy route answers 404)."; fi
+	@echo ""
+	@echo "omnihub on http://$(HOST):$(PORT)/  admin: http://$(HOST):$(PORT)/admin/  API docs: http://$(HOST):$(PORT)/api/docs/"
+	@echo "Create an admin user with: $(BIN)/python manage.py createsuperuser"
+	@echo ""
+	$(BIN)/uvicorn omnihub.asgi:application --host $(HOST) --port $(PORT) --workers $(WORKERS) --lifespan on --no-access-log
+
+test: install
+	$(BIN)/ruff check .
+	ENV_FILE= SECRET_KEY=check $(BIN)/python manage.py makemigrations --check --dry-run
+	ENV_FILE= SECRET_KEY=check $(BIN)/python manage.py spectacular --validate --fail-on-warn --file /dev/null
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) staticfiles

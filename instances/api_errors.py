@@ -1,0 +1,19 @@
+from typing import Any
+
+from rest_framework import exceptions
+from rest_framework.response import Response
+from rest_framework.views import exception_handler as drf_exception_handler
+
+
+def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    """DRF's handler, but every failed authentication or permission check is a 401.
+
+    A logged-in user who is not staff is, for this API, not an API user at all.
+    """
+    if isinstance(exc, exceptions.PermissionDenied):
+        exc = exceptions.NotAuthenticated(exc.detail)
+    response = drf_exception_handler(exc, context)
+    if response is not None and isinstance(exc, exceptions.NotAuthenticated):
+        response.status_code = 401
+        response["WWW-Authenticate"] = "x-api-key"
+    return response

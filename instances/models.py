@@ -1,0 +1,164 @@
+import secrets
+from typing import Any
+from urllib.parse import quote
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+
+from instances.validators import validate_http_url, validate_instance_name, validate_secret
+
+DEFAULT_FALLBACK_MESSAGE = (
+    "Sorry, we could not answer your message right now. Please try again in a few minutes."
+)
+MAX_AGENT_TIMEOUT = 600
+SECRET_FIELDS = ("evolution_key", "agent_api_key", "webhook_token")
+
+
+def generate_webhook_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+class InstanceConfig(models.Model):
+    """One tenant: a WhatsApp number on an Evolution API, answered by one agent."""
+
+    name = models.CharField(
+        max_length=64,
+        unique=True,
+        validators=[validate_instance_name],
+        help_text="The tenant's identifier in URLs: letters, digits, '_' and '-'. "
+        "It cannot be changed once created (Evolution posts to a URL holding it).",
+    )
+    is_active = models.BooleanField(
+        default=True, help_text="Webhooks of an inactive instance answer 404."
+    )
+    is_default = models.BooleanField(
+        default=False,
+        help_text="The default instance answers the legacy route /webhook/evolution.",
+    )
+
+    evolution_url = models.CharField(
+        "Evolution API URL",
+        max_length=500,
+        blank=True,
+        validators=[validate_http_url],
+        help_text="e.g. https://evolution.example.com. Blank only on the default instance "
+        "(legacy mode: taken from each delivery's server_url).",
+    )
+    evolution_key = models.CharField(
+        "Evolution API key", max_length=512, blank=True, validators=[validate_secret]
+    )
+    whatsapp_instance = models.CharField(
+        "WhatsApp instance",
+        max_length=128,
+        blank=True,
+        help_text="The instance's name inside Evolution. Blank: the same as the name "
+        "(on the legacy default instance: the delivery's instance).",
+    )
+    webhook_token = models.CharField(
+        max_length=512,
+        blank=True,
+        default=generate_webhook_token,
+        validators=[validate_secret],
+        help_text="Deliveries must carry it as header X-Webhook-Token or ?token=. "
+        "Blank accepts unauthenticated deliveries.",
+    )
+
+    agent_api_url = models.CharField(
+        "Agent API URL", max_length=500, validators=[validate_http_url]
+    )
+    agent_api_key = models.CharField(
+        "Agent API key", max_length=512, validators=[validate_secret]
+    )
+    default_agent = models.CharField(max_length=128, default="simple_agent")
+    agent_timeout = models.PositiveIntegerField(
+        default=60,
+        validators=[MinValueValidator(1), MaxValueValidator(MAX_AGENT_TIMEOUT)],
+        help_text=f"Seconds to wait for the agent's reply (1 to {MAX_AGENT_TIMEOUT}).",
+    )
+    session_id_prefix = models.CharField(
+        max_length=64,
+        blank=True,
+        help_text="Prepended to the phone digits to form the agent session name. Blank on "
+        "a non-default instance: '<name>_', so two tenants never share a session.",
+    )
+    fallback_message = models.TextField(
+        default=DEFAULT_FALLBACK_MESSAGE,
+        blank=True,
+        help_text="Sent to the user when the agent fails for good. Blank sends nothing.",
+    )
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "instance"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["is_default"],
+                condition=models.Q(is_default=True),
+                name="instances_one_default",
+                violation_error_message="Another instance is already the default.",
+            )
+        ]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._stored_name = self.name if self.pk else None
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        # Never let a secret reach a log line through repr().
+        return f"<InstanceConfig {self.name!r}>"
+
+    def clean(self) -> None:
+        errors: dict[str, str] = {}
+        if self._stored_name and self.name != self._stored_name:
+            errors["name"] = (
+                "An instance cannot be renamed: Evolution posts to a URL holding its name. "
+                "Create a new instance instead."
+            )
+        if not self.is_default:
+            for field in ("evolution_url", "evolution_key"):
+                if not getattr(self, field):
+                    errors[field] = "Required unless this is the default instance."
+        elif bool(self.evolution_url) != bool(self.evolution_key):
+            errors["evolution_key" if self.evolution_url else "evolution_url"] = (
+                "Set both the Evolution URL and key, or leave both blank (legacy mode)."
+            )
+        if errors:
+            raise ValidationError(errors)
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        super().save(*args, **kwargs)
+        self._stored_name = self.name
+
+    # --- derived values used by the pipeline and the interfaces ---
+    @property
+    def is_legacy(self) -> bool:
+        """The default instance without Evolution credentials of its own."""
+        return self.is_default and not self.evolution_url
+
+    @property
+    def webhook_path(self) -> str:
+        return f"/webhook/evolution/{quote(self.name)}"
+
+    @property
+    def webhook_url(self) -> str:
+        return f"{settings.PUBLIC_BASE_URL}{self.webhook_path}"
+
+    @property
+    def webhook_url_with_token(self) -> str:
+        if not self.webhook_token:
+            return self.webhook_url
+        return f"{self.webhook_url}?token={quote(self.webhook_token)}"
+
+    @property
+    def session_prefix(self) -> str:
+        if self.session_id_prefix or self.is_default:
+            return self.session_id_prefix
+        return f"{self.name}_"

@@ -1,0 +1,90 @@
+"""Business operations on tenants. Admin, REST API and CLI call these."""
+
+from dataclasses import dataclass
+from typing import Literal
+
+from django.conf import settings
+from django.db import transaction
+
+from instances.models import InstanceConfig
+
+DEFAULT_INSTANCE_NAME = "default"
+
+
+class MissingSetting(Exception):
+    """A variable the operation needs is not set."""
+
+
+def save_instance(*, instance: InstanceConfig) -> InstanceConfig:
+    """Validate with the model's rules and save; raises ValidationError."""
+    with transaction.atomic():
+        if instance.is_default:
+            # Making this one default takes the flag from the others in the
+            # same transaction, so there is never zero or two defaults.
+            InstanceConfig.objects.filter(is_default=True).exclude(pk=instance.pk).update(
+                is_default=False
+            )
+        instance.full_clean()
+        instance.save()
+    return instance
+
+
+def set_default_instance(*, name: str) -> InstanceConfig:
+    with transaction.atomic():
+        instance = InstanceConfig.objects.select_for_update().get(name=name)
+        InstanceConfig.objects.filter(is_default=True).exclude(pk=instance.pk).update(
+            is_default=False
+        )
+        if not instance.is_default:
+            instance.is_default = True
+            instance.full_clean()
+            instance.save(update_fields=["is_default", "updated_at"])
+    return instance
+
+
+def get_default_instance() -> InstanceConfig | None:
+    return InstanceConfig.objects.filter(is_default=True).first()
+
+
+def default_instance_fields_from_settings() -> dict[str, object]:
+    if not settings.AGENT_API_KEY:
+        raise MissingSetting(
+            "AGENT_API_KEY is not set: the default instance needs the agent's API key. "
+            "Set it in the environment or in .env."
+        )
+    return {
+        "agent_api_url": settings.AGENT_API_URL,
+        "agent_api_key": settings.AGENT_API_KEY,
+        "default_agent": settings.DEFAULT_AGENT_NAME,
+        "agent_timeout": settings.AGENT_API_TIMEOUT,
+        "whatsapp_instance": settings.WHATSAPP_INSTANCE,
+        "session_id_prefix": settings.SESSION_ID_PREFIX,
+        "evolution_url": settings.EVOLUTION_API_URL,
+        "evolution_key": settings.EVOLUTION_API_KEY,
+        # The old route took unauthenticated deliveries: no token unless asked for.
+        "webhook_token": settings.WEBHOOK_TOKEN,
+    }
+
+
+@dataclass(frozen=True)
+class SeedResult:
+    action: Literal["created", "updated", "unchanged"]
+    instance: InstanceConfig
+
+
+def seed_default_instance(*, update: bool = False) -> SeedResult:
+    """Create the default instance from the legacy variables when there is none."""
+    fields = default_instance_fields_from_settings()
+    with transaction.atomic():
+        existing = InstanceConfig.objects.select_for_update().filter(is_default=True).first()
+        if existing is None:
+            instance = InstanceConfig(name=DEFAULT_INSTANCE_NAME, is_default=True, **fields)
+            return SeedResult("created", save_instance(instance=instance))
+        if not update:
+            return SeedResult("unchanged", existing)
+        changed = [k for k, v in fields.items() if getattr(existing, k) != v]
+        if not changed:
+            return SeedResult("unchanged", existing)
+        for key in changed:
+            setattr(existing, key, fields[key])
+        return SeedResult("updated", save_instance(instance=existing))

@@ -1,0 +1,17 @@
+"""Settings for the test suite: the real settings, isolated from a developer's .env."""
+
+import os
+
+os.environ["ENV_FILE"] = ""
+os.environ.setdefault("SECRET_KEY", "test-secret-key-not-for-production")
+
+from omnihub.settings import *  # noqa: E402, F403
+
+# Manifest storage needs collectstatic; live_server tests serve from the apps.
+STORAGES["staticfiles"] = {  # noqa: F405
+    "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
+}
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+OMNIHUB_API_KEY = "test-api-key"
+# The embedded worker is started by the tests that need it, not by live_server.
+OMNIHUB_EMBEDDED_WORKER = False

@@ -1,0 +1,51 @@
+"""Fixtures shared by every test package."""
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from instances.models import InstanceConfig
+
+FIXTURES = Path(__file__).parent / "fixtures"
+EVOLUTION_FIXTURES = FIXTURES / "evolution"
+
+
+def load_fixture(name: str, *, fresh: bool = True) -> dict[str, Any]:
+    """A webhook body from tests/fixtures/evolution; `fresh` sets its timestamp to now."""
+    body = json.loads((EVOLUTION_FIXTURES / name).read_text())
+    if fresh and isinstance(body.get("data"), dict) and "messageTimestamp" in body["data"]:
+        body["data"]["messageTimestamp"] = int(time.time())
+    return body
+
+
+@pytest.fixture
+def make_instance(db):
+    """Create a valid non-default instance; keyword arguments override fields."""
+
+    def make(**overrides: Any) -> InstanceConfig:
+        fields: dict[str, Any] = {
+            "name": "acme",
+            "evolution_url": "http://evolution.acme.test",
+            "evolution_key": "acme-evolution-key",
+            "whatsapp_instance": "acme-wa",
+            "agent_api_url": "http://agent.acme.test",
+            "agent_api_key": "acme-agent-key",
+            "default_agent": "acme_agent",
+        }
+        fields.update(overrides)
+        instance = InstanceConfig(**fields)
+        instance.full_clean()
+        instance.save()
+        return instance
+
+    return make
+
+
+@pytest.fixture
+def api_key_headers() -> dict[str, str]:
+    from django.conf import settings
+
+    return {"HTTP_X_API_KEY": settings.OMNIHUB_API_KEY}
