@@ -27,7 +27,7 @@ if not SECRET_KEY:
             "(`make run` writes a random one to .env for a local start), "
             "or set DEBUG=true for development."
         )
-    SECRET_KEY = "insecure-development-only-key"  # noqa: S105 - DEBUG only
+    SECRET_KEY = "insecure-development-only-key"
 
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
@@ -186,6 +186,7 @@ OMNIHUB_EMBEDDED_WORKER = env.bool("OMNIHUB_EMBEDDED_WORKER", default=True)
 WORKER_CONCURRENCY = env.int("WORKER_CONCURRENCY", default=64)
 WORKER_POLL_INTERVAL = env.float("WORKER_POLL_INTERVAL", default=1.0)
 WORKER_SHUTDOWN_GRACE = env.float("WORKER_SHUTDOWN_GRACE", default=20.0)
+WORKER_LEASE_MARGIN = env.float("WORKER_LEASE_MARGIN", default=30.0)
 MESSAGE_MAX_AGE = env.int("MESSAGE_MAX_AGE", default=600)
 AGENT_MAX_ATTEMPTS = env.int("AGENT_MAX_ATTEMPTS", default=4)
 EVOLUTION_RETRY_WINDOW = env.int("EVOLUTION_RETRY_WINDOW", default=900)

@@ -5,7 +5,7 @@ import os
 os.environ["ENV_FILE"] = ""
 os.environ.setdefault("SECRET_KEY", "test-secret-key-not-for-production")
 
-from omnihub.settings import *  # noqa: E402, F403
+from omnihub.settings import *  # noqa: F403
 
 # Manifest storage needs collectstatic; live_server tests serve from the apps.
 STORAGES["staticfiles"] = {  # noqa: F405

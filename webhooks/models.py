@@ -49,7 +49,8 @@ class InboundMessage(models.Model):
     last_error = models.TextField(blank=True)
     agent_request = models.JSONField(null=True, blank=True)
     agent_response = models.JSONField(null=True, blank=True)
-    reply_text = models.TextField(null=True, blank=True)
+    # None: the agent has not answered yet; "": it answered with nothing to send.
+    reply_text = models.TextField(null=True, blank=True)  # noqa: DJ001
     used_fallback = models.BooleanField(default=False)
 
     message_timestamp = models.DateTimeField(null=True, blank=True)

@@ -1,0 +1,45 @@
+"""ASGI entry point: Django, plus the embedded worker started with the lifespan.
+
+Django's ASGI handler refuses the lifespan protocol, so lifespan messages are
+answered here and everything else goes to Django.
+"""
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "omnihub.settings")
+django_application = get_asgi_application()
+
+from django.conf import settings  # noqa: E402
+
+from webhooks.worker import Worker  # noqa: E402
+
+logger = logging.getLogger("omnihub.asgi")
+
+
+async def lifespan(receive: Any, send: Any) -> None:
+    stop = asyncio.Event()
+    task: asyncio.Task[None] | None = None
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            if settings.OMNIHUB_EMBEDDED_WORKER:
+                task = asyncio.create_task(Worker().run(stop=stop))
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            stop.set()
+            if task is not None:
+                await task
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        await lifespan(receive, send)
+    else:
+        await django_application(scope, receive, send)

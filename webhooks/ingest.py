@@ -1,0 +1,178 @@
+"""Recording a webhook delivery: find the tenant, check the token, store the row.
+
+This runs inside the webhook request and must stay fast: no outbound call,
+one read and one write. The worker does everything else.
+"""
+
+import hmac
+import json
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from instances.models import InstanceConfig
+from instances.validators import EVENT_SLUGS
+from webhooks import parsing
+from webhooks.models import ConnectionState, InboundMessage, Status
+
+logger = logging.getLogger(__name__)
+
+
+class Outcome(StrEnum):
+    QUEUED = "queued"
+    IGNORED = "ignored"
+    DUPLICATE = "duplicate"
+    UNKNOWN_INSTANCE = "unknown_instance"
+    BAD_TOKEN = "bad_token"
+    BAD_BODY = "bad_body"
+
+
+@dataclass(frozen=True)
+class Result:
+    outcome: Outcome
+    detail: str = ""
+    message_id: str = ""
+    instance_name: str = ""
+
+
+def find_instance(*, segment: str | None, event: str | None) -> InstanceConfig | None:
+    """Which active tenant a webhook path names.
+
+    `/webhook/evolution` and `/webhook/evolution/<event-slug>` are the default
+    instance (no instance may be named like an event); `/webhook/evolution/<name>`
+    and `/webhook/evolution/<name>/<event-slug>` are that instance.
+    """
+    if segment is not None and segment.lower() in EVENT_SLUGS and event is None:
+        segment = None
+    elif event is not None and event.lower() not in EVENT_SLUGS:
+        return None
+    queryset = InstanceConfig.objects.filter(is_active=True)
+    if segment is None:
+        return queryset.filter(is_default=True).first()
+    return queryset.filter(name=segment).first()
+
+
+def token_is_valid(*, instance: InstanceConfig, given: str | None) -> bool:
+    if not instance.webhook_token:
+        return True
+    if not given:
+        return False
+    return hmac.compare_digest(given.encode(), instance.webhook_token.encode())
+
+
+def decode_body(raw: bytes) -> dict[str, Any] | None:
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def accept_delivery(
+    *, segment: str | None, event: str | None, token: str | None, raw_body: bytes
+) -> Result:
+    instance = find_instance(segment=segment, event=event)
+    if instance is None:
+        return Result(Outcome.UNKNOWN_INSTANCE, "Unknown or inactive instance.")
+    if not token_is_valid(instance=instance, given=token):
+        return Result(Outcome.BAD_TOKEN, "Missing or wrong webhook token.")
+    body = decode_body(raw_body)
+    if body is None:
+        return Result(Outcome.BAD_BODY, "The body must be a JSON object.")
+    return record_delivery(instance=instance, body=body)
+
+
+def record_delivery(*, instance: InstanceConfig, body: dict[str, Any]) -> Result:
+    event = parsing.event_name(body)
+    if event == "connection.update":
+        return record_connection_state(instance=instance, body=body)
+    if event != "messages.upsert":
+        return Result(Outcome.IGNORED, f"event {event or '(none)'} is not handled")
+    try:
+        message = parsing.parse_message(body)
+    except parsing.ParseError as exc:
+        return Result(Outcome.IGNORED, f"not a usable message: {exc}")
+    if len(message.message_id) > 128 or len(message.chat_jid) > 128:
+        return Result(Outcome.IGNORED, "not a usable message: id or chat too long")
+    reason = parsing.ignore_reason(
+        message, now=timezone.now().timestamp(), max_age_seconds=settings.MESSAGE_MAX_AGE
+    )
+    now = timezone.now()
+    row = InboundMessage(
+        instance=instance,
+        message_id=message.message_id,
+        chat_jid=message.chat_jid,
+        sender_jid=message.sender_jid,
+        phone=message.phone,
+        push_name=message.push_name[:256],
+        message_type=message.message_type,
+        text=message.text,
+        content=message.to_content(),
+        payload=parsing.strip_secrets(body),
+        evolution_instance=message.evolution_instance[:128],
+        status=Status.IGNORED if reason else Status.QUEUED,
+        ignore_reason=reason or "",
+        next_attempt_at=None if reason else now,
+        finished_at=now if reason else None,
+        message_timestamp=_timestamp(message.timestamp),
+    )
+    if instance.is_legacy and not reason:
+        # The single-tenant service replied through the server that delivered.
+        row.reply_server_url = _string(body.get("server_url"))[:500]
+        row.reply_api_key = _string(body.get("apikey"))[:512]
+    try:
+        with transaction.atomic():
+            row.save(force_insert=True)
+    except IntegrityError:
+        return Result(Outcome.DUPLICATE, "already received", message.message_id, instance.name)
+    outcome = Outcome.IGNORED if reason else Outcome.QUEUED
+    logger.info(
+        "message instance=%s id=%s status=%s%s",
+        instance.name,
+        message.message_id,
+        row.status,
+        f" reason={reason}" if reason else "",
+    )
+    return Result(outcome, reason or "", message.message_id, instance.name)
+
+
+def record_connection_state(*, instance: InstanceConfig, body: dict[str, Any]) -> Result:
+    try:
+        state, reason = parsing.parse_connection_update(body)
+    except parsing.ParseError as exc:
+        return Result(Outcome.IGNORED, f"not a usable connection.update: {exc}")
+    # One row per instance, updated in place: Evolution sends this event about
+    # twice a second while it cannot reach WhatsApp.
+    updated = ConnectionState.objects.filter(instance=instance).update(
+        state=state[:32], status_reason=reason, updated_at=timezone.now()
+    )
+    if not updated:
+        try:
+            with transaction.atomic():
+                ConnectionState.objects.create(
+                    instance=instance, state=state[:32], status_reason=reason
+                )
+        except IntegrityError:
+            ConnectionState.objects.filter(instance=instance).update(
+                state=state[:32], status_reason=reason, updated_at=timezone.now()
+            )
+    return Result(Outcome.IGNORED, f"connection state {state} recorded")
+
+
+def _timestamp(value: int | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return datetime.fromtimestamp(value, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def _string(value: Any) -> str:
+    return value if isinstance(value, str) else ""

@@ -1,0 +1,51 @@
+"""Evolution API webhook endpoints. They store the delivery and answer; nothing else."""
+
+import logging
+
+from asgiref.sync import sync_to_async
+from django.db import DatabaseError
+from django.http import HttpRequest, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from webhooks import worker
+from webhooks.ingest import Outcome, accept_delivery
+
+logger = logging.getLogger(__name__)
+
+# Evolution drops a delivery for good on 400/401/403/404/422 and retries the rest.
+STATUS_CODES = {
+    Outcome.QUEUED: 200,
+    Outcome.IGNORED: 200,
+    Outcome.DUPLICATE: 200,
+    Outcome.UNKNOWN_INSTANCE: 404,
+    Outcome.BAD_TOKEN: 401,
+    Outcome.BAD_BODY: 400,
+}
+
+
+@csrf_exempt
+async def evolution_webhook(
+    request: HttpRequest, segment: str | None = None, event: str | None = None
+) -> JsonResponse:
+    if request.method != "POST":
+        return JsonResponse({"detail": "Use POST."}, status=405, headers={"Allow": "POST"})
+    token = request.headers.get("X-Webhook-Token") or request.GET.get("token")
+    try:
+        result = await sync_to_async(accept_delivery)(
+            segment=segment, event=event, token=token, raw_body=request.body
+        )
+    except DatabaseError:
+        # 503 makes Evolution deliver it again later; nothing was stored.
+        logger.exception("webhook could not be stored segment=%s", segment)
+        return JsonResponse({"detail": "The delivery could not be stored."}, status=503)
+    if result.outcome is Outcome.QUEUED:
+        worker.wake_up()
+    status = STATUS_CODES[result.outcome]
+    if status != 200:
+        return JsonResponse({"detail": result.detail}, status=status)
+    body = {"status": result.outcome.value}
+    if result.message_id:
+        body["message_id"] = result.message_id
+    if result.detail:
+        body["detail"] = result.detail
+    return JsonResponse(body)

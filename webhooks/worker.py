@@ -1,0 +1,200 @@
+"""The asyncio worker: claims due messages from the inbox and processes them.
+
+Safe with any number of workers in any number of processes: rows are claimed
+in one transaction (FOR UPDATE SKIP LOCKED on PostgreSQL, an IMMEDIATE
+transaction on SQLite) and get a claim token and a lease. A row whose lease
+expired (its worker died) is claimed again. Only the oldest open message of a
+chat is ever claimable, so a chat's messages are handled one at a time, in order.
+"""
+
+import asyncio
+import logging
+import traceback
+from collections import defaultdict
+from datetime import datetime, timedelta
+from uuid import uuid4
+
+import httpx
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import DatabaseError, close_old_connections, transaction
+from django.db.models import Exists, F, OuterRef, Q
+from django.utils import timezone
+
+from webhooks.http import new_http_client
+from webhooks.models import InboundMessage, Status
+from webhooks.processing import process_message
+
+logger = logging.getLogger(__name__)
+
+# The wake-up events of the workers running in this process (with their
+# loops), so that a webhook stored here starts at once instead of at the
+# next poll. They hold no tenant data.
+_wake_events: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+
+MAX_CLAIMS = 100
+
+
+def wake_up() -> None:
+    for loop, event in list(_wake_events):
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(event.set)
+
+
+def lease_for(*, agent_timeout: int, now: datetime) -> datetime:
+    seconds = agent_timeout + settings.EVOLUTION_TIMEOUT + settings.WORKER_LEASE_MARGIN
+    return now + timedelta(seconds=seconds)
+
+
+def claim_due_messages(*, limit: int) -> list[InboundMessage]:
+    """Mark up to `limit` due messages as ours and return them, oldest first."""
+    now = timezone.now()
+    token = uuid4().hex
+    earlier_open = InboundMessage.objects.filter(
+        instance_id=OuterRef("instance_id"),
+        chat_jid=OuterRef("chat_jid"),
+        id__lt=OuterRef("id"),
+        status__in=(Status.QUEUED, Status.PROCESSING),
+    )
+    due = Q(status=Status.QUEUED, next_attempt_at__lte=now) | Q(
+        status=Status.PROCESSING, lease_until__lt=now
+    )
+    with transaction.atomic():
+        rows = list(
+            InboundMessage.objects.filter(due)
+            .filter(~Exists(earlier_open))
+            .order_by("id")
+            .select_for_update(skip_locked=True, of=("self",))
+            .values_list("id", "instance__agent_timeout")[:limit]
+        )
+        by_timeout: dict[int, list[int]] = defaultdict(list)
+        for pk, agent_timeout in rows:
+            by_timeout[agent_timeout].append(pk)
+        for agent_timeout, pks in by_timeout.items():
+            InboundMessage.objects.filter(pk__in=pks).update(
+                status=Status.PROCESSING,
+                claim_token=token,
+                lease_until=lease_for(agent_timeout=agent_timeout, now=now),
+                attempts=F("attempts") + 1,
+            )
+    if not rows:
+        return []
+    return list(
+        InboundMessage.objects.filter(claim_token=token)
+        .select_related("instance")
+        .order_by("id")
+    )
+
+
+def release(*, message: InboundMessage, error: str = "", delay: float = 0.0) -> None:
+    """Give a claimed row back to the queue (on shutdown or after a crash in our code)."""
+    fields: dict[str, object] = {
+        "status": Status.QUEUED,
+        "claim_token": "",
+        "lease_until": None,
+        "next_attempt_at": timezone.now() + timedelta(seconds=delay),
+    }
+    if error:
+        fields["last_error"] = error
+    if message.attempts >= MAX_CLAIMS:
+        fields.update(status=Status.FAILED, finished_at=timezone.now(), next_attempt_at=None)
+    InboundMessage.objects.filter(
+        pk=message.pk, claim_token=message.claim_token, status=Status.PROCESSING
+    ).update(**fields)
+
+
+class Worker:
+    def __init__(
+        self,
+        *,
+        concurrency: int | None = None,
+        poll_interval: float | None = None,
+        shutdown_grace: float | None = None,
+    ) -> None:
+        self.concurrency = concurrency or settings.WORKER_CONCURRENCY
+        self.poll_interval = poll_interval or settings.WORKER_POLL_INTERVAL
+        self.shutdown_grace = (
+            settings.WORKER_SHUTDOWN_GRACE if shutdown_grace is None else shutdown_grace
+        )
+        self._in_flight: dict[asyncio.Task[None], InboundMessage] = {}
+        self._wake = asyncio.Event()
+
+    async def run(self, *, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        entry = (loop, self._wake)
+        _wake_events.add(entry)
+        logger.info("worker started concurrency=%d", self.concurrency)
+        try:
+            async with new_http_client(max_connections=self.concurrency * 3) as http:
+                try:
+                    await self._loop(stop=stop, http=http)
+                finally:
+                    await self._drain()
+        finally:
+            _wake_events.discard(entry)
+            await sync_to_async(close_old_connections)()
+            logger.info("worker stopped")
+
+    async def _loop(self, *, stop: asyncio.Event, http: httpx.AsyncClient) -> None:
+        while not stop.is_set():
+            self._wake.clear()
+            free = self.concurrency - len(self._in_flight)
+            claimed: list[InboundMessage] = []
+            if free > 0:
+                try:
+                    claimed = await sync_to_async(claim_due_messages)(limit=free)
+                except DatabaseError:
+                    logger.exception("worker could not claim messages; retrying")
+                    await sync_to_async(close_old_connections)()
+            for message in claimed:
+                task = asyncio.create_task(self._process(message=message, http=http))
+                self._in_flight[task] = message
+            if free == 0 or len(claimed) < free:
+                await _wait_any(self._wake, stop, timeout=self.poll_interval)
+
+    async def _process(self, *, message: InboundMessage, http: httpx.AsyncClient) -> None:
+        try:
+            await process_message(message=message, http=http)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A bug or a lost database: give the row back with a delay rather
+            # than leave it to the lease, and keep the error on it.
+            logger.exception("message id=%s failed in the worker", message.message_id)
+            error = traceback.format_exc(limit=3)[-2000:]
+            try:
+                await sync_to_async(release)(message=message, error=error, delay=30.0)
+            except DatabaseError:
+                logger.exception("could not release message id=%s", message.message_id)
+        finally:
+            self._in_flight.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+            self._wake.set()
+
+    async def _drain(self) -> None:
+        """Let in-flight messages finish for a while, then hand the rest back."""
+        if not self._in_flight:
+            return
+        logger.info("worker finishing %d messages in flight", len(self._in_flight))
+        tasks = list(self._in_flight)
+        pending = set(tasks)
+        if self.shutdown_grace > 0:
+            _, pending = await asyncio.wait(tasks, timeout=self.shutdown_grace)
+        leftovers = [self._in_flight.get(task) for task in pending]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for message in leftovers:
+            if message is not None:
+                await sync_to_async(release)(message=message)
+        if leftovers:
+            logger.info("worker released %d unfinished messages", len(leftovers))
+
+
+async def _wait_any(*events: asyncio.Event, timeout: float) -> None:
+    waiters = [asyncio.create_task(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
