@@ -268,11 +268,11 @@ def _int(value: object) -> int | None:
 
 def _timestamp(value: object) -> int | None:
     seconds = _int(value)
-    if seconds is None or seconds <= 0:
+    # Seconds up to 10**11 (year 5138), milliseconds above; beyond that it is
+    # not a time at all.
+    if seconds is None or not 0 < seconds <= 10**14:
         return None
-    if seconds > 10**11:  # milliseconds
-        seconds //= 1000
-    return seconds
+    return seconds // 1000 if seconds > 10**11 else seconds
 
 
 def _jid(value: object) -> str:
