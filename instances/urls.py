@@ -1,3 +1,8 @@
-from django.urls import path
+from rest_framework.routers import DefaultRouter
 
-urlpatterns: list = []
+from instances.api import InstanceViewSet
+
+router = DefaultRouter()
+router.register("instances", InstanceViewSet)
+
+urlpatterns = router.urls

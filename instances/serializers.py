@@ -1,0 +1,116 @@
+from typing import Any
+
+from django.core.exceptions import NON_FIELD_ERRORS
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db.models import Field as ModelField
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+from rest_framework.settings import api_settings
+
+from instances.models import SECRET_FIELDS, InstanceConfig
+from instances.services import save_instance
+
+SECRET_HELP = "Write-only. Omit it on update to keep the stored value."
+
+
+def as_api_error(exc: DjangoValidationError) -> serializers.ValidationError:
+    """The model's errors, keyed by field as in the admin."""
+    detail = serializers.as_serializer_error(exc)
+    if NON_FIELD_ERRORS in detail:
+        detail[api_settings.NON_FIELD_ERRORS_KEY] = detail.pop(NON_FIELD_ERRORS)
+    return serializers.ValidationError(detail)
+
+
+@extend_schema_field(OpenApiTypes.BOOL)
+class IsSetField(serializers.ReadOnlyField):
+    """Whether the secret in `source` is set, so a client can check it without reading it."""
+
+    def to_representation(self, value: str) -> bool:
+        return bool(value)
+
+
+class InstanceConfigSerializer(serializers.ModelSerializer):
+    webhook_url = serializers.URLField(
+        read_only=True, help_text="Where Evolution must post this instance's events."
+    )
+    has_evolution_key = IsSetField(source="evolution_key")
+    has_webhook_token = IsSetField(source="webhook_token")
+    has_agent_api_key = IsSetField(source="agent_api_key")
+
+    class Meta:
+        model = InstanceConfig
+        fields = [
+            "name",
+            "webhook_url",
+            "is_active",
+            "is_default",
+            "evolution_url",
+            "evolution_key",
+            "has_evolution_key",
+            "whatsapp_instance",
+            "webhook_token",
+            "has_webhook_token",
+            "agent_api_url",
+            "agent_api_key",
+            "has_agent_api_key",
+            "default_agent",
+            "agent_timeout",
+            "session_id_prefix",
+            "fallback_message",
+            "created_at",
+            "updated_at",
+        ]
+        extra_kwargs = {
+            "evolution_key": {"write_only": True, "help_text": SECRET_HELP},
+            "agent_api_key": {"write_only": True, "help_text": SECRET_HELP},
+            "webhook_token": {
+                "write_only": True,
+                "help_text": "Write-only. Omitted on create: a random token is generated; "
+                "blank accepts unauthenticated deliveries. Omit it on update to keep it.",
+            },
+        }
+
+    def build_standard_field(
+        self, field_name: str, model_field: ModelField
+    ) -> tuple[type[serializers.Field], dict[str, Any]]:
+        field_class, kwargs = super().build_standard_field(field_name, model_field)
+        # The model's validators (and name uniqueness) run in full_clean(), in
+        # validate(): once, all errors together, with the admin's messages.
+        kwargs.pop("validators", None)
+        return field_class, kwargs
+
+    def get_fields(self) -> dict[str, serializers.Field]:
+        fields = super().get_fields()
+        if self.instance is not None:
+            # Clients never read secrets back, so they cannot resend them on PUT.
+            for name in SECRET_FIELDS:
+                fields[name].required = False
+        return fields
+
+    def build_instance(self, attrs: dict[str, Any]) -> InstanceConfig:
+        instance = self.instance if self.instance is not None else InstanceConfig()
+        for key, value in attrs.items():
+            setattr(instance, key, value)
+        return instance
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        try:
+            # save_instance() takes the flag from the old default before it
+            # checks the one-default constraint, so don't check it here.
+            self.build_instance(attrs).full_clean(exclude=["is_default"])
+        except DjangoValidationError as exc:
+            raise as_api_error(exc) from exc
+        return attrs
+
+    def save_built(self, attrs: dict[str, Any]) -> InstanceConfig:
+        try:
+            return save_instance(instance=self.build_instance(attrs))
+        except DjangoValidationError as exc:  # e.g. a concurrent create of the same name
+            raise as_api_error(exc) from exc
+
+    def create(self, validated_data: dict[str, Any]) -> InstanceConfig:
+        return self.save_built(validated_data)
+
+    def update(self, instance: InstanceConfig, validated_data: dict[str, Any]) -> InstanceConfig:
+        return self.save_built(validated_data)
