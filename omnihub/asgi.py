@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from django.core.asgi import get_asgi_application
+from django.core.handlers.asgi import ASGIHandler
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "omnihub.settings")
 django_application = get_asgi_application()
@@ -18,7 +19,27 @@ from django.conf import settings  # noqa: E402
 
 from webhooks.worker import Worker  # noqa: E402
 
+
+class LeanASGIHandler(ASGIHandler):
+    """Django without the session/auth/CSRF/messages middleware.
+
+    Webhooks and health checks need none of it, and on this path Django's
+    default middleware costs more than the view itself.
+    """
+
+    def load_middleware(self, is_async: bool = False) -> None:
+        full = settings.MIDDLEWARE
+        settings.MIDDLEWARE = settings.LEAN_MIDDLEWARE
+        try:
+            super().load_middleware(is_async=is_async)
+        finally:
+            settings.MIDDLEWARE = full
+
+
+lean_application = LeanASGIHandler()
+
 logger = logging.getLogger("omnihub.asgi")
+LEAN_PREFIXES = ("/webhook/", "/health")
 
 
 async def lifespan(receive: Any, send: Any) -> None:
@@ -41,5 +62,7 @@ async def lifespan(receive: Any, send: Any) -> None:
 async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
         await lifespan(receive, send)
+    elif scope["type"] == "http" and scope["path"].startswith(LEAN_PREFIXES):
+        await lean_application(scope, receive, send)
     else:
         await django_application(scope, receive, send)

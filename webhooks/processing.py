@@ -11,12 +11,12 @@ from datetime import timedelta
 from typing import Any
 
 import httpx
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
 from instances.models import InstanceConfig
 from webhooks.agent_client import AgentClient, build_agent_request
+from webhooks.db import run_db
 from webhooks.evolution_client import EvolutionClient, EvolutionTarget
 from webhooks.http import OutboundError
 from webhooks.models import InboundMessage, Status
@@ -50,8 +50,7 @@ def reply_number(*, message: InboundMessage) -> str:
     return reply_to if isinstance(reply_to, str) and reply_to else message.chat_jid
 
 
-@sync_to_async
-def _update(message: InboundMessage, **fields: Any) -> bool:
+def update_claimed(*, message: InboundMessage, fields: dict[str, Any]) -> bool:
     """Write fields if this worker still holds the claim; False when it lost it."""
     updated = InboundMessage.objects.filter(
         pk=message.pk, claim_token=message.claim_token, status=Status.PROCESSING
@@ -59,6 +58,10 @@ def _update(message: InboundMessage, **fields: Any) -> bool:
     for key, value in fields.items():
         setattr(message, key, value)
     return updated == 1
+
+
+async def _update(message: InboundMessage, **fields: Any) -> bool:
+    return await run_db(update_claimed, message=message, fields=fields)
 
 
 def _log(message: InboundMessage, status: str, **extra: Any) -> None:

@@ -2,12 +2,12 @@
 
 import logging
 
-from asgiref.sync import sync_to_async
 from django.db import DatabaseError
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from webhooks import worker
+from webhooks.db import run_db
 from webhooks.ingest import Outcome, accept_delivery
 
 logger = logging.getLogger(__name__)
@@ -31,8 +31,8 @@ async def evolution_webhook(
         return JsonResponse({"detail": "Use POST."}, status=405, headers={"Allow": "POST"})
     token = request.headers.get("X-Webhook-Token") or request.GET.get("token")
     try:
-        result = await sync_to_async(accept_delivery)(
-            segment=segment, event=event, token=token, raw_body=request.body
+        result = await run_db(
+            accept_delivery, segment=segment, event=event, token=token, raw_body=request.body
         )
     except DatabaseError:
         # 503 makes Evolution deliver it again later; nothing was stored.

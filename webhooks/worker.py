@@ -15,12 +15,12 @@ from datetime import datetime, timedelta
 from uuid import uuid4
 
 import httpx
-from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import DatabaseError, close_old_connections, transaction
+from django.db import DatabaseError, transaction
 from django.db.models import Exists, F, OuterRef, Q
 from django.utils import timezone
 
+from webhooks.db import run_db
 from webhooks.http import new_http_client
 from webhooks.models import InboundMessage, Status
 from webhooks.processing import process_message
@@ -133,7 +133,6 @@ class Worker:
                     await self._drain()
         finally:
             _wake_events.discard(entry)
-            await sync_to_async(close_old_connections)()
             logger.info("worker stopped")
 
     async def _loop(self, *, stop: asyncio.Event, http: httpx.AsyncClient) -> None:
@@ -143,10 +142,10 @@ class Worker:
             claimed: list[InboundMessage] = []
             if free > 0:
                 try:
-                    claimed = await sync_to_async(claim_due_messages)(limit=free)
+                    claimed = await run_db(claim_due_messages, limit=free)
                 except DatabaseError:
+                    # run_db has dropped the connection; the next loop reconnects.
                     logger.exception("worker could not claim messages; retrying")
-                    await sync_to_async(close_old_connections)()
             for message in claimed:
                 task = asyncio.create_task(self._process(message=message, http=http))
                 self._in_flight[task] = message
@@ -164,7 +163,7 @@ class Worker:
             logger.exception("message id=%s failed in the worker", message.message_id)
             error = traceback.format_exc(limit=3)[-2000:]
             try:
-                await sync_to_async(release)(message=message, error=error, delay=30.0)
+                await run_db(release, message=message, error=error, delay=30.0)
             except DatabaseError:
                 logger.exception("could not release message id=%s", message.message_id)
         finally:
@@ -186,7 +185,7 @@ class Worker:
         await asyncio.gather(*pending, return_exceptions=True)
         for message in leftovers:
             if message is not None:
-                await sync_to_async(release)(message=message)
+                await run_db(release, message=message)
         if leftovers:
             logger.info("worker released %d unfinished messages", len(leftovers))
 
