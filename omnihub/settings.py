@@ -198,6 +198,8 @@ MESSAGE_MAX_AGE = env.int("MESSAGE_MAX_AGE", default=600)
 AGENT_MAX_ATTEMPTS = env.int("AGENT_MAX_ATTEMPTS", default=4)
 EVOLUTION_RETRY_WINDOW = env.int("EVOLUTION_RETRY_WINDOW", default=900)
 EVOLUTION_TIMEOUT = env.float("EVOLUTION_TIMEOUT", default=15.0)
+# /health/ready answers 503 when no worker has been heard from for this long.
+HEALTH_WORKER_MAX_SILENCE = env.int("HEALTH_WORKER_MAX_SILENCE", default=30)
 RETRY_BASE_DELAY = env.float("RETRY_BASE_DELAY", default=2.0)
 RETRY_MAX_DELAY = env.float("RETRY_MAX_DELAY", default=60.0)
 

@@ -89,3 +89,16 @@ class ConnectionState(models.Model):
 
     def __str__(self) -> str:
         return f"{self.instance_id}:{self.state}"
+
+
+class WorkerHeartbeat(models.Model):
+    """A running worker says it is alive here, so /health/ready can tell."""
+
+    worker_id = models.CharField(max_length=64, unique=True)
+    hostname = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    started_at = models.DateTimeField()
+    last_seen_at = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return f"{self.hostname}:{self.pid}"

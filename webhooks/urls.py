@@ -1,12 +1,14 @@
-from django.urls import re_path
+from django.urls import path, re_path
 
-from webhooks import views
+from webhooks import health, views
 
-# /webhook/evolution[/<segment>[/<event>]] with or without a trailing slash.
 urlpatterns = [
+    # /webhook/evolution[/<segment>[/<event>]] with or without a trailing slash.
     re_path(
         r"^webhook/evolution(?:/(?P<segment>[^/]+))?(?:/(?P<event>[^/]+))?/?$",
         views.evolution_webhook,
         name="evolution-webhook",
     ),
+    path("health", health.health, name="health"),
+    path("health/ready", health.ready, name="health-ready"),
 ]

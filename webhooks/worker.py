@@ -9,6 +9,9 @@ chat is ever claimable, so a chat's messages are handled one at a time, in order
 
 import asyncio
 import logging
+import os
+import socket
+import time
 import traceback
 from collections import defaultdict
 from datetime import datetime, timedelta
@@ -22,7 +25,7 @@ from django.utils import timezone
 
 from webhooks.db import run_db
 from webhooks.http import new_http_client
-from webhooks.models import InboundMessage, Status
+from webhooks.models import InboundMessage, Status, WorkerHeartbeat
 from webhooks.processing import process_message
 
 logger = logging.getLogger(__name__)
@@ -33,6 +36,7 @@ logger = logging.getLogger(__name__)
 _wake_events: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
 
 MAX_CLAIMS = 100
+HEARTBEAT_INTERVAL = 5.0
 
 
 def wake_up() -> None:
@@ -80,9 +84,7 @@ def claim_due_messages(*, limit: int) -> list[InboundMessage]:
     if not rows:
         return []
     return list(
-        InboundMessage.objects.filter(claim_token=token)
-        .select_related("instance")
-        .order_by("id")
+        InboundMessage.objects.filter(claim_token=token).select_related("instance").order_by("id")
     )
 
 
@@ -103,6 +105,25 @@ def release(*, message: InboundMessage, error: str = "", delay: float = 0.0) -> 
     ).update(**fields)
 
 
+def beat(*, worker_id: str, started_at: datetime) -> None:
+    now = timezone.now()
+    WorkerHeartbeat.objects.update_or_create(
+        worker_id=worker_id,
+        defaults={
+            "hostname": socket.gethostname()[:255],
+            "pid": os.getpid(),
+            "started_at": started_at,
+            "last_seen_at": now,
+        },
+    )
+    # Workers that died without saying goodbye.
+    WorkerHeartbeat.objects.filter(last_seen_at__lt=now - timedelta(hours=1)).delete()
+
+
+def forget(*, worker_id: str) -> None:
+    WorkerHeartbeat.objects.filter(worker_id=worker_id).delete()
+
+
 class Worker:
     def __init__(
         self,
@@ -118,6 +139,9 @@ class Worker:
         )
         self._in_flight: dict[asyncio.Task[None], InboundMessage] = {}
         self._wake = asyncio.Event()
+        self.worker_id = uuid4().hex
+        self.started_at = timezone.now()
+        self._last_beat = 0.0
 
     async def run(self, *, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
@@ -133,11 +157,16 @@ class Worker:
                     await self._drain()
         finally:
             _wake_events.discard(entry)
+            try:
+                await run_db(forget, worker_id=self.worker_id)
+            except DatabaseError:
+                logger.warning("could not remove the worker's heartbeat")
             logger.info("worker stopped")
 
     async def _loop(self, *, stop: asyncio.Event, http: httpx.AsyncClient) -> None:
         while not stop.is_set():
             self._wake.clear()
+            await self._beat()
             free = self.concurrency - len(self._in_flight)
             claimed: list[InboundMessage] = []
             if free > 0:
@@ -151,6 +180,15 @@ class Worker:
                 self._in_flight[task] = message
             if free == 0 or len(claimed) < free:
                 await _wait_any(self._wake, stop, timeout=self.poll_interval)
+
+    async def _beat(self) -> None:
+        if time.monotonic() - self._last_beat < HEARTBEAT_INTERVAL:
+            return
+        self._last_beat = time.monotonic()
+        try:
+            await run_db(beat, worker_id=self.worker_id, started_at=self.started_at)
+        except DatabaseError:
+            logger.warning("worker heartbeat failed")
 
     async def _process(self, *, message: InboundMessage, http: httpx.AsyncClient) -> None:
         try:
