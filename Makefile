@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 WORKERS ?= 2
 
-.PHONY: run test install lint bench clean
+.PHONY: run test install bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,3 +43,8 @@ test: install
 
 clean:
 	rm -rf $(VENV) staticfiles
+
+# Benchmark (issue-sized numbers on loopback): writes bench/results.json and bench/results.md.
+bench: install
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q wrk >/dev/null; } || { echo "install wrk (apt-get install wrk)"; exit 1; }
+	$(BIN)/python bench/run.py

@@ -82,6 +82,10 @@ def seed_default_instance(*, update: bool = False) -> SeedResult:
             return SeedResult("created", save_instance(instance=instance))
         if not update:
             return SeedResult("unchanged", existing)
+        if not settings.WEBHOOK_TOKEN:
+            # An unset WEBHOOK_TOKEN never removes a token set since (admin, API,
+            # CLI): that would silently open the route to anyone.
+            fields.pop("webhook_token")
         changed = [k for k, v in fields.items() if getattr(existing, k) != v]
         if not changed:
             return SeedResult("unchanged", existing)

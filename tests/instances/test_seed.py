@@ -169,14 +169,14 @@ def test_with_webhook_token_it_does_not_warn(db):
     assert err == ""
 
 
-def test_update_from_an_unset_webhook_token_blanks_it_and_warns(db):
+def test_update_with_an_unset_webhook_token_keeps_the_stored_token(db):
     seed()
 
     code, out, err = seed("--update", WEBHOOK_TOKEN="")
 
     assert code == 0
-    assert out == "Updated default instance 'default': webhook_token.\n"
-    assert NO_TOKEN_WARNING in err
+    assert out == "Default instance 'default' unchanged.\n"
+    assert InstanceConfig.objects.get(name="default").webhook_token
     assert_no_secret(out, err)
 
 
