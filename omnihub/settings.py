@@ -190,9 +190,9 @@ OMNIHUB_EMBEDDED_WORKER = env.bool("OMNIHUB_EMBEDDED_WORKER", default=True)
 WORKER_CONCURRENCY = env.int("WORKER_CONCURRENCY", default=64)
 WORKER_POLL_INTERVAL = env.float("WORKER_POLL_INTERVAL", default=1.0)
 WORKER_SHUTDOWN_GRACE = env.float("WORKER_SHUTDOWN_GRACE", default=20.0)
-# Threads (each with one long-lived DB connection) that run the webhook's and
-# the worker's database work; see webhooks/db.py.
-DB_THREADS = env.int("DB_THREADS", default=4)
+# The webhook's and the worker's database work runs on one thread per process
+# with a long-lived connection, many calls per commit; see webhooks/db.py.
+DB_GROUP_COMMIT = env.bool("DB_GROUP_COMMIT", default=True)
 WORKER_LEASE_MARGIN = env.float("WORKER_LEASE_MARGIN", default=30.0)
 MESSAGE_MAX_AGE = env.int("MESSAGE_MAX_AGE", default=600)
 AGENT_MAX_ATTEMPTS = env.int("AGENT_MAX_ATTEMPTS", default=4)

@@ -16,4 +16,4 @@ OMNIHUB_API_KEY = "test-api-key"
 # The embedded worker is started by the tests that need it, not by live_server.
 OMNIHUB_EMBEDDED_WORKER = False
 # Database work runs on the test's own thread, inside its transaction.
-DB_THREADS = 0
+DB_GROUP_COMMIT = False

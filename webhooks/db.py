@@ -1,53 +1,98 @@
-"""Running ORM code from async code on a small pool of long-lived threads.
+"""Running ORM code from async code: one database thread per process, group commit.
 
-Django's ASGI handler runs each request's sync code in a thread of its own
-and closes the database connection when the request ends: on the webhook
-path that is a new SQLite connection (or pool checkout), its PRAGMAs and a
-close for every delivery, several times the cost of the INSERT itself. Here
-a fixed number of threads keep one connection each for the life of the
-process, so the number of connections stays bounded (DB_THREADS per process);
-a connection that raised a database error is closed and opened anew.
+Django's ASGI handler runs each request's sync code in a thread of its own and
+closes the database connection when the request ends: on the webhook path that
+is a new connection, its PRAGMAs and a close for every delivery, and a commit
+per row. With two processes on SQLite every commit also competes for the one
+write lock, and a waiting writer sleeps in steps of several milliseconds.
+
+Here every database call of the webhook view and the worker goes to one
+thread per process that keeps its connection for the life of the process.
+Calls that arrive while it is busy are run together, each in a savepoint of
+one transaction: one lock and one commit for many deliveries. A caller's
+result (or exception) is handed back only after that commit, so a webhook is
+still answered 200 only once its row is durable.
 """
 
 import asyncio
-import functools
-import threading
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import DatabaseError, connection
+from django.db import DatabaseError, connection, transaction
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
-_lock = threading.Lock()
-_executor: ThreadPoolExecutor | None = None
-
-
-def _get_executor() -> ThreadPoolExecutor:
-    global _executor
-    with _lock:
-        if _executor is None:
-            _executor = ThreadPoolExecutor(
-                max_workers=settings.DB_THREADS, thread_name_prefix="omnihub-db"
-            )
-        return _executor
+MAX_BATCH = 200
+Call = tuple[Callable[..., Any], dict[str, Any], "asyncio.Future[Any]"]
 
 
-def _call(fn: Callable[..., T], kwargs: dict[str, Any]) -> T:
+class GroupCommitter:
+    """Runs queued calls on its thread, many per transaction."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Call] = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="omnihub-db")
+        self.runner: asyncio.Task[None] | None = None
+
+    async def submit(self, fn: Callable[..., T], kwargs: dict[str, Any]) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait((fn, kwargs, future))
+        if self.runner is None or self.runner.done():
+            self.runner = asyncio.create_task(self._run())
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            while not self.queue.empty() and len(batch) < MAX_BATCH:
+                batch.append(self.queue.get_nowait())
+            calls = [(fn, kwargs) for fn, kwargs, _ in batch]
+            outcomes = await loop.run_in_executor(self.executor, _execute, calls)
+            for (_, _, future), (ok, value) in zip(batch, outcomes, strict=True):
+                if future.done():
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+
+
+def _execute(calls: list[tuple[Callable[..., Any], dict[str, Any]]]) -> list[tuple[bool, Any]]:
+    outcomes: list[tuple[bool, Any]] = []
     try:
-        return fn(**kwargs)
-    except DatabaseError:
-        # The connection may be broken (database restarted): start afresh next time.
+        with transaction.atomic():
+            for fn, kwargs in calls:
+                try:
+                    # A savepoint each: one call's failure leaves the others' work.
+                    with transaction.atomic():
+                        outcomes.append((True, fn(**kwargs)))
+                except Exception as exc:
+                    outcomes.append((False, exc))
+    except DatabaseError as exc:
+        # The commit failed: nothing of the batch is stored. The connection
+        # may be broken (database restarted): open a new one next time.
+        logger.warning("database batch of %d failed: %s", len(calls), exc)
         connection.close()
-        raise
+        return [(False, exc)] * len(calls)
+    return outcomes
+
+
+_committers: dict[asyncio.AbstractEventLoop, GroupCommitter] = {}
 
 
 async def run_db(fn: Callable[..., T], /, **kwargs: Any) -> T:
-    if settings.DB_THREADS <= 0:
+    """Run `fn(**kwargs)` in a transaction on the process's database thread."""
+    if not settings.DB_GROUP_COMMIT:
         # Tests: run where the test's own connection and transaction live.
         return await sync_to_async(fn)(**kwargs)
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_get_executor(), functools.partial(_call, fn, kwargs))
+    committer = _committers.get(loop)
+    if committer is None:
+        committer = _committers[loop] = GroupCommitter()
+    return await committer.submit(fn, kwargs)

@@ -66,43 +66,75 @@ def token_is_valid(*, instance: InstanceConfig, given: str | None) -> bool:
     return hmac.compare_digest(given.encode(), instance.webhook_token.encode())
 
 
-def decode_body(raw: bytes) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class Delivery:
+    """What the body says, learned before any database access (it is pure CPU)."""
+
+    body: dict[str, Any] | None
+    event: str = ""
+    message: parsing.ParsedMessage | None = None
+    ignore_reason: str | None = None
+    problem: str = ""
+
+
+def read_delivery(raw: bytes) -> Delivery:
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):
-        return None
-    return body if isinstance(body, dict) else None
+        return Delivery(body=None)
+    return understand(body)
+
+
+def understand(body: Any) -> Delivery:
+    if not isinstance(body, dict):
+        return Delivery(body=None)
+    event = parsing.event_name(body)
+    if event != "messages.upsert":
+        return Delivery(body=body, event=event)
+    try:
+        message = parsing.parse_message(body)
+    except parsing.ParseError as exc:
+        return Delivery(body=body, event=event, problem=f"not a usable message: {exc}")
+    reason = parsing.ignore_reason(
+        message, now=timezone.now().timestamp(), max_age_seconds=settings.MESSAGE_MAX_AGE
+    )
+    return Delivery(body=body, event=event, message=message, ignore_reason=reason)
 
 
 def accept_delivery(
-    *, segment: str | None, event: str | None, token: str | None, raw_body: bytes
+    *, segment: str | None, event: str | None, token: str | None, delivery: Delivery
 ) -> Result:
     instance = find_instance(segment=segment, event=event)
     if instance is None:
         return Result(Outcome.UNKNOWN_INSTANCE, "Unknown or inactive instance.")
     if not token_is_valid(instance=instance, given=token):
         return Result(Outcome.BAD_TOKEN, "Missing or wrong webhook token.")
-    body = decode_body(raw_body)
-    if body is None:
+    if delivery.body is None:
         return Result(Outcome.BAD_BODY, "The body must be a JSON object.")
-    return record_delivery(instance=instance, body=body)
+    return record(instance=instance, delivery=delivery)
 
 
 def record_delivery(*, instance: InstanceConfig, body: dict[str, Any]) -> Result:
-    event = parsing.event_name(body)
-    if event == "connection.update":
-        return record_connection_state(instance=instance, body=body)
-    if event != "messages.upsert":
-        return Result(Outcome.IGNORED, f"event {event or '(none)'} is not handled")
-    try:
-        message = parsing.parse_message(body)
-    except parsing.ParseError as exc:
-        return Result(Outcome.IGNORED, f"not a usable message: {exc}")
-    if len(message.message_id) > 128 or len(message.chat_jid) > 128:
-        return Result(Outcome.IGNORED, "not a usable message: id or chat too long")
-    reason = parsing.ignore_reason(
-        message, now=timezone.now().timestamp(), max_age_seconds=settings.MESSAGE_MAX_AGE
-    )
+    """Record a body for a known instance (what a delivery does after its checks)."""
+    return record(instance=instance, delivery=understand(body))
+
+
+def record(*, instance: InstanceConfig, delivery: Delivery) -> Result:
+    assert delivery.body is not None
+    if delivery.event == "connection.update":
+        return record_connection_state(instance=instance, body=delivery.body)
+    if delivery.event != "messages.upsert":
+        return Result(Outcome.IGNORED, f"event {delivery.event or '(none)'} is not handled")
+    if delivery.message is None:
+        return Result(Outcome.IGNORED, delivery.problem)
+    return record_message(instance=instance, delivery=delivery)
+
+
+def record_message(*, instance: InstanceConfig, delivery: Delivery) -> Result:
+    message = delivery.message
+    body = delivery.body
+    assert message is not None and body is not None
+    reason = delivery.ignore_reason
     now = timezone.now()
     row = InboundMessage(
         instance=instance,
@@ -131,7 +163,6 @@ def record_delivery(*, instance: InstanceConfig, body: dict[str, Any]) -> Result
             row.save(force_insert=True)
     except IntegrityError:
         return Result(Outcome.DUPLICATE, "already received", message.message_id, instance.name)
-    outcome = Outcome.IGNORED if reason else Outcome.QUEUED
     logger.info(
         "message instance=%s id=%s status=%s%s",
         instance.name,
@@ -139,6 +170,7 @@ def record_delivery(*, instance: InstanceConfig, body: dict[str, Any]) -> Result
         row.status,
         f" reason={reason}" if reason else "",
     )
+    outcome = Outcome.IGNORED if reason else Outcome.QUEUED
     return Result(outcome, reason or "", message.message_id, instance.name)
 
 

@@ -1,5 +1,6 @@
 """Evolution API webhook endpoints. They store the delivery and answer; nothing else."""
 
+import asyncio
 import logging
 
 from django.db import DatabaseError
@@ -8,9 +9,11 @@ from django.views.decorators.csrf import csrf_exempt
 
 from webhooks import worker
 from webhooks.db import run_db
-from webhooks.ingest import Outcome, accept_delivery
+from webhooks.ingest import Outcome, accept_delivery, read_delivery
 
 logger = logging.getLogger(__name__)
+
+LARGE_BODY = 256 * 1024
 
 # Evolution drops a delivery for good on 400/401/403/404/422 and retries the rest.
 STATUS_CODES = {
@@ -30,9 +33,15 @@ async def evolution_webhook(
     if request.method != "POST":
         return JsonResponse({"detail": "Use POST."}, status=405, headers={"Allow": "POST"})
     token = request.headers.get("X-Webhook-Token") or request.GET.get("token")
+    raw = request.body
+    if len(raw) > LARGE_BODY:
+        # Parsing megabytes of base64 would stall every other request on this loop.
+        delivery = await asyncio.to_thread(read_delivery, raw)
+    else:
+        delivery = read_delivery(raw)
     try:
         result = await run_db(
-            accept_delivery, segment=segment, event=event, token=token, raw_body=request.body
+            accept_delivery, segment=segment, event=event, token=token, delivery=delivery
         )
     except DatabaseError:
         # 503 makes Evolution deliver it again later; nothing was stored.
