@@ -33,13 +33,22 @@ run: install .env
 	@echo "omnihub on http://$(HOST):$(PORT)/  admin: http://$(HOST):$(PORT)/admin/  API docs: http://$(HOST):$(PORT)/api/docs/"
 	@echo "Create an admin user with: $(BIN)/python manage.py createsuperuser"
 	@echo ""
-	$(BIN)/uvicorn omnihub.asgi:application --host $(HOST) --port $(PORT) --workers $(WORKERS) --lifespan on --no-access-log
+	PROMETHEUS_MULTIPROC_DIR=$${PROMETHEUS_MULTIPROC_DIR:-$$(mktemp -d -t omnihub-metrics.XXXXXX)} \
+		exec $(BIN)/uvicorn omnihub.asgi:application --host $(HOST) --port $(PORT) \
+		--workers $(WORKERS) --lifespan on --no-access-log
+
+# The suite runs on SQLite, then again on PostgreSQL (pytest-django creates and
+# drops test_<name> there). .ci/run starts PostgreSQL when it is not running.
+TEST_POSTGRES_URL ?= postgres://postgres@127.0.0.1:5432/omnihub
 
 test: install
 	$(BIN)/ruff check .
 	ENV_FILE= SECRET_KEY=check $(BIN)/python manage.py makemigrations --check --dry-run
 	ENV_FILE= SECRET_KEY=check $(BIN)/python manage.py spectacular --validate --fail-on-warn --file /dev/null
 	$(BIN)/pytest
+	@$(BIN)/python -c "import psycopg; psycopg.connect('$(TEST_POSTGRES_URL)'.rsplit('/', 1)[0] + '/postgres', connect_timeout=5).close()" \
+		|| { echo "PostgreSQL is not reachable at $(TEST_POSTGRES_URL): start it (.ci/run does), or set TEST_POSTGRES_URL."; exit 1; }
+	DATABASE_URL=$(TEST_POSTGRES_URL) $(BIN)/pytest
 
 clean:
 	rm -rf $(VENV) staticfiles

@@ -49,3 +49,15 @@ def api_key_headers() -> dict[str, str]:
     from django.conf import settings
 
     return {"HTTP_X_API_KEY": settings.OMNIHUB_API_KEY}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_the_connection_pool(django_db_setup, django_db_blocker):
+    """Return psycopg's pooled connections before the test database is dropped."""
+    yield
+    from django.db import connections
+
+    with django_db_blocker.unblock():
+        for connection in connections.all():
+            if hasattr(connection, "close_pool"):
+                connection.close_pool()

@@ -7,7 +7,7 @@ one read and one write. The worker does everything else.
 import hmac
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -108,10 +108,10 @@ def accept_delivery(
     if instance is None:
         return Result(Outcome.UNKNOWN_INSTANCE, "Unknown or inactive instance.")
     if not token_is_valid(instance=instance, given=token):
-        return Result(Outcome.BAD_TOKEN, "Missing or wrong webhook token.")
+        return Result(Outcome.BAD_TOKEN, "Missing or wrong webhook token.", "", instance.name)
     if delivery.body is None:
-        return Result(Outcome.BAD_BODY, "The body must be a JSON object.")
-    return record(instance=instance, delivery=delivery)
+        return Result(Outcome.BAD_BODY, "The body must be a JSON object.", "", instance.name)
+    return replace(record(instance=instance, delivery=delivery), instance_name=instance.name)
 
 
 def record_delivery(*, instance: InstanceConfig, body: dict[str, Any]) -> Result:

@@ -15,6 +15,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from instances.models import InstanceConfig
+from webhooks import metrics
 from webhooks.agent_client import AgentClient, build_agent_request
 from webhooks.db import run_db
 from webhooks.evolution_client import EvolutionClient, EvolutionTarget
@@ -87,13 +88,14 @@ async def _finish(message: InboundMessage, status: str, **fields: Any) -> None:
         **fields,
     )
     if done:
-        total = (now - message.received_at).total_seconds() * 1000
-        _log(message, status, total_ms=f"{total:.0f}", error=bool(message.last_error))
+        total = (now - message.received_at).total_seconds()
+        name = message.instance.name
+        metrics.messages_finished.labels(name, status).inc()
+        metrics.processing_seconds.labels(name).observe(total)
+        _log(message, status, total_ms=f"{total * 1000:.0f}", error=bool(message.last_error))
 
 
-async def _retry_later(
-    message: InboundMessage, *, attempt: int, error: str, **fields: Any
-) -> None:
+async def _retry_later(message: InboundMessage, *, attempt: int, error: str, **fields: Any) -> None:
     delay = backoff(attempt)
     await _update(
         message,
@@ -123,8 +125,10 @@ async def _ask_agent(*, message: InboundMessage, http: httpx.AsyncClient) -> boo
     started = timezone.now()
     typing = asyncio.create_task(evolution.send_presence(number=reply_number(message=message)))
     try:
-        reply = await AgentClient(instance=instance, http=http).run(request)
+        with metrics.agent_seconds.labels(instance.name).time():
+            reply = await AgentClient(instance=instance, http=http).run(request)
     except OutboundError as exc:
+        metrics.outbound_errors.labels(instance.name, "agent", exc.status or "none").inc()
         attempt = message.agent_attempts + 1
         if exc.retryable and attempt < settings.AGENT_MAX_ATTEMPTS:
             await _retry_later(
@@ -178,6 +182,9 @@ async def _send_reply(*, message: InboundMessage, http: httpx.AsyncClient) -> No
             number=reply_number(message=message), text=message.reply_text
         )
     except OutboundError as exc:
+        metrics.outbound_errors.labels(
+            message.instance.name, "evolution", exc.status or "none"
+        ).inc()
         now = timezone.now()
         first_failure = message.first_send_failed_at or now
         window = timedelta(seconds=settings.EVOLUTION_RETRY_WINDOW)

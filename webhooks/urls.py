@@ -1,6 +1,6 @@
 from django.urls import path, re_path
 
-from webhooks import health, views
+from webhooks import health, metrics, views
 
 urlpatterns = [
     # /webhook/evolution[/<segment>[/<event>]] with or without a trailing slash.
@@ -11,4 +11,5 @@ urlpatterns = [
     ),
     path("health", health.health, name="health"),
     path("health/ready", health.ready, name="health-ready"),
+    path("metrics", metrics.metrics_view, name="metrics"),
 ]

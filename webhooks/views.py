@@ -7,7 +7,7 @@ from django.db import DatabaseError
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from webhooks import worker
+from webhooks import metrics, worker
 from webhooks.db import run_db
 from webhooks.ingest import Outcome, accept_delivery, read_delivery
 
@@ -49,6 +49,7 @@ async def evolution_webhook(
         return JsonResponse({"detail": "The delivery could not be stored."}, status=503)
     if result.outcome is Outcome.QUEUED:
         worker.wake_up()
+    metrics.deliveries.labels(result.instance_name or "(unknown)", result.outcome.value).inc()
     status = STATUS_CODES[result.outcome]
     if status != 200:
         return JsonResponse({"detail": result.detail}, status=status)

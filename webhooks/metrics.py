@@ -1,0 +1,115 @@
+"""Prometheus metrics: counters and histograms recorded by the pipeline, and
+queue gauges read from the database at scrape time (so they are right
+whichever process or machine does the work).
+
+With several server processes set PROMETHEUS_MULTIPROC_DIR to one empty
+directory for all of them (`make run` does), so /metrics adds them up.
+"""
+
+import ipaddress
+import os
+from collections.abc import Iterator
+
+from django.conf import settings
+from django.db.models import Min
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils import timezone
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import REGISTRY, Collector
+
+from instances.authentication import API_KEY_HEADER, api_key_matches
+from webhooks.db import run_db
+from webhooks.models import InboundMessage, Status
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+deliveries = Counter(
+    "omnihub_webhook_deliveries_total",
+    "Webhook deliveries by instance and outcome.",
+    ["instance", "outcome"],
+)
+messages_finished = Counter(
+    "omnihub_messages_finished_total",
+    "Messages that reached a final status, by instance and status.",
+    ["instance", "status"],
+)
+processing_seconds = Histogram(
+    "omnihub_message_processing_seconds",
+    "From the delivery being stored to the message being finished.",
+    ["instance"],
+    buckets=LATENCY_BUCKETS,
+)
+agent_seconds = Histogram(
+    "omnihub_agent_request_seconds",
+    "Duration of agent calls, successful or not.",
+    ["instance"],
+    buckets=LATENCY_BUCKETS,
+)
+outbound_errors = Counter(
+    "omnihub_outbound_errors_total",
+    "Failed calls to agents and Evolution, by target and HTTP status ('none' when no answer).",
+    ["instance", "target", "status"],
+)
+
+
+def queue_stats() -> tuple[int, float]:
+    now = timezone.now()
+    due = InboundMessage.objects.filter(status=Status.QUEUED, next_attempt_at__lte=now)
+    oldest = due.aggregate(oldest=Min("received_at"))["oldest"]
+    return due.count(), (now - oldest).total_seconds() if oldest else 0.0
+
+
+class QueueCollector(Collector):
+    def __init__(self, depth: int, oldest: float) -> None:
+        self.depth = depth
+        self.oldest = oldest
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "omnihub_queue_depth", "Messages queued and due now.", value=self.depth
+        )
+        yield GaugeMetricFamily(
+            "omnihub_queue_oldest_age_seconds",
+            "Age of the oldest message queued and due now.",
+            value=self.oldest,
+        )
+
+
+def allowed(request: HttpRequest) -> bool:
+    if api_key_matches(request.headers.get(API_KEY_HEADER)):
+        return True
+    try:
+        client = ipaddress.ip_address(request.META.get("REMOTE_ADDR", ""))
+    except ValueError:
+        return False
+    return any(client in ipaddress.ip_network(net) for net in settings.METRICS_ALLOW)
+
+
+async def metrics_view(request: HttpRequest) -> HttpResponse:
+    if not allowed(request):
+        return JsonResponse(
+            {"detail": "Send header x-api-key, or scrape from an address in METRICS_ALLOW."},
+            status=401,
+        )
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
+    depth, oldest = await run_db(queue_stats)
+    output = generate_latest(registry) + generate_latest(_one(QueueCollector(depth, oldest)))
+    return HttpResponse(output, content_type=CONTENT_TYPE_LATEST)
+
+
+def _one(collector: Collector) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
