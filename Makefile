@@ -26,13 +26,15 @@ install: $(STAMP)
 run: install .env
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
-	@if $(BIN)/python manage.py shell -c "from django.conf import settings; raise SystemExit(0 if settings.AGENT_API_KEY else 1)" 2>/dev/null; then \
+	@if $(BIN)/python manage.py shell -v 0 -c "from django.conf import settings; raise SystemExit(0 if settings.AGENT_API_KEY else 1)" 2>/dev/null; then \
 		$(BIN)/python manage.py seed_default_instance; \
 	else echo "AGENT_API_KEY not set: no default instance seeded (legacy route answers 404)."; fi
 	@echo ""
 	@echo "omnihub on http://$(HOST):$(PORT)/  admin: http://$(HOST):$(PORT)/admin/  API docs: http://$(HOST):$(PORT)/api/docs/"
 	@echo "Create an admin user with: $(BIN)/python manage.py createsuperuser"
 	@echo ""
+	@# PUBLIC_BASE_URL defaults to this address unless the environment or .env sets it.
+	grep -qs '^PUBLIC_BASE_URL=' .env || export PUBLIC_BASE_URL=$${PUBLIC_BASE_URL:-http://$(HOST):$(PORT)}; \
 	PROMETHEUS_MULTIPROC_DIR=$${PROMETHEUS_MULTIPROC_DIR:-$$(mktemp -d -t omnihub-metrics.XXXXXX)} \
 		exec $(BIN)/uvicorn omnihub.asgi:application --host $(HOST) --port $(PORT) \
 		--workers $(WORKERS) --lifespan on --no-access-log
