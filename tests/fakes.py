@@ -4,13 +4,26 @@ Each runs a real HTTP server in a background thread, records every request it
 gets, and answers from a small, changeable script.
 """
 
+import contextlib
 import json
+import socket
+import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hung up (a killed hub, a timed-out call) is expected here.
+        if not isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):
+            super().handle_error(request, client_address)
 
 
 @dataclass
@@ -20,22 +33,55 @@ class Recorded:
     headers: dict[str, str]
     body: Any
     at: float = field(default_factory=time.time)
+    # When the answer was written back (time.time()); None until then.
+    answered_at: float | None = None
+    status: int | None = None
 
 
-Responder = Callable[[Recorded], tuple[int, Any]]
+# An answer is (status, body); a bytes body is sent as is, anything else as JSON.
+Answer = tuple[int, Any]
+Responder = Callable[[Recorded], Answer]
 
 
 class FakeServer:
-    """A threaded HTTP server; `respond` decides each answer (status, JSON body)."""
+    """A threaded HTTP server; `respond` decides each answer (status, JSON body).
 
-    def __init__(self, respond: Responder) -> None:
+    Before `respond`, answers queued with `answer_next` are used once each, then
+    responders set with `on` (the first whose path part matches).
+    """
+
+    def __init__(self, respond: Responder, *, port: int = 0) -> None:
         self.respond = respond
         self.requests: list[Recorded] = []
         self.lock = threading.Lock()
+        self._arrived = threading.Condition(self.lock)
+        self._queued: deque[tuple[str, Answer]] = deque()
+        self._routes: list[tuple[str, Responder]] = []
+        self._connections: set[socket.socket] = set()
+        self._handler = self._make_handler()
+        self.server = self._listen(port)
+        self.port: int = self.server.server_address[1]
+        self.thread = self._serve_thread()
+
+    def _make_handler(self) -> type[BaseHTTPRequestHandler]:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body leave in one segment: written apart, Nagle and the
+            # client's delayed ACK would add ~40 ms to answers (and to latency numbers).
+            wbufsize = -1
+            disable_nagle_algorithm = True
+
+            def setup(self) -> None:
+                super().setup()
+                with outer.lock:
+                    outer._connections.add(self.connection)
+
+            def finish(self) -> None:
+                with outer.lock:
+                    outer._connections.discard(self.connection)
+                super().finish()
 
             def _handle(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
@@ -52,27 +98,53 @@ class FakeServer:
                 )
                 with outer.lock:
                     outer.requests.append(record)
-                status, answer = outer.respond(record)
-                data = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                    outer._arrived.notify_all()
+                status, answer = outer._answer_for(record)
+                data = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
+                record.status = status
+                try:
+                    self.send_response(status)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    self.wfile.flush()
+                finally:
+                    record.answered_at = time.time()
 
-            do_GET = do_POST = do_PUT = do_DELETE = _handle  # noqa: N815
+            do_GET = do_POST = do_PUT = do_DELETE = _handle
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        return Handler
+
+    def _listen(self, port: int) -> ThreadingHTTPServer:
+        server = _QuietServer(("127.0.0.1", port), self._handler)
+        server.daemon_threads = True
+        return server
+
+    def _answer_for(self, record: Recorded) -> Answer:
+        with self.lock:
+            for queued in self._queued:
+                if queued[0] in record.path:
+                    self._queued.remove(queued)
+                    return queued[1]
+            routes = list(self._routes)
+        for path_part, responder in routes:
+            if path_part in record.path:
+                return responder(record)
+        return self.respond(record)
+
+    def _serve_thread(self) -> threading.Thread:
+        # A short poll interval makes stop() quick: tests stop two fakes each.
+        return threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
 
     @property
     def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "FakeServer":
         self.thread.start()
@@ -81,29 +153,94 @@ class FakeServer:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+        self._drop_connections()
+
+    def pause(self) -> None:
+        """Refuse connections (and cut open ones) until `resume`: a server that went down."""
+        self.stop()
+
+    def resume(self) -> None:
+        """Listen again on the same port."""
+        self.server = self._listen(self.port)
+        self.thread = self._serve_thread()
+        self.thread.start()
+
+    def _drop_connections(self) -> None:
+        # Keep-alive connections outlive the listening socket; a server that
+        # went down would not answer on them either.
+        with self.lock:
+            connections = list(self._connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
+    def answer_next(self, path_part: str, *answers: Answer) -> None:
+        """Answer the next requests whose path holds `path_part` with these, once each."""
+        with self.lock:
+            self._queued.extend((path_part, answer) for answer in answers)
+
+    def on(self, path_part: str, responder: Responder | None) -> None:
+        """Answer every request whose path holds `path_part` with `responder` (None: stop)."""
+        with self.lock:
+            self._routes = [route for route in self._routes if route[0] != path_part]
+            if responder is not None:
+                self._routes.append((path_part, responder))
 
     def received(self, path_part: str = "") -> list[Recorded]:
         with self.lock:
             return [r for r in self.requests if path_part in r.path]
 
     def wait_for(self, path_part: str, count: int, timeout: float = 15.0) -> list[Recorded]:
+        """The requests whose path holds `path_part`, once `count` arrived or at the timeout."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = self.received(path_part)
-            if len(found) >= count:
-                return found
-            time.sleep(0.02)
-        return self.received(path_part)
+        with self._arrived:
+            while True:
+                found = [r for r in self.requests if path_part in r.path]
+                remaining = deadline - time.monotonic()
+                if len(found) >= count or remaining <= 0:
+                    return found
+                self._arrived.wait(remaining)
+
+
+# A 1x1 PNG: what the QR code image of the fake looks like.
+QR_DATA_URL = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"
+    "YPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+)
+PAIRING_CODE = "WZYEH1YY"
+_EVOLUTION_API = Path(__file__).parent / "fixtures" / "evolution" / "api"
+
+
+def _evolution_error(status: int, error: str, message: Any) -> Answer:
+    return status, {"status": status, "error": error, "response": {"message": message}}
 
 
 class FakeEvolution(FakeServer):
-    """Answers sendText and sendPresence like Evolution 2.3.7 (201 + message key)."""
+    """Answers like Evolution 2.3.7: sendText and sendPresence (201 + message key), and
+    the provisioning routes (instance create/connect/connectionState, webhook set/find).
 
-    def __init__(self) -> None:
-        self.failure: tuple[int, Any] | None = None
-        super().__init__(self._answer)
+    `api_key`, when set, is the only key accepted (others: 401); `license_required`
+    makes the provisioning routes answer Evolution 2.4's 503 license body.
+    """
 
-    def _answer(self, record: Recorded) -> tuple[int, Any]:
+    def __init__(self, *, port: int = 0, api_key: str | None = None) -> None:
+        self.failure: Answer | None = None
+        self.api_key = api_key
+        self.license_required = False
+        # Instance name -> {"state", "webhook", "connects"}.
+        self.instances: dict[str, dict[str, Any]] = {}
+        super().__init__(self._answer, port=port)
+
+    def open_session(self, name: str) -> None:
+        """The phone scanned the QR code: the instance's state becomes "open"."""
+        with self.lock:
+            self.instances[name]["state"] = "open"
+
+    def _answer(self, record: Recorded) -> Answer:
+        if self.api_key is not None and record.headers.get("apikey") != self.api_key:
+            return _evolution_error(401, "Unauthorized", "Unauthorized")
+        if record.path.startswith(("/instance/", "/webhook/")):
+            return self._provisioning(record)
         if self.failure is not None and "/message/sendText/" in record.path:
             return self.failure
         if "/message/sendText/" in record.path:
@@ -116,17 +253,99 @@ class FakeEvolution(FakeServer):
             return 201, {}
         return 404, {"status": 404, "error": "Not Found", "response": {"message": ["nope"]}}
 
+    def sent(self) -> list[Recorded]:
+        """sendText requests that were answered with success."""
+        return [r for r in self.received("/message/sendText/") if r.status and r.status < 300]
+
+    def _provisioning(self, record: Recorded) -> Answer:
+        if self.license_required:
+            body = json.loads((_EVOLUTION_API / "error-503-license-required-v2.4.json").read_text())
+            return 503, body
+        parts = [unquote(p) for p in urlsplit(record.path).path.strip("/").split("/")]
+        if parts == ["instance", "create"] and record.method == "POST":
+            return self._create(record.body if isinstance(record.body, dict) else {})
+        if len(parts) != 3:
+            return _evolution_error(404, "Not Found", [f"Cannot {record.method} {record.path}"])
+        group, route, name = parts
+        with self.lock:
+            instance = self.instances.get(name)
+            if instance is None:
+                return _evolution_error(404, "Not Found", [f'The "{name}" instance does not exist'])
+            return self._instance_route(record, f"{group}/{route}", name, instance)
+
+    def _create(self, body: dict[str, Any]) -> Answer:
+        name = body.get("instanceName")
+        if not isinstance(name, str) or not name:
+            return _evolution_error(
+                400, "Bad Request", ['instance requires property "instanceName"']
+            )
+        with self.lock:
+            if name in self.instances:
+                return _evolution_error(
+                    403, "Forbidden", [f'This name "{name}" is already in use.']
+                )
+            self.instances[name] = {"state": "close", "webhook": None, "connects": 0}
+        return 201, {
+            "instance": {
+                "instanceName": name,
+                "instanceId": f"id-{name}",
+                "integration": body.get("integration", "WHATSAPP-BAILEYS"),
+                "status": "close",
+            },
+            "hash": f"HASH-{name}",
+            "webhook": {},
+            "qrcode": {"count": 0},
+        }
+
+    def _instance_route(
+        self, record: Recorded, route: str, name: str, instance: dict[str, Any]
+    ) -> Answer:
+        if route == "instance/connectionState" and record.method == "GET":
+            return 200, {"instance": {"instanceName": name, "state": instance["state"]}}
+        if route == "instance/connect" and record.method == "GET":
+            if instance["state"] == "open":
+                return 200, {"instance": {"instanceName": name, "state": "open"}}
+            instance["state"] = "connecting"
+            instance["connects"] += 1
+            if instance["connects"] == 1:
+                # The session is still starting: Evolution has no QR code to show yet.
+                return 200, {"count": 0}
+            return 200, {
+                "pairingCode": PAIRING_CODE,
+                "code": "2@fake-qr-code",
+                "base64": QR_DATA_URL,
+                "count": 1,
+            }
+        if route == "webhook/set" and record.method == "POST":
+            webhook = (record.body or {}).get("webhook") if isinstance(record.body, dict) else None
+            if not isinstance(webhook, dict) or not webhook.get("url"):
+                return _evolution_error(400, "Bad Request", ['instance requires property "url"'])
+            instance["webhook"] = {
+                "id": f"webhook-{name}",
+                "url": webhook["url"],
+                "headers": webhook.get("headers") or {},
+                "enabled": bool(webhook.get("enabled")),
+                "events": list(webhook.get("events") or []),
+                "webhookByEvents": bool(webhook.get("byEvents")),
+                "webhookBase64": bool(webhook.get("base64")),
+                "instanceId": f"id-{name}",
+            }
+            return 201, instance["webhook"]
+        if route == "webhook/find" and record.method == "GET":
+            return 200, instance["webhook"]
+        return _evolution_error(404, "Not Found", [f"Cannot {record.method} {record.path}"])
+
 
 class FakeAgent(FakeServer):
     """Answers /api/v1/agent/<name>/run with a reply naming the agent and the text."""
 
-    def __init__(self, *, delay: float = 0.0, prefix: str = "reply") -> None:
+    def __init__(self, *, delay: float = 0.0, prefix: str = "reply", port: int = 0) -> None:
         self.delay = delay
         self.prefix = prefix
-        self.failure: tuple[int, Any] | None = None
-        super().__init__(self._answer)
+        self.failure: Answer | None = None
+        super().__init__(self._answer, port=port)
 
-    def _answer(self, record: Recorded) -> tuple[int, Any]:
+    def _answer(self, record: Recorded) -> Answer:
         if self.delay:
             time.sleep(self.delay)
         if self.failure is not None:

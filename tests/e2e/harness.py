@@ -1,0 +1,490 @@
+"""The hub as real processes: uvicorn servers and run_worker workers on one database.
+
+Used by the end-to-end tests and reusable by a benchmark script:
+
+    hub = Hub(database_url="postgres://postgres@127.0.0.1:5432/bench",
+              env={"WORKER_CONCURRENCY": "64"}, fast=False)
+    hub.migrate()
+    hub.start(servers=2, workers=1)        # N servers, M standalone workers
+    hub.create_instance(name="acme", evolution_url=..., ...)   # REST API
+    hub.server.post_webhook("/webhook/evolution/acme", text_delivery(...), token=...)
+    hub.query("SELECT status, COUNT(*) FROM webhooks_inboundmessage GROUP BY status")
+    hub.stop()
+
+Every process gets the same environment: the caller's `env` over FAST_ENV (unless
+fast=False) over the basics (no .env file, plain static files storage, the API key).
+The database defaults to a SQLite file in the hub's work directory, next to the
+processes' logs.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import httpx
+
+PROJECT = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+API_KEY = "e2e-api-key"
+
+BASE_ENV = {
+    "DJANGO_SETTINGS_MODULE": "omnihub.settings",
+    "ENV_FILE": "",
+    "SECRET_KEY": "x",
+    "STATICFILES_STORAGE": "django.contrib.staticfiles.storage.StaticFilesStorage",
+    "OMNIHUB_API_KEY": API_KEY,
+    "PYTHONUNBUFFERED": "1",
+}
+# Retries and leases in fractions of a second, so failure tests finish quickly.
+FAST_ENV = {
+    "RETRY_BASE_DELAY": "0.2",
+    "RETRY_MAX_DELAY": "1",
+    "WORKER_POLL_INTERVAL": "0.2",
+    "EVOLUTION_TIMEOUT": "3",
+    "WORKER_LEASE_MARGIN": "1",
+    "WORKER_SHUTDOWN_GRACE": "2",
+}
+# Variables of the caller's shell that would change what the subprocesses run.
+SCRUBBED = ("DATABASE_URL", "DJANGO_SETTINGS_MODULE", "OMNIHUB_EMBEDDED_WORKER")
+
+T = TypeVar("T")
+
+
+class HubError(RuntimeError):
+    """A hub process failed to start or a management command failed."""
+
+
+def wait_until(
+    probe: Callable[[], T], *, timeout: float = 20.0, interval: float = 0.05, what: str = ""
+) -> T:
+    """Call `probe` until it returns something truthy; raise TimeoutError at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what or probe}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def sqlite_url(path: Path | str) -> str:
+    return f"sqlite:///{Path(path).resolve()}"
+
+
+class HubProcess:
+    """One subprocess of the hub, its output kept in a log file."""
+
+    def __init__(self, *, name: str, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.name = name
+        self.log_path = log
+        self._log = log.open("ab")
+        self.popen = subprocess.Popen(
+            args,
+            cwd=PROJECT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM and wait: the worker stops claiming and hands back what it holds."""
+        if self.alive:
+            self.popen.send_signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            return self.popen.wait(5)
+        finally:
+            self._log.close()
+
+    def kill(self) -> int:
+        """SIGKILL: a crash, nothing handed back."""
+        if self.alive:
+            self.popen.kill()
+        code = self.popen.wait(10)
+        self._log.close()
+        return code
+
+    def _check_alive(self) -> None:
+        if not self.alive:
+            tail = self.log()[-3000:]
+            raise HubError(f"{self.name} exited with {self.popen.returncode}:\n{tail}")
+
+
+class ServerProcess(HubProcess):
+    """`uvicorn omnihub.asgi:application --lifespan on` on a free port."""
+
+    def __init__(self, *, port: int, **kwargs: Any) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        super().__init__(**kwargs)
+        self.http = httpx.Client(base_url=self.url, timeout=30.0)
+
+    def wait_ready(self, timeout: float = 45.0) -> None:
+        # uvicorn serves only once the lifespan startup (the worker) is done.
+        def answers() -> bool:
+            self._check_alive()
+            try:
+                self.http.get("/webhook/evolution", timeout=2.0)
+            except httpx.TransportError:
+                return False
+            return True
+
+        wait_until(answers, timeout=timeout, interval=0.1, what=f"{self.name} to answer")
+
+    def post_webhook(
+        self,
+        path: str,
+        body: Any,
+        *,
+        token: str | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        headers = {"X-Webhook-Token": token} if token else {}
+        content = body if isinstance(body, bytes | str) else json.dumps(body)
+        return self.http.post(
+            path,
+            content=content,
+            params=params,
+            headers={"content-type": "application/json", **headers},
+        )
+
+    def api(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        return self.http.request(method, path, headers={"x-api-key": API_KEY}, **kwargs)
+
+    def _close(self) -> None:
+        self.http.close()
+
+    def stop(self, timeout: float = 20.0) -> int:
+        self._close()
+        return super().stop(timeout)
+
+    def kill(self) -> int:
+        self._close()
+        return super().kill()
+
+
+class WorkerProcess(HubProcess):
+    """`manage.py run_worker`."""
+
+    def wait_ready(self, timeout: float = 45.0) -> None:
+        def started() -> bool:
+            self._check_alive()
+            return "worker started" in self.log()
+
+        wait_until(started, timeout=timeout, interval=0.1, what=f"{self.name} to start")
+
+
+class Hub:
+    """Servers and workers sharing one DATABASE_URL and one environment."""
+
+    def __init__(
+        self,
+        *,
+        database_url: str | None = None,
+        env: Mapping[str, str] | None = None,
+        workdir: Path | None = None,
+        fast: bool = True,
+    ) -> None:
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="omnihub-e2e-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.database_url = database_url or sqlite_url(self.workdir / "hub.sqlite3")
+        self.env = {k: v for k, v in os.environ.items() if k not in SCRUBBED}
+        self.env.update(BASE_ENV)
+        if fast:
+            self.env.update(FAST_ENV)
+        self.env.update(env or {})
+        self.env["DATABASE_URL"] = self.database_url
+        self.servers: list[ServerProcess] = []
+        self.workers: list[WorkerProcess] = []
+        self._count = 0
+
+    # --- database ---------------------------------------------------------
+    @property
+    def sqlite_path(self) -> Path | None:
+        parts = urlsplit(self.database_url)
+        return Path(parts.path) if parts.scheme == "sqlite" else None
+
+    def manage(self, *args: str, timeout: float = 120.0) -> str:
+        result = subprocess.run(
+            [PYTHON, "manage.py", *args],
+            cwd=PROJECT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if result.returncode != 0:
+            raise HubError(f"manage.py {args[0]} failed:\n{result.stdout}\n{result.stderr}")
+        return result.stdout
+
+    def migrate(self, *, template: Path | None = None) -> None:
+        """Create the schema; with a migrated SQLite `template`, copy it instead (faster)."""
+        target = self.sqlite_path
+        if template is not None and target is not None:
+            shutil.copyfile(template, target)
+            return
+        self.manage("migrate", "--noinput", "-v0")
+
+    def shell(self, code: str) -> str:
+        return self.manage("shell", "-c", code)
+
+    def query(self, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
+        """Rows as dicts, read straight from the database (write SQL with ? placeholders)."""
+        path = self.sqlite_path
+        if path is not None:
+            connection = sqlite3.connect(path, timeout=20)
+            try:
+                cursor = connection.execute(sql, tuple(params))
+                names = [column[0] for column in cursor.description]
+                return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+            finally:
+                connection.close()
+        import psycopg
+        from psycopg.rows import dict_row
+
+        with psycopg.connect(self.database_url, row_factory=dict_row) as connection:
+            return list(connection.execute(sql.replace("?", "%s"), tuple(params)).fetchall())
+
+    def messages(self, instance: str) -> list[dict[str, Any]]:
+        """The instance's InboundMessage rows, oldest first."""
+        return self.query(
+            "SELECT m.* FROM webhooks_inboundmessage m "
+            "JOIN instances_instanceconfig i ON i.id = m.instance_id "
+            "WHERE i.name = ? ORDER BY m.id",
+            [instance],
+        )
+
+    def message(self, instance: str, message_id: str) -> dict[str, Any] | None:
+        rows = self.query(
+            "SELECT m.* FROM webhooks_inboundmessage m "
+            "JOIN instances_instanceconfig i ON i.id = m.instance_id "
+            "WHERE i.name = ? AND m.message_id = ?",
+            [instance, message_id],
+        )
+        return rows[0] if rows else None
+
+    def wait_for_message(
+        self,
+        instance: str,
+        message_id: str,
+        *,
+        statuses: Iterable[str] = ("replied", "failed", "ignored"),
+        timeout: float = 20.0,
+    ) -> dict[str, Any]:
+        wanted = set(statuses)
+        last: dict[str, Any] = {}
+
+        def finished() -> dict[str, Any] | None:
+            row = self.message(instance, message_id)
+            last["row"] = row
+            return row if row and row["status"] in wanted else None
+
+        try:
+            return wait_until(finished, timeout=timeout, what=f"message {message_id} in {wanted}")
+        except TimeoutError as exc:
+            row = last.get("row") or {}
+            state = {k: row.get(k) for k in ("status", "attempts", "last_error")}
+            raise TimeoutError(f"{exc}; last seen {state}; logs in {self.workdir}") from exc
+
+    # --- processes ----------------------------------------------------------
+    def _name(self, kind: str) -> str:
+        self._count += 1
+        return f"{kind}-{self._count}"
+
+    def start_server(
+        self,
+        *,
+        embedded_worker: bool = True,
+        env: Mapping[str, str] | None = None,
+        wait: bool = True,
+    ) -> ServerProcess:
+        """Start a server; with wait=False, call its wait_ready() before using it."""
+        port = free_port()
+        name = self._name("server")
+        server = ServerProcess(
+            port=port,
+            name=name,
+            args=[
+                PYTHON, "-m", "uvicorn", "omnihub.asgi:application",
+                "--host", "127.0.0.1", "--port", str(port),
+                "--lifespan", "on", "--no-access-log",
+            ],
+            env={
+                **self.env,
+                "OMNIHUB_EMBEDDED_WORKER": "true" if embedded_worker else "false",
+                **(env or {}),
+            },
+            log=self.workdir / f"{name}.log",
+        )
+        self.servers.append(server)
+        if wait:
+            server.wait_ready()
+        return server
+
+    def start_worker(
+        self,
+        *,
+        concurrency: int | None = None,
+        env: Mapping[str, str] | None = None,
+        wait: bool = True,
+    ) -> WorkerProcess:
+        name = self._name("worker")
+        args = [PYTHON, "manage.py", "run_worker"]
+        if concurrency is not None:
+            args += ["--concurrency", str(concurrency)]
+        worker = WorkerProcess(
+            name=name, args=args, env={**self.env, **(env or {})}, log=self.workdir / f"{name}.log"
+        )
+        self.workers.append(worker)
+        if wait:
+            worker.wait_ready()
+        return worker
+
+    def start(
+        self,
+        *,
+        servers: int = 1,
+        workers: int = 0,
+        embedded_worker: bool | None = None,
+        worker_concurrency: int | None = None,
+    ) -> "Hub":
+        """Start N servers and M standalone workers at once, and wait until all are ready.
+
+        Servers embed a worker unless there are standalone ones.
+        """
+        embedded = workers == 0 if embedded_worker is None else embedded_worker
+        started: list[ServerProcess | WorkerProcess] = [
+            self.start_server(embedded_worker=embedded, wait=False) for _ in range(servers)
+        ]
+        started += [
+            self.start_worker(concurrency=worker_concurrency, wait=False) for _ in range(workers)
+        ]
+        for process in started:
+            process.wait_ready()
+        return self
+
+    @property
+    def server(self) -> ServerProcess:
+        """The first server still running."""
+        for server in self.servers:
+            if server.alive:
+                return server
+        raise HubError("no hub server is running")
+
+    def stop(self) -> None:
+        for process in [*self.servers, *self.workers]:
+            if process.alive:
+                process.stop()
+            else:
+                with contextlib.suppress(Exception):
+                    process.kill()
+
+    def __enter__(self) -> "Hub":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- tenants ----------------------------------------------------------
+    def create_instance(self, **fields: Any) -> dict[str, Any]:
+        """Create a tenant through the REST API of a running server; returns the fields sent."""
+        response = self.server.api("POST", "/api/v1/instances/", json=fields)
+        if response.status_code != 201:
+            raise HubError(f"creating {fields.get('name')}: {response.status_code} {response.text}")
+        return fields
+
+    def create_instances_offline(self, instances: Iterable[Mapping[str, Any]]) -> None:
+        """Create tenants with save_instance() in one `manage.py shell` (no server needed)."""
+        payload = json.dumps(list(instances))
+        self.shell(
+            "import json\n"
+            "from instances.models import InstanceConfig\n"
+            "from instances.services import save_instance\n"
+            f"for fields in json.loads({payload!r}):\n"
+            "    save_instance(instance=InstanceConfig(**fields))\n"
+        )
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+# --- deliveries -------------------------------------------------------------
+def text_delivery(
+    *,
+    message_id: str,
+    text: str,
+    phone: str = "5511987654321",
+    push_name: str = "Maria Souza",
+    instance: str = "tenant-wa",
+    timestamp: int | None = None,
+    server_url: str = "https://evolution.example.com",
+    apikey: str | None = None,
+) -> dict[str, Any]:
+    """A messages.upsert of a plain text, as Evolution 2.3.7 posts it (trimmed)."""
+    return {
+        "event": "messages.upsert",
+        "instance": instance,
+        "data": {
+            "key": {
+                "remoteJid": f"{phone}@s.whatsapp.net",
+                "fromMe": False,
+                "id": message_id,
+                "participant": "",
+                "addressingMode": "pn",
+            },
+            "pushName": push_name,
+            "status": "DELIVERY_ACK",
+            "message": {"conversation": text},
+            "messageType": "conversation",
+            "messageTimestamp": int(time.time()) if timestamp is None else timestamp,
+            "source": "android",
+        },
+        "destination": "https://hub.example.com/webhook/evolution",
+        "date_time": "2025-12-06T09:26:23.101Z",
+        "sender": "5511900000001@s.whatsapp.net",
+        "server_url": server_url,
+        "apikey": apikey,
+    }
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile (fraction in 0..1) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(fraction * len(ordered) + 0.5)))
+    return ordered[rank - 1]
