@@ -164,7 +164,7 @@ REST_FRAMEWORK = {
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "omnihub API",
-    "DESCRIPTION": "Tenant registry of the omnihub WhatsApp-to-agent hub.",
+    "DESCRIPTION": "Tenants and message log of the omnihub WhatsApp-to-agent hub.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "SWAGGER_UI_DIST": "SIDECAR",
@@ -195,6 +195,8 @@ WORKER_SHUTDOWN_GRACE = env.float("WORKER_SHUTDOWN_GRACE", default=20.0)
 DB_GROUP_COMMIT = env.bool("DB_GROUP_COMMIT", default=True)
 WORKER_LEASE_MARGIN = env.float("WORKER_LEASE_MARGIN", default=30.0)
 MESSAGE_MAX_AGE = env.int("MESSAGE_MAX_AGE", default=600)
+# `manage.py prune_messages` deletes finished messages older than this by default.
+MESSAGE_RETENTION_DAYS = env.int("MESSAGE_RETENTION_DAYS", default=30)
 AGENT_MAX_ATTEMPTS = env.int("AGENT_MAX_ATTEMPTS", default=4)
 EVOLUTION_RETRY_WINDOW = env.int("EVOLUTION_RETRY_WINDOW", default=900)
 EVOLUTION_TIMEOUT = env.float("EVOLUTION_TIMEOUT", default=15.0)

@@ -1,0 +1,305 @@
+"""The message log in the admin: read-only, with a retry action for failed messages."""
+
+import json
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString
+
+from webhooks.models import InboundMessage, Status
+from webhooks.services import retry_messages
+
+# Longer strings without a space are media (base64) or similar blobs: a video
+# is megabytes of it, which would make the page unusable.
+BLOB_MIN_LENGTH = 200
+# Evolution sends thumbnails and keys as arrays of byte values.
+BYTES_MIN_LENGTH = 32
+
+STATUS_COLORS = {
+    Status.QUEUED: "#64748b",
+    Status.PROCESSING: "#2563eb",
+    Status.REPLIED: "#15803d",
+    Status.IGNORED: "#78716c",
+    Status.FAILED: "#b91c1c",
+}
+PRE_STYLE = "max-height: 32em; overflow: auto; white-space: pre-wrap; word-break: break-all"
+
+
+def shorten_blobs(value: Any) -> Any:
+    """A copy of a JSON value with base64-like strings and byte arrays cut short."""
+    if isinstance(value, dict):
+        return {key: shorten_blobs(item) for key, item in value.items()}
+    if isinstance(value, list):
+        if len(value) >= BYTES_MIN_LENGTH and all(type(item) is int for item in value):
+            return f"[… {len(value)} numbers]"
+        return [shorten_blobs(item) for item in value]
+    if isinstance(value, str) and len(value) > BLOB_MIN_LENGTH and " " not in value:
+        return f"{value[:BLOB_MIN_LENGTH]}… ({len(value)} chars)"
+    return value
+
+
+def pretty_json(value: Any) -> SafeString | str:
+    if value is None:
+        return "-"
+    text = json.dumps(shorten_blobs(value), indent=2, ensure_ascii=False, sort_keys=False)
+    return format_html('<pre style="{}">{}</pre>', PRE_STYLE, text)
+
+
+def format_duration(delta: timedelta | None) -> str:
+    if delta is None:
+        return "-"
+    seconds = delta.total_seconds()
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, seconds = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
+
+
+def between(start: datetime | None, end: datetime | None) -> timedelta | None:
+    if start is None or end is None:
+        return None
+    return end - start
+
+
+def local_time(value: datetime | None) -> str:
+    if value is None:
+        return "-"
+    return timezone.localtime(value).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def total_time(message: InboundMessage) -> timedelta | None:
+    return between(message.received_at, message.finished_at or message.sent_at)
+
+
+@admin.register(InboundMessage)
+class InboundMessageAdmin(admin.ModelAdmin):
+    list_display = [
+        "received",
+        "instance",
+        "chat",
+        "name",
+        "kind",
+        "status_badge",
+        "total_time_display",
+    ]
+    list_display_links = ["received"]
+    # No date_hierarchy and no filter by message type: each runs a SELECT
+    # DISTINCT over the whole table on every page view.
+    list_filter = ["status", "instance", "received_at", "used_fallback"]
+    list_select_related = ["instance"]
+    search_fields = ["phone", "push_name", "text", "=message_id"]
+    search_help_text = "Phone number, name or text (contains), or the exact message id."
+    ordering = ["-id"]
+    # COUNT(*) of a big table on every page view costs more than it tells.
+    show_full_result_count = False
+    actions = ["retry_failed"]
+    # Never shown: the legacy reply key is a credential, the claim token is the
+    # worker's lock and editing it by hand would break the claim.
+    exclude = ["reply_api_key", "claim_token"]
+    fieldsets = [
+        (
+            "Message",
+            {
+                "fields": [
+                    "instance",
+                    "status_badge",
+                    "ignore_reason",
+                    "message_id",
+                    "chat_jid",
+                    "sender_jid",
+                    "phone",
+                    "push_name",
+                    "message_type",
+                    "text",
+                    "message_timestamp",
+                ]
+            },
+        ),
+        (
+            "Processing",
+            {
+                "fields": [
+                    "timeline",
+                    "attempts_display",
+                    "next_attempt_at",
+                    "last_error_display",
+                    "used_fallback",
+                ]
+            },
+        ),
+        (
+            "Agent",
+            {"fields": ["reply_text_display", "agent_request_display", "agent_response_display"]},
+        ),
+        (
+            "Delivery",
+            {
+                "fields": ["content_display", "payload_display"],
+                "description": "As received from Evolution, without its apikey. "
+                "Media data and byte arrays are cut short.",
+            },
+        ),
+    ]
+    readonly_fields = [
+        "status_badge",
+        "timeline",
+        "attempts_display",
+        "last_error_display",
+        "reply_text_display",
+        "agent_request_display",
+        "agent_response_display",
+        "content_display",
+        "payload_display",
+    ]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[InboundMessage]:
+        # The JSON columns can hold megabytes of media; the list never needs
+        # them and the detail page loads each when it shows it.
+        return (
+            super()
+            .get_queryset(request)
+            .defer("payload", "content", "agent_request", "agent_response", "reply_api_key")
+        )
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(
+        self, request: HttpRequest, obj: InboundMessage | None = None
+    ) -> bool:
+        # The list keeps the permission (the retry action needs it); a message
+        # itself is never edited: the page shows it read-only.
+        return obj is None and super().has_change_permission(request)
+
+    def has_delete_permission(
+        self, request: HttpRequest, obj: InboundMessage | None = None
+    ) -> bool:
+        # The log is pruned by `manage.py prune_messages`, by age.
+        return False
+
+    # --- list columns -----------------------------------------------------
+    @admin.display(description="Received", ordering="received_at")
+    def received(self, obj: InboundMessage) -> str:
+        return local_time(obj.received_at)[:-4]
+
+    @admin.display(description="Chat", ordering="phone")
+    def chat(self, obj: InboundMessage) -> str:
+        return obj.phone or obj.chat_jid
+
+    @admin.display(description="Name", ordering="push_name")
+    def name(self, obj: InboundMessage) -> str:
+        return obj.push_name or "-"
+
+    @admin.display(description="Type", ordering="message_type")
+    def kind(self, obj: InboundMessage) -> str:
+        return obj.message_type
+
+    @admin.display(description="Status", ordering="status")
+    def status_badge(self, obj: InboundMessage) -> SafeString:
+        return format_html(
+            '<span style="background: {}; color: #fff; padding: 1px 8px; '
+            'border-radius: 8px; white-space: nowrap">{}</span>',
+            STATUS_COLORS.get(obj.status, "#64748b"),
+            obj.get_status_display(),
+        )
+
+    @admin.display(description="Total time")
+    def total_time_display(self, obj: InboundMessage) -> str:
+        return format_duration(total_time(obj))
+
+    # --- detail page ------------------------------------------------------
+    @admin.display(description="Timeline")
+    def timeline(self, obj: InboundMessage) -> SafeString:
+        steps = [
+            ("Received", obj.received_at, None, ""),
+            (
+                "Agent started",
+                obj.agent_started_at,
+                between(obj.received_at, obj.agent_started_at),
+                "after receipt",
+            ),
+            (
+                "Agent answered",
+                obj.agent_finished_at,
+                between(obj.agent_started_at, obj.agent_finished_at),
+                "agent time",
+            ),
+            ("Sent", obj.sent_at, between(obj.agent_finished_at, obj.sent_at), "after the answer"),
+            ("Finished", obj.finished_at, between(obj.received_at, obj.finished_at), "in total"),
+        ]
+        rows = format_html_join(
+            "",
+            "<tr><th>{}</th><td>{}</td><td>{}</td></tr>",
+            (
+                (
+                    label,
+                    local_time(when),
+                    f"+{format_duration(delta)} {note}" if delta is not None else "",
+                )
+                for label, when, delta, note in steps
+            ),
+        )
+        return format_html("<table>{}</table>", rows)
+
+    @admin.display(description="Attempts")
+    def attempts_display(self, obj: InboundMessage) -> str:
+        return (
+            f"{obj.attempts} claimed by a worker, {obj.agent_attempts} to the agent, "
+            f"{obj.send_attempts} to send"
+        )
+
+    @admin.display(description="Last error")
+    def last_error_display(self, obj: InboundMessage) -> SafeString | str:
+        if not obj.last_error:
+            return "-"
+        return format_html('<pre style="{}">{}</pre>', PRE_STYLE, obj.last_error)
+
+    @admin.display(description="Reply")
+    def reply_text_display(self, obj: InboundMessage) -> SafeString | str:
+        if obj.reply_text is None:
+            return "(the agent has not answered)"
+        if not obj.reply_text:
+            return "(nothing to send)"
+        return format_html('<pre style="{}">{}</pre>', PRE_STYLE, obj.reply_text)
+
+    @admin.display(description="Agent request")
+    def agent_request_display(self, obj: InboundMessage) -> SafeString | str:
+        return pretty_json(obj.agent_request)
+
+    @admin.display(description="Agent response")
+    def agent_response_display(self, obj: InboundMessage) -> SafeString | str:
+        return pretty_json(obj.agent_response)
+
+    @admin.display(description="Normalized message")
+    def content_display(self, obj: InboundMessage) -> SafeString | str:
+        return pretty_json(obj.content)
+
+    @admin.display(description="Raw payload")
+    def payload_display(self, obj: InboundMessage) -> SafeString | str:
+        return pretty_json(obj.payload)
+
+    # --- actions ----------------------------------------------------------
+    @admin.action(description="Retry selected failed messages", permissions=["change"])
+    def retry_failed(self, request: HttpRequest, queryset: QuerySet[InboundMessage]) -> None:
+        selected = queryset.count()
+        not_failed = queryset.exclude(status=Status.FAILED).count()
+        requeued = retry_messages(queryset_or_ids=queryset)
+        text = f"Requeued {requeued} of {selected} selected messages."
+        if not_failed:
+            text += f" Skipped {not_failed} that are not failed."
+        if selected - not_failed - requeued > 0:
+            text += (
+                f" Skipped {selected - not_failed - requeued} from the legacy route: the "
+                "default instance needs its own Evolution URL and key to send them."
+            )
+        self.message_user(request, text, messages.SUCCESS if requeued else messages.WARNING)
