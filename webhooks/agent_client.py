@@ -104,8 +104,9 @@ class AgentClient:
                 self.url, json=request, headers=self.headers, timeout=self.timeout
             )
         except httpx.TimeoutException as exc:
-            # The agent may have acted already: calling it again could act twice.
-            retryable = isinstance(exc, httpx.ConnectTimeout)
+            # Once the request is sent the agent may have acted: calling it again
+            # could act twice. Connect and pool timeouts never reached it.
+            retryable = isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout)
             raise OutboundError(
                 f"agent timed out ({type(exc).__name__})", retryable=retryable
             ) from exc
