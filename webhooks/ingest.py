@@ -20,6 +20,7 @@ from instances.models import InstanceConfig
 from instances.validators import EVENT_SLUGS
 from webhooks import parsing
 from webhooks.models import ConnectionState, InboundMessage, Status
+from webhooks.notify import notify_new_message
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +164,8 @@ def record_message(*, instance: InstanceConfig, delivery: Delivery) -> Result:
             row.save(force_insert=True)
     except IntegrityError:
         return Result(Outcome.DUPLICATE, "already received", message.message_id, instance.name)
+    if not reason:
+        notify_new_message()
     logger.info(
         "message instance=%s id=%s status=%s%s",
         instance.name,

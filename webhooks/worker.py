@@ -23,6 +23,7 @@ from django.db import DatabaseError, transaction
 from django.db.models import Exists, F, OuterRef, Q
 from django.utils import timezone
 
+from webhooks import notify
 from webhooks.db import run_db
 from webhooks.http import new_http_client
 from webhooks.models import InboundMessage, Status, WorkerHeartbeat
@@ -150,10 +151,12 @@ class Worker:
         _wake_events.add(entry)
         logger.info("worker started concurrency=%d", self.concurrency)
         try:
+            listener = asyncio.create_task(notify.listen(on_notify=self._wake.set, stop=stop))
             async with new_http_client(max_connections=self.concurrency * 3) as http:
                 try:
                     await self._loop(stop=stop, http=http)
                 finally:
+                    listener.cancel()
                     await self._drain()
         finally:
             _wake_events.discard(entry)
