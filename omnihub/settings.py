@@ -97,13 +97,12 @@ if _db["ENGINE"] == "django.db.backends.sqlite3":
             # transactions from two processes wait instead of failing with
             # "database is locked" half-way through.
             "transaction_mode": "IMMEDIATE",
+            # Seconds a writer waits for the lock before "database is locked".
             "timeout": env.int("SQLITE_BUSY_TIMEOUT", default=20),
             # WAL lets readers run while one writer writes; synchronous=NORMAL
             # is durable against a crash of the process (not of the machine).
             "init_command": (
-                "PRAGMA journal_mode=WAL;"
-                "PRAGMA synchronous=NORMAL;"
-                "PRAGMA busy_timeout=20000;"
+                "PRAGMA journal_mode=WAL;PRAGMA synchronous=NORMAL;"
             ),
         }
     )
