@@ -1,0 +1,178 @@
+"""Sending replies through Evolution: URL, key, body, and which failures may be retried."""
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+from django.conf import settings
+
+from webhooks.evolution_client import EvolutionClient, EvolutionTarget
+from webhooks.http import OutboundError
+
+TARGET = EvolutionTarget(
+    base_url="http://evolution.acme.test/", api_key="acme-evolution-key", instance_name="acme-wa"
+)
+
+
+def client_answering(answer: Any, requests: list[httpx.Request]) -> httpx.AsyncClient:
+    def handle(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        if isinstance(answer, Exception):
+            raise answer
+        if isinstance(answer, httpx.Response):
+            return answer
+        status, body = answer
+        return httpx.Response(status, json=body)
+
+    return httpx.AsyncClient(transport=httpx.MockTransport(handle))
+
+
+async def send(
+    answer: Any, target: EvolutionTarget = TARGET
+) -> tuple[dict[str, Any], list[httpx.Request]]:
+    requests: list[httpx.Request] = []
+    async with client_answering(answer, requests) as http:
+        body = await EvolutionClient(target=target, http=http).send_text(
+            number="5511987654321", text="Abrimos às 9h."
+        )
+    return body, requests
+
+
+@pytest.mark.asyncio
+async def test_send_text_posts_the_number_and_text_with_the_apikey() -> None:
+    answer = {"key": {"id": "3EB0"}, "status": "PENDING"}
+
+    body, [request] = await send((201, answer))
+
+    assert request.method == "POST"
+    assert str(request.url) == "http://evolution.acme.test/message/sendText/acme-wa"
+    assert request.headers["apikey"] == "acme-evolution-key"
+    assert json.loads(request.content) == {"number": "5511987654321", "text": "Abrimos às 9h."}
+    timeout = settings.EVOLUTION_TIMEOUT
+    assert request.extensions["timeout"] == dict.fromkeys(
+        ("connect", "read", "write", "pool"), timeout
+    )
+    assert body == answer
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("name", "path"),
+    [
+        ("loja acme", b"/message/sendText/loja%20acme"),
+        ("a/b", b"/message/sendText/a%2Fb"),
+        ("ação", b"/message/sendText/a%C3%A7%C3%A3o"),
+    ],
+)
+async def test_send_text_quotes_the_instance_name(name: str, path: bytes) -> None:
+    target = EvolutionTarget(base_url="http://evolution.acme.test", api_key="k", instance_name=name)
+
+    _, [request] = await send((201, {}), target)
+
+    assert request.url.raw_path == path
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("answer", [httpx.Response(201, text="ok"), (201, ["a"])])
+async def test_send_text_reads_an_unexpected_success_body_as_empty(answer: Any) -> None:
+    body, _ = await send(answer)
+
+    assert body == {}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+async def test_a_server_error_is_retryable(status: int) -> None:
+    with pytest.raises(OutboundError) as caught:
+        await send((status, {"error": "Internal Server Error"}))
+
+    assert caught.value.retryable is True
+    assert caught.value.status == status
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "error",
+    [
+        httpx.ConnectError("refused"),
+        httpx.ConnectTimeout("slow connect"),
+        httpx.PoolTimeout("pool full"),
+    ],
+    ids=["connect-error", "connect-timeout", "pool-timeout"],
+)
+async def test_an_evolution_that_cannot_be_reached_is_retryable(error: Exception) -> None:
+    with pytest.raises(OutboundError) as caught:
+        await send(error)
+
+    assert caught.value.retryable is True
+    assert "acme-evolution-key" not in str(caught.value)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("status", [400, 401, 403, 404])
+async def test_a_client_error_is_not_retryable_and_keeps_the_body(status: int) -> None:
+    answer = {"status": status, "error": "Bad Request", "response": {"message": ["exists: false"]}}
+
+    with pytest.raises(OutboundError) as caught:
+        await send((status, answer))
+
+    assert caught.value.retryable is False
+    assert caught.value.status == status
+    assert f"Evolution answered {status}" in str(caught.value)
+    assert "exists: false" in str(caught.value)
+
+
+@pytest.mark.asyncio
+async def test_a_long_error_body_is_cut() -> None:
+    with pytest.raises(OutboundError) as caught:
+        await send(httpx.Response(400, text="x" * 5000))
+
+    assert len(str(caught.value)) < 600
+    assert str(caught.value).endswith("...")
+
+
+@pytest.mark.asyncio
+async def test_a_read_timeout_is_not_retried_as_the_text_may_have_been_sent() -> None:
+    with pytest.raises(OutboundError) as caught:
+        await send(httpx.ReadTimeout("no answer"))
+
+    assert caught.value.retryable is False
+    assert "may have been sent" in str(caught.value)
+
+
+@pytest.mark.asyncio
+async def test_send_presence_shows_typing_to_the_number() -> None:
+    requests: list[httpx.Request] = []
+    async with client_answering((201, {}), requests) as http:
+        await EvolutionClient(target=TARGET, http=http).send_presence(number="5511987654321")
+
+    [request] = requests
+    assert request.url.path == "/chat/sendPresence/acme-wa"
+    assert request.headers["apikey"] == "acme-evolution-key"
+    assert json.loads(request.content) == {
+        "number": "5511987654321",
+        "presence": "composing",
+        "delay": 5000,
+    }
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "answer",
+    [
+        httpx.ConnectError("refused"),
+        httpx.ReadTimeout("no answer"),
+        httpx.RemoteProtocolError("closed"),
+        (500, {"error": "boom"}),
+        (404, {"error": "no such instance"}),
+    ],
+    ids=["connect-error", "read-timeout", "protocol-error", "500", "404"],
+)
+async def test_send_presence_swallows_every_failure(answer: Any) -> None:
+    requests: list[httpx.Request] = []
+    async with client_answering(answer, requests) as http:
+        result = await EvolutionClient(target=TARGET, http=http).send_presence(number="55")
+
+    assert result is None
+    assert len(requests) == 1
