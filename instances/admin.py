@@ -6,6 +6,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.utils.html import format_html
 
+from instances.admin_provisioning import ProvisioningAdminMixin
 from instances.forms import InstanceConfigForm
 from instances.models import InstanceConfig
 from instances.services import save_instance, set_default_instance
@@ -14,7 +15,7 @@ NO_TOKEN_WARNING = "accepts unauthenticated deliveries"
 
 
 @admin.register(InstanceConfig)
-class InstanceConfigAdmin(admin.ModelAdmin):
+class InstanceConfigAdmin(ProvisioningAdminMixin, admin.ModelAdmin):
     form = InstanceConfigForm
     list_display = [
         "name",
@@ -23,12 +24,14 @@ class InstanceConfigAdmin(admin.ModelAdmin):
         "is_default",
         "is_active",
         "has_webhook_token",
+        "connection_state",
+        "last_message",
         "updated_at",
     ]
     search_fields = ["name", "whatsapp_instance", "default_agent"]
     list_filter = ["is_default", "is_active"]
     readonly_fields = ["webhook_url_display", "webhook_url_with_token_display"]
-    actions = ["make_default"]
+    actions = ["make_default", "test_selected", "provision_selected"]
 
     def get_fieldsets(self, request: HttpRequest, obj: InstanceConfig | None = None) -> Any:
         webhook = ["webhook_token", "no_webhook_token"]

@@ -10,6 +10,7 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from instances.api_provisioning import ProvisioningActions
 from instances.authentication import API_KEY_HEADER
 from instances.models import InstanceConfig
 from instances.serializers import InstanceConfigSerializer
@@ -65,7 +66,7 @@ ERRORS = {401: UNAUTHORIZED, 404: NOT_FOUND}
     partial_update=extend_schema(responses={200: InstanceConfigSerializer, 400: INVALID, **ERRORS}),
     destroy=extend_schema(responses={204: None, **ERRORS}),
 )
-class InstanceViewSet(viewsets.ModelViewSet):
+class InstanceViewSet(ProvisioningActions, viewsets.ModelViewSet):
     queryset = InstanceConfig.objects.all()
     serializer_class = InstanceConfigSerializer
     lookup_field = "name"

@@ -1,6 +1,8 @@
 """Calls to one Evolution API instance: the one place that sends replies."""
 
 import contextlib
+import json
+import os
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -9,6 +11,9 @@ import httpx
 from django.conf import settings
 
 from webhooks.http import OutboundError, describe_body
+
+# Provisioning calls are made while an operator waits on a page.
+PROVISION_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,7 @@ class EvolutionTarget:
 class EvolutionClient:
     def __init__(self, *, target: EvolutionTarget, http: httpx.AsyncClient) -> None:
         self.base_url = target.base_url.rstrip("/")
+        self.instance_name = target.instance_name
         self.instance_path = quote(target.instance_name, safe="")
         self.headers = {"apikey": target.api_key}
         self.http = http
@@ -74,3 +80,143 @@ class EvolutionClient:
                 # Evolution holds the request open for `delay` before answering.
                 delay_ms / 1000 + 5.0,
             )
+
+    # --- provisioning: errors become OutboundErrors with a readable message ---
+
+    async def _request(
+        self, method: str, path: str, body: Any = None, *, timeout: float
+    ) -> httpx.Response:
+        try:
+            return await self.http.request(
+                method, f"{self.base_url}{path}", json=body, headers=self.headers, timeout=timeout
+            )
+        except httpx.TimeoutException as exc:
+            raise OutboundError(
+                f"Evolution at {self.base_url} did not answer within {timeout:g} s",
+                retryable=True,
+            ) from exc
+        except httpx.TransportError as exc:
+            raise OutboundError(
+                f"Could not reach Evolution at {self.base_url}: {transport_reason(exc)}",
+                retryable=True,
+            ) from exc
+
+    @staticmethod
+    def _read_json(response: httpx.Response) -> Any:
+        if response.status_code >= 300:
+            raise OutboundError(
+                evolution_error_text(response),
+                retryable=response.status_code >= 500,
+                status=response.status_code,
+            )
+        if not response.content.strip():
+            return None
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise OutboundError(
+                f"Evolution answered {response.status_code} with a body that is not JSON: "
+                f"{' '.join(describe_body(response, limit=200).split())}",
+                retryable=False,
+                status=response.status_code,
+            ) from exc
+
+    async def create_instance(self, *, timeout: float = PROVISION_TIMEOUT) -> bool:
+        """POST /instance/create; True when created, False when the name is taken already."""
+        response = await self._request(
+            "POST",
+            "/instance/create",
+            {"instanceName": self.instance_name, "integration": "WHATSAPP-BAILEYS", "qrcode": True},
+            timeout=timeout,
+        )
+        if response.status_code in (400, 403, 409) and "already in use" in response.text:
+            # Evolution 2.3.7: 403 'This name "x" is already in use.'
+            return False
+        self._read_json(response)
+        return True
+
+    async def connection_state(self, *, timeout: float = PROVISION_TIMEOUT) -> str:
+        """GET /instance/connectionState/{instance}: "open", "connecting" or "close"."""
+        response = await self._request(
+            "GET", f"/instance/connectionState/{self.instance_path}", timeout=timeout
+        )
+        body = self._read_json(response)
+        instance = body.get("instance") if isinstance(body, dict) else None
+        state = instance.get("state") if isinstance(instance, dict) else None
+        if not isinstance(state, str):
+            raise OutboundError(
+                "Evolution's connection state answer has no instance.state", retryable=False
+            )
+        return state
+
+    async def connect(self, *, timeout: float = PROVISION_TIMEOUT) -> dict[str, Any]:
+        """GET /instance/connect/{instance}: a QR code, {"count": 0}, or the open state."""
+        response = await self._request(
+            "GET", f"/instance/connect/{self.instance_path}", timeout=timeout
+        )
+        body = self._read_json(response)
+        return body if isinstance(body, dict) else {}
+
+    async def find_webhook(self, *, timeout: float = PROVISION_TIMEOUT) -> dict[str, Any] | None:
+        """GET /webhook/find/{instance}: the stored webhook; None when there is none."""
+        response = await self._request(
+            "GET", f"/webhook/find/{self.instance_path}", timeout=timeout
+        )
+        body = self._read_json(response)
+        return body if isinstance(body, dict) and body else None
+
+    async def set_webhook(
+        self, *, webhook: dict[str, Any], timeout: float = PROVISION_TIMEOUT
+    ) -> None:
+        """POST /webhook/set/{instance} with Evolution 2.x's nested `webhook` object."""
+        response = await self._request(
+            "POST", f"/webhook/set/{self.instance_path}", {"webhook": webhook}, timeout=timeout
+        )
+        self._read_json(response)
+
+
+def transport_reason(exc: BaseException) -> str:
+    """ "Connection refused" rather than anyio's "All connection attempts failed"."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno:
+            return os.strerror(cause.errno) if cause.errno > 0 else str(cause.strerror)
+        cause = cause.__cause__ or cause.__context__
+    return str(exc) or type(exc).__name__
+
+
+def _message_of(body: Any) -> str:
+    """The human part of an Evolution error body, whichever of its shapes it has."""
+    if not isinstance(body, dict):
+        return ""
+    if body.get("code") == "LICENSE_REQUIRED":
+        # Evolution 2.4 answers every call so until the server is registered.
+        text = f"{body.get('error') or 'service not activated'} (LICENSE_REQUIRED): "
+        text += "this Evolution server needs a license before it accepts API calls"
+        if isinstance(body.get("register_url"), str):
+            text += f"; register it at {body['register_url']}"
+        return text
+    response = body.get("response")
+    message = response.get("message") if isinstance(response, dict) else body.get("message")
+    if isinstance(message, list):
+        message = "; ".join(m if isinstance(m, str) else json.dumps(m) for m in message)
+    if isinstance(message, str) and message.strip(". "):
+        return message
+    error = body.get("error")
+    return error if isinstance(error, str) else ""
+
+
+def evolution_error_text(response: httpx.Response) -> str:
+    """E.g. 'Evolution answered 404 Not Found: The "x" instance does not exist'."""
+    try:
+        detail = _message_of(response.json())
+    except ValueError:
+        detail = ""
+    if not detail:
+        detail = " ".join(describe_body(response, limit=300).split()) or "(empty body)"
+    text = f"Evolution answered {response.status_code} {response.reason_phrase}"
+    if detail != response.reason_phrase:
+        text += f": {detail}"
+    if response.status_code == 401:
+        text += " (check the instance's Evolution API key)"
+    return text

@@ -1,0 +1,402 @@
+"""Setting a tenant up on its Evolution API: the one implementation behind admin and REST.
+
+Every function answers a report; an Evolution or agent failure is a readable
+message in it, never an exception.
+"""
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+import httpx
+from asgiref.sync import async_to_sync
+from django.db.models import OuterRef, QuerySet, Subquery
+
+from instances.models import SECRET_FIELDS, InstanceConfig
+from webhooks.evolution_client import (
+    PROVISION_TIMEOUT,
+    EvolutionClient,
+    EvolutionTarget,
+    transport_reason,
+)
+from webhooks.http import OutboundError, new_http_client
+from webhooks.models import ConnectionState, InboundMessage
+
+T = TypeVar("T")
+
+TIMEOUT = PROVISION_TIMEOUT
+WEBHOOK_EVENTS = ("MESSAGES_UPSERT", "CONNECTION_UPDATE")
+TOKEN_HEADER = "X-Webhook-Token"
+NOT_CONFIGURED = (
+    "Provisioning needs an Evolution URL and key: this instance has none (the legacy "
+    "default takes them from each delivery). Set both on the instance first."
+)
+NO_QR_YET = (
+    "No QR code available yet — Evolution is still starting the session; this page keeps trying."
+)
+SCAN_QR = "Scan the QR code with WhatsApp on the phone: Settings > Linked devices > Link a device."
+CONNECTED = "Connected"
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    ok: bool
+    # created, exists, set, unchanged, reachable, failed, not_configured...
+    outcome: str
+    message: str
+
+    @property
+    def label(self) -> str:
+        return self.outcome.replace("_", " ").capitalize()
+
+
+@dataclass(frozen=True)
+class ConnectionReport:
+    steps: list[Step]
+    state: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return all(step.ok for step in self.steps)
+
+    @property
+    def detail(self) -> str:
+        failed = [step.message for step in self.steps if not step.ok]
+        return " ".join(failed) if failed else "Evolution and the agent server both answer."
+
+
+@dataclass(frozen=True)
+class ProvisionReport:
+    steps: list[Step]
+    configured: bool = True
+
+    @property
+    def ok(self) -> bool:
+        return all(step.ok for step in self.steps)
+
+    @property
+    def detail(self) -> str:
+        return " ".join(step.message for step in self.steps if not step.ok) or " ".join(
+            step.message for step in self.steps
+        )
+
+
+@dataclass(frozen=True)
+class StateReport:
+    ok: bool
+    message: str
+    state: str | None = None
+    configured: bool = True
+
+    @property
+    def connected(self) -> bool:
+        return self.state == "open"
+
+
+@dataclass(frozen=True)
+class QrReport:
+    ok: bool
+    message: str
+    state: str | None = None
+    qr_code: str | None = None
+    pairing_code: str | None = None
+    configured: bool = True
+
+    @property
+    def connected(self) -> bool:
+        return self.state == "open"
+
+
+def whatsapp_name(instance: InstanceConfig) -> str:
+    return instance.whatsapp_instance or instance.name
+
+
+def is_configured(instance: InstanceConfig) -> bool:
+    return bool(instance.evolution_url and instance.evolution_key)
+
+
+def desired_webhook(instance: InstanceConfig) -> dict[str, Any]:
+    """The webhook config this hub needs on Evolution, as POST /webhook/set takes it."""
+    return {
+        "enabled": True,
+        "url": instance.webhook_url,
+        "headers": {TOKEN_HEADER: instance.webhook_token} if instance.webhook_token else {},
+        "events": list(WEBHOOK_EVENTS),
+        "byEvents": False,
+        "base64": True,
+    }
+
+
+def webhook_matches(stored: dict[str, Any] | None, desired: dict[str, Any]) -> bool:
+    """Whether GET /webhook/find's answer already is the config we would set."""
+    if not stored:
+        return False
+    headers = stored.get("headers") or {}
+    if not isinstance(headers, dict):
+        return False
+    return (
+        stored.get("enabled") is True
+        and stored.get("url") == desired["url"]
+        # Header names are case-insensitive on the wire.
+        and {k.lower(): v for k, v in headers.items()}
+        == {k.lower(): v for k, v in desired["headers"].items()}
+        and set(stored.get("events") or []) == set(desired["events"])
+        and bool(stored.get("webhookByEvents")) is desired["byEvents"]
+        and bool(stored.get("webhookBase64")) is desired["base64"]
+    )
+
+
+def scrub(text: str, instance: InstanceConfig) -> str:
+    """Upstream text may echo what we sent; no secret of the instance leaves through it."""
+    for field in SECRET_FIELDS:
+        secret = getattr(instance, field)
+        # A secret of a few characters would turn every message into [hidden] soup.
+        if len(secret) >= 8:
+            text = text.replace(secret, "[hidden]")
+    return text
+
+
+def _evolution(instance: InstanceConfig, http: httpx.AsyncClient) -> EvolutionClient:
+    target = EvolutionTarget(
+        base_url=instance.evolution_url,
+        api_key=instance.evolution_key,
+        instance_name=whatsapp_name(instance),
+    )
+    return EvolutionClient(target=target, http=http)
+
+
+def _with_evolution(
+    instance: InstanceConfig, operation: Callable[[EvolutionClient], Awaitable[T]]
+) -> T:
+    """Run one async operation against the instance's Evolution from sync code."""
+
+    async def run() -> T:
+        async with new_http_client(max_connections=4) as http:
+            return await operation(_evolution(instance, http))
+
+    return async_to_sync(run)()
+
+
+def _missing_instance_hint(instance: InstanceConfig, error: OutboundError) -> str:
+    message = scrub(str(error), instance)
+    if error.status == 404:
+        message += f'. Evolution has no instance "{whatsapp_name(instance)}": provision it first.'
+    return message
+
+
+# --- connection test ---
+
+
+async def _check_evolution(instance: InstanceConfig, http: httpx.AsyncClient) -> Step:
+    if not is_configured(instance):
+        return Step("Evolution API", False, "not_configured", NOT_CONFIGURED)
+    try:
+        state = await _evolution(instance, http).connection_state(timeout=TIMEOUT)
+    except OutboundError as exc:
+        return Step("Evolution API", False, "failed", _missing_instance_hint(instance, exc))
+    return Step(
+        "Evolution API",
+        True,
+        state,
+        f"Evolution at {instance.evolution_url} answers; the WhatsApp session of "
+        f'"{whatsapp_name(instance)}" is in state "{state}".',
+    )
+
+
+async def _check_agent(instance: InstanceConfig, http: httpx.AsyncClient) -> Step:
+    # A GET on /health, never the run URL: that would run the agent.
+    url = f"{instance.agent_api_url.rstrip('/')}/health"
+    try:
+        response = await http.get(
+            url, headers={"x-api-key": instance.agent_api_key}, timeout=TIMEOUT
+        )
+    except httpx.TimeoutException:
+        message = f"The agent server at {url} did not answer within {TIMEOUT:g} s."
+        return Step("Agent server", False, "failed", message)
+    except httpx.TransportError as exc:
+        reason = scrub(transport_reason(exc), instance)
+        message = f"Could not reach the agent server at {url}: {reason}"
+        return Step("Agent server", False, "failed", message)
+    if response.status_code in (401, 403):
+        return Step(
+            "Agent server",
+            False,
+            "bad_key",
+            f"The agent server at {url} answered {response.status_code}: it refuses the "
+            "instance's agent API key.",
+        )
+    return Step(
+        "Agent server",
+        True,
+        "reachable",
+        f"The agent server at {url} answers (HTTP {response.status_code}).",
+    )
+
+
+def test_connections(*, instance: InstanceConfig) -> ConnectionReport:
+    """Whether Evolution and the agent server answer, with this instance's URLs and keys."""
+
+    async def run() -> list[Step]:
+        async with new_http_client(max_connections=4) as http:
+            return list(
+                await asyncio.gather(_check_evolution(instance, http), _check_agent(instance, http))
+            )
+
+    steps = async_to_sync(run)()
+    evolution = steps[0]
+    state = evolution.outcome if evolution.ok else None
+    return ConnectionReport(steps=steps, state=state)
+
+
+# Not a test function, whatever pytest's collector may think of the name.
+test_connections.__test__ = False  # type: ignore[attr-defined]
+
+
+# --- provisioning ---
+
+
+async def _provision_steps(client: EvolutionClient, instance: InstanceConfig) -> list[Step]:
+    name = whatsapp_name(instance)
+    steps: list[Step] = []
+    try:
+        created = await client.create_instance(timeout=TIMEOUT)
+    except OutboundError as exc:
+        return [Step("Evolution instance", False, "failed", scrub(str(exc), instance))]
+    if created:
+        steps.append(
+            Step("Evolution instance", True, "created", f'Created instance "{name}" on Evolution.')
+        )
+    else:
+        steps.append(
+            Step(
+                "Evolution instance",
+                True,
+                "exists",
+                f'Instance "{name}" already exists on Evolution; left as it is.',
+            )
+        )
+
+    desired = desired_webhook(instance)
+    described = f"{desired['url']}, events {', '.join(WEBHOOK_EVENTS)}, " + (
+        f"with the {TOKEN_HEADER} header" if desired["headers"] else "without a token header"
+    )
+    try:
+        stored = await client.find_webhook(timeout=TIMEOUT)
+    except OutboundError:
+        # Setting it anyway is harmless; a real problem shows in the set call.
+        stored = None
+    if webhook_matches(stored, desired):
+        steps.append(Step("Webhook", True, "unchanged", f"Webhook already set: {described}."))
+        return steps
+    try:
+        await client.set_webhook(webhook=desired, timeout=TIMEOUT)
+    except OutboundError as exc:
+        steps.append(Step("Webhook", False, "failed", scrub(str(exc), instance)))
+        return steps
+    steps.append(Step("Webhook", True, "set", f"Webhook set: {described}."))
+    return steps
+
+
+def provision(*, instance: InstanceConfig) -> ProvisionReport:
+    """Create the Evolution instance when missing, then point its webhook at this hub.
+
+    Running it again changes nothing once Evolution holds the right config.
+    """
+    if not is_configured(instance):
+        return ProvisionReport(
+            steps=[Step("Evolution instance", False, "not_configured", NOT_CONFIGURED)],
+            configured=False,
+        )
+    return ProvisionReport(
+        steps=_with_evolution(instance, lambda client: _provision_steps(client, instance))
+    )
+
+
+# --- state and QR code ---
+
+
+def connection_state(*, instance: InstanceConfig) -> StateReport:
+    """The live state of the WhatsApp session, as Evolution tells it now."""
+    if not is_configured(instance):
+        return StateReport(ok=False, message=NOT_CONFIGURED, configured=False)
+    try:
+        state = _with_evolution(instance, lambda client: client.connection_state(timeout=TIMEOUT))
+    except OutboundError as exc:
+        return StateReport(ok=False, message=_missing_instance_hint(instance, exc))
+    return StateReport(ok=True, message=f'The WhatsApp session is in state "{state}".', state=state)
+
+
+def qr_data_url(value: Any) -> str | None:
+    """Evolution's base64 PNG as a data URL an <img> can show; anything else is dropped."""
+    if not isinstance(value, str) or not value:
+        return None
+    if value.startswith("data:image/"):
+        return value
+    if value.startswith("data:") or ":" in value[:12]:
+        return None
+    return f"data:image/png;base64,{value}"
+
+
+async def _qr(client: EvolutionClient) -> tuple[str, dict[str, Any]]:
+    state = await client.connection_state(timeout=TIMEOUT)
+    if state == "open":
+        return state, {}
+    # Connect starts a session when there is none; while one is starting it
+    # answers the current QR code, or {"count": 0} before the first.
+    return state, await client.connect(timeout=TIMEOUT)
+
+
+def fetch_qr(*, instance: InstanceConfig) -> QrReport:
+    """The QR code (and pairing code) that links a phone to the instance, when there is one."""
+    if not is_configured(instance):
+        return QrReport(ok=False, message=NOT_CONFIGURED, configured=False)
+    try:
+        state, body = _with_evolution(instance, _qr)
+    except OutboundError as exc:
+        return QrReport(ok=False, message=_missing_instance_hint(instance, exc))
+    connect_instance = body.get("instance")
+    if isinstance(connect_instance, dict) and connect_instance.get("state") == "open":
+        state = "open"
+    if state == "open":
+        return QrReport(ok=True, message=CONNECTED, state=state)
+    image = qr_data_url(body.get("base64"))
+    pairing = body.get("pairingCode")
+    pairing_code = pairing if isinstance(pairing, str) and pairing else None
+    if image is None and pairing_code is None:
+        return QrReport(ok=True, message=NO_QR_YET, state=state)
+    return QrReport(ok=True, message=SCAN_QR, state=state, qr_code=image, pairing_code=pairing_code)
+
+
+# --- what the hub itself saw ---
+
+
+def with_activity(queryset: QuerySet[InstanceConfig]) -> QuerySet[InstanceConfig]:
+    """Each instance with its last connection.update and last_message_at, in one query."""
+    last = (
+        InboundMessage.objects.filter(instance=OuterRef("pk"))
+        .order_by("-received_at")
+        .values("received_at")[:1]
+    )
+    return queryset.select_related("connection").annotate(last_message_at=Subquery(last))
+
+
+def stored_connection(instance: InstanceConfig) -> ConnectionState | None:
+    """The last connection.update Evolution delivered for this instance, if any."""
+    try:
+        return instance.connection  # type: ignore[attr-defined, no-any-return]
+    except ConnectionState.DoesNotExist:
+        return None
+
+
+def last_message_at(instance: InstanceConfig) -> datetime | None:
+    if hasattr(instance, "last_message_at"):
+        return instance.last_message_at  # type: ignore[no-any-return]
+    return (
+        InboundMessage.objects.filter(instance=instance)
+        .order_by("-received_at")
+        .values_list("received_at", flat=True)
+        .first()
+    )

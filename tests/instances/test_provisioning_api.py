@@ -1,0 +1,243 @@
+"""/api/v1/instances/{name}/status|provision|qr|test/ against a fake Evolution."""
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+from django.conf import settings
+from django.test import Client
+
+from instances.models import InstanceConfig
+from tests.conftest import load_fixture
+from tests.fakes import PAIRING_CODE, QR_DATA_URL, FakeAgent, FakeEvolution
+from webhooks.ingest import record_delivery
+from webhooks.models import ConnectionState, InboundMessage
+
+BASE = "/api/v1/instances/acme"
+SECRETS = {
+    "evolution_key": "evo-secret-key-123",
+    "agent_api_key": "agent-secret-key-456",
+    "webhook_token": "webhook-secret-token-789",
+}
+ENDPOINTS = [("get", "status"), ("post", "provision"), ("get", "qr"), ("post", "test")]
+
+
+def closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def evolution() -> Iterator[FakeEvolution]:
+    server = FakeEvolution(api_key=SECRETS["evolution_key"]).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def agent() -> Iterator[FakeAgent]:
+    server = FakeAgent().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def acme(make_instance, evolution: FakeEvolution, agent: FakeAgent) -> InstanceConfig:
+    return make_instance(evolution_url=evolution.url, agent_api_url=agent.url, **SECRETS)
+
+
+@pytest.fixture
+def api(client: Client, db: None) -> Client:
+    client.defaults["HTTP_X_API_KEY"] = settings.OMNIHUB_API_KEY
+    return client
+
+
+def call(api: Client, method: str, endpoint: str, name: str = "acme"):
+    response = getattr(api, method)(f"/api/v1/instances/{name}/{endpoint}/")
+    for value in SECRETS.values():
+        assert value not in response.content.decode(), endpoint
+    return response
+
+
+def test_provision_creates_and_sets_the_webhook_then_changes_nothing(api, acme, evolution):
+    first = call(api, "post", "provision")
+    second = call(api, "post", "provision")
+
+    assert first.status_code == 200
+    body = first.json()
+    assert body["ok"] is True
+    assert [(s["name"], s["outcome"]) for s in body["steps"]] == [
+        ("Evolution instance", "created"),
+        ("Webhook", "set"),
+    ]
+    [webhook] = evolution.received("/webhook/set/")
+    assert webhook.body["webhook"]["url"] == f"{settings.PUBLIC_BASE_URL}/webhook/evolution/acme"
+    assert webhook.body["webhook"]["events"] == ["MESSAGES_UPSERT", "CONNECTION_UPDATE"]
+    assert webhook.body["webhook"]["headers"] == {"X-Webhook-Token": SECRETS["webhook_token"]}
+    assert second.status_code == 200
+    assert [s["outcome"] for s in second.json()["steps"]] == ["exists", "unchanged"]
+
+
+@pytest.mark.parametrize(
+    ("break_it", "detail"),
+    [
+        pytest.param(
+            lambda acme, evolution: setattr(acme, "evolution_key", "wrong-key-0000"),
+            "Evolution answered 401 Unauthorized (check the instance's Evolution API key)",
+            id="401",
+        ),
+        pytest.param(
+            lambda acme, evolution: setattr(evolution, "license_required", True),
+            "Evolution answered 503 Service Unavailable: service not activated (LICENSE_REQUIRED)",
+            id="503-license",
+        ),
+        pytest.param(
+            lambda acme, evolution: setattr(acme, "evolution_url", closed_port_url()),
+            ": Connection refused",
+            id="refused",
+        ),
+    ],
+)
+def test_a_failed_provision_answers_502_with_the_reason(api, acme, evolution, break_it, detail):
+    break_it(acme, evolution)
+    acme.save()
+
+    response = call(api, "post", "provision")
+
+    assert response.status_code == 502
+    body = response.json()
+    assert body["ok"] is False
+    assert detail in body["detail"]
+    assert body["steps"][-1]["ok"] is False
+
+
+def test_a_partial_provision_shows_what_was_done(api, acme, evolution):
+    evolution.answer_next("/webhook/set/", (500, {"status": 500, "error": "Internal Server Error"}))
+
+    response = call(api, "post", "provision")
+
+    assert response.status_code == 502
+    assert [(s["outcome"], s["ok"]) for s in response.json()["steps"]] == [
+        ("created", True),
+        ("failed", False),
+    ]
+
+
+def test_the_legacy_default_instance_answers_409(api, make_instance, evolution):
+    make_instance(name="default", is_default=True, evolution_url="", evolution_key="")
+
+    for method, endpoint in [("get", "status"), ("post", "provision"), ("get", "qr")]:
+        response = call(api, method, endpoint, name="default")
+        assert response.status_code == 409, endpoint
+        assert response.json()["ok"] is False
+        assert "Provisioning needs an Evolution URL and key" in response.json()["detail"]
+    test = call(api, "post", "test", name="default")
+    assert test.status_code == 200
+    assert test.json()["steps"][0]["outcome"] == "not_configured"
+    assert evolution.requests == []
+
+
+def test_the_status_gives_the_live_state_and_what_the_hub_saw(api, acme, evolution):
+    call(api, "post", "provision")
+    before = call(api, "get", "status").json()
+    evolution.open_session("acme-wa")
+    ConnectionState.objects.create(instance=acme, state="open")
+    record_delivery(instance=acme, body=load_fixture("messages-upsert-text.json"))
+
+    response = call(api, "get", "status")
+
+    assert before["state"] == "close"
+    assert before["last_connection_update"] is None
+    assert before["last_message_at"] is None
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["ok"], body["state"], body["connected"]) == (True, "open", True)
+    assert body["detail"] == 'The WhatsApp session is in state "open".'
+    assert body["last_connection_update"]["state"] == "open"
+    received = InboundMessage.objects.get().received_at
+    assert body["last_message_at"] == received.isoformat().replace("+00:00", "Z")
+
+
+def test_the_status_of_an_instance_missing_on_evolution_answers_502(api, acme):
+    response = call(api, "get", "status")
+
+    assert response.status_code == 502
+    assert response.json() == {
+        "ok": False,
+        "detail": 'Evolution answered 404 Not Found: The "acme-wa" instance does not exist. '
+        'Evolution has no instance "acme-wa": provision it first.',
+    }
+
+
+def test_the_qr_endpoint_says_when_there_is_no_code_then_gives_it(api, acme, evolution):
+    call(api, "post", "provision")
+
+    waiting = call(api, "get", "qr")
+    showing = call(api, "get", "qr")
+    evolution.open_session("acme-wa")
+    connected = call(api, "get", "qr")
+
+    assert waiting.status_code == 200
+    assert waiting.json()["qr_code"] is None
+    assert waiting.json()["detail"].startswith("No QR code available yet")
+    assert showing.json()["qr_code"] == QR_DATA_URL
+    assert showing.json()["pairing_code"] == PAIRING_CODE
+    assert connected.json() == {
+        "ok": True,
+        "detail": "Connected",
+        "state": "open",
+        "connected": True,
+        "qr_code": None,
+        "pairing_code": None,
+    }
+
+
+def test_the_connection_test_answers_200_either_way(api, acme, evolution, agent):
+    call(api, "post", "provision")
+    good = call(api, "post", "test")
+    agent.failure = (401, {"detail": "bad key"})
+    evolution.license_required = True
+    bad = call(api, "post", "test")
+
+    assert good.status_code == bad.status_code == 200
+    assert good.json()["ok"] is True
+    assert good.json()["state"] == "close"
+    body = bad.json()
+    assert body["ok"] is False
+    assert body["state"] is None
+    assert [(s["name"], s["outcome"]) for s in body["steps"]] == [
+        ("Evolution API", "failed"),
+        ("Agent server", "bad_key"),
+    ]
+    assert "LICENSE_REQUIRED" in body["detail"]
+    assert all(r.path == "/health" for r in agent.requests)
+
+
+@pytest.mark.parametrize(("method", "endpoint"), ENDPOINTS)
+def test_the_endpoints_need_authentication(client, acme, evolution, method, endpoint):
+    response = call(client, method, endpoint)
+
+    assert response.status_code == 401
+    assert evolution.requests == []
+
+
+@pytest.mark.parametrize(("method", "endpoint"), ENDPOINTS)
+def test_an_unknown_instance_answers_404(api, method, endpoint):
+    assert call(api, method, endpoint, name="nobody").status_code == 404
+
+
+def test_the_schema_documents_the_provisioning_operations(client, db):
+    paths = client.get("/api/schema/?format=json").json()["paths"]
+
+    for method, endpoint in ENDPOINTS:
+        operation = paths[f"/api/v1/instances/{{name}}/{endpoint}/"][method]
+        codes = set(operation["responses"])
+        expected = (
+            {"200", "401", "404"} if endpoint == "test" else {"200", "401", "404", "409", "502"}
+        )
+        assert codes == expected, endpoint
+        assert "requestBody" not in operation
+    qr = paths["/api/v1/instances/{name}/qr/"]["get"]["responses"]["200"]
+    assert qr["content"]["application/json"]["schema"]["$ref"].endswith("/Qr")
