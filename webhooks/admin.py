@@ -181,11 +181,12 @@ class InboundMessageAdmin(admin.ModelAdmin):
         # itself is never edited: the page shows it read-only.
         return obj is None and super().has_change_permission(request)
 
-    def has_delete_permission(
-        self, request: HttpRequest, obj: InboundMessage | None = None
-    ) -> bool:
-        # The log is pruned by `manage.py prune_messages`, by age.
-        return False
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        # The log is pruned by `manage.py prune_messages`, by age, not by hand.
+        # Delete permission itself stays: deleting a tenant deletes its log.
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)
+        return actions
 
     # --- list columns -----------------------------------------------------
     @admin.display(description="Received", ordering="received_at")

@@ -88,15 +88,25 @@ def test_the_list_shows_readable_columns_newest_first(admin_client, acme):
     assert newer.phone in html
 
 
-def test_the_list_has_no_add_or_delete(admin_client, acme):
+def test_the_list_has_no_add_and_no_bulk_delete(admin_client, acme):
     message = add_message(acme)
 
     response = admin_client.get(CHANGELIST)
 
     assert admin_client.get(f"{CHANGELIST}add/").status_code == 403
-    assert admin_client.post(f"{CHANGELIST}{message.pk}/delete/").status_code == 403
     assert b"delete_selected" not in response.content
     assert InboundMessage.objects.filter(pk=message.pk).exists()
+
+
+def test_deleting_an_instance_in_the_admin_deletes_its_messages(admin_client, acme):
+    add_message(acme)
+
+    response = admin_client.post(
+        f"/admin/instances/instanceconfig/{acme.pk}/delete/", {"post": "yes"}
+    )
+
+    assert response.status_code == 302
+    assert not InboundMessage.objects.exists()
 
 
 def test_the_list_joins_the_instance_and_never_loads_payloads(admin_client, make_instance):
