@@ -10,3 +10,7 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("", include("webhooks.urls")),
 ]
+
+handler400 = "omnihub.errors.bad_request"
+handler404 = "omnihub.errors.not_found"
+handler500 = "omnihub.errors.server_error"
