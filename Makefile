@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 WORKERS ?= 2
 
-.PHONY: run test install bench clean
+.PHONY: run test install bench clean example-db
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,3 +59,9 @@ clean:
 bench: install
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q wrk >/dev/null; } || { echo "install wrk (apt-get install wrk)"; exit 1; }
 	$(BIN)/python bench/run.py
+
+# Rebuild db.sqlite3.example after adding a migration (tests/instances/test_example_db.py says when).
+example-db: install
+	rm -f db.sqlite3.example db.sqlite3.example-wal db.sqlite3.example-shm
+	ENV_FILE= SECRET_KEY=x DATABASE_URL=sqlite:///$(CURDIR)/db.sqlite3.example $(BIN)/python manage.py migrate -v 0
+	ENV_FILE= SECRET_KEY=x DATABASE_URL=sqlite:///$(CURDIR)/db.sqlite3.example $(BIN)/python manage.py shell -v 0 -c 'from django.db import connection; from instances.models import InstanceConfig as I; from instances.services import save_instance; save_instance(instance=I(name="example", evolution_url="https://evolution.example.com", evolution_key="example-evolution-key-replace-me", whatsapp_instance="example", agent_api_url="https://agent.example.com", agent_api_key="example-agent-key-replace-me", webhook_token="example-token-replace-me")); connection.cursor().execute("PRAGMA journal_mode=DELETE")'

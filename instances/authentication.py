@@ -53,4 +53,3 @@ class IsStaffOrApiKey(permissions.BasePermission):
         if isinstance(user, ApiKeyUser):
             return True
         return bool(user and user.is_authenticated and user.is_staff)
-

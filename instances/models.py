@@ -4,7 +4,11 @@ from urllib.parse import quote
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.core.validators import MaxValueValidator, MinValueValidator
+from django.core.validators import (
+    MaxValueValidator,
+    MinValueValidator,
+    ProhibitNullCharactersValidator,
+)
 from django.db import models
 
 from instances.validators import validate_http_url, validate_instance_name, validate_secret
@@ -13,6 +17,7 @@ DEFAULT_FALLBACK_MESSAGE = (
     "Sorry, we could not answer your message right now. Please try again in a few minutes."
 )
 MAX_AGENT_TIMEOUT = 600
+NO_NUL = ProhibitNullCharactersValidator()
 SECRET_FIELDS = ("evolution_key", "agent_api_key", "webhook_token")
 
 
@@ -42,7 +47,7 @@ class InstanceConfig(models.Model):
         "Evolution API URL",
         max_length=500,
         blank=True,
-        validators=[validate_http_url],
+        validators=[validate_http_url, NO_NUL],
         help_text="e.g. https://evolution.example.com. Blank only on the default instance "
         "(legacy mode: taken from each delivery's server_url).",
     )
@@ -53,6 +58,7 @@ class InstanceConfig(models.Model):
         "WhatsApp instance",
         max_length=128,
         blank=True,
+        validators=[NO_NUL],
         help_text="The instance's name inside Evolution. Blank: the same as the name "
         "(on the legacy default instance: the delivery's instance).",
     )
@@ -66,12 +72,10 @@ class InstanceConfig(models.Model):
     )
 
     agent_api_url = models.CharField(
-        "Agent API URL", max_length=500, validators=[validate_http_url]
+        "Agent API URL", max_length=500, validators=[validate_http_url, NO_NUL]
     )
-    agent_api_key = models.CharField(
-        "Agent API key", max_length=512, validators=[validate_secret]
-    )
-    default_agent = models.CharField(max_length=128, default="simple_agent")
+    agent_api_key = models.CharField("Agent API key", max_length=512, validators=[validate_secret])
+    default_agent = models.CharField(max_length=128, default="simple_agent", validators=[NO_NUL])
     agent_timeout = models.PositiveIntegerField(
         default=60,
         validators=[MinValueValidator(1), MaxValueValidator(MAX_AGENT_TIMEOUT)],
@@ -80,12 +84,14 @@ class InstanceConfig(models.Model):
     session_id_prefix = models.CharField(
         max_length=64,
         blank=True,
+        validators=[NO_NUL],
         help_text="Prepended to the phone digits to form the agent session name. Blank on "
         "a non-default instance: '<name>_', so two tenants never share a session.",
     )
     fallback_message = models.TextField(
         default=DEFAULT_FALLBACK_MESSAGE,
         blank=True,
+        validators=[NO_NUL],
         help_text="Sent to the user when the agent fails for good. Blank sends nothing.",
     )
 
@@ -115,6 +121,10 @@ class InstanceConfig(models.Model):
         # Never let a secret reach a log line through repr().
         return f"<InstanceConfig {self.name!r}>"
 
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        super().save(*args, **kwargs)
+        self._stored_name = self.name
+
     def clean(self) -> None:
         errors: dict[str, str] = {}
         if self._stored_name and self.name != self._stored_name:
@@ -132,10 +142,6 @@ class InstanceConfig(models.Model):
             )
         if errors:
             raise ValidationError(errors)
-
-    def save(self, *args: Any, **kwargs: Any) -> None:
-        super().save(*args, **kwargs)
-        self._stored_name = self.name
 
     # --- derived values used by the pipeline and the interfaces ---
     @property

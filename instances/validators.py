@@ -47,7 +47,7 @@ EVENT_SLUGS = frozenset(
 
 
 def validate_instance_name(value: str) -> None:
-    if not NAME_RE.match(value or ""):
+    if not NAME_RE.fullmatch(value or ""):
         raise ValidationError(
             "Use 1 to 64 characters: letters, digits, '_' or '-'.", code="invalid_name"
         )
@@ -65,11 +65,19 @@ def validate_http_url(value: str) -> None:
         return
     try:
         parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
     except ValueError as exc:
         raise ValidationError(f"Not a valid URL: {exc}.", code="invalid_url") from exc
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValidationError(
             "Enter an http:// or https:// URL with a host, e.g. https://evolution.example.com.",
+            code="invalid_url",
+        )
+    if parts.username is not None or parts.password is not None:
+        # The URL is shown in the admin, the API and error messages: keys go
+        # in their own (secret) fields, never in a URL.
+        raise ValidationError(
+            "Put no user name or password in the URL; use the key field.",
             code="invalid_url",
         )
     if any(ch.isspace() for ch in value):

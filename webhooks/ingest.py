@@ -80,10 +80,15 @@ class Delivery:
 
 def read_delivery(raw: bytes) -> Delivery:
     try:
-        body = json.loads(raw)
+        body = parsing.make_storable(json.loads(raw, parse_constant=_reject_constant))
     except (ValueError, RecursionError):
+        # ParseError (too deep) is a ValueError too: not a usable JSON object.
         return Delivery(body=None)
     return understand(body)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
 
 
 def understand(body: Any) -> Delivery:

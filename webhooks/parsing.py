@@ -230,7 +230,32 @@ def parse_connection_update(body: dict) -> tuple[str, int | None]:
     state = _str(data.get("state")).strip()
     if not state:
         raise ParseError("data.state is missing")
-    return state, _int(data.get("statusReason"))
+    reason = _int(data.get("statusReason"))
+    # Stored in a 32-bit column; anything outside is not a real status code.
+    return state, reason if reason is not None and -(2**31) <= reason < 2**31 else None
+
+
+# NUL and lone UTF-16 surrogates are valid in JSON strings, but neither
+# PostgreSQL nor SQLite's UTF-8 can store them.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+MAX_DEPTH = 64
+
+
+def make_storable(value: Any, depth: int = 0) -> Any:
+    """The same JSON with unstorable characters replaced by U+FFFD.
+
+    Raises ParseError past MAX_DEPTH levels of nesting: Evolution never nests
+    that deep, and the JSON encoder would recurse out of its stack on saving.
+    """
+    if isinstance(value, str):
+        return _UNSTORABLE.sub("\ufffd", value) if _UNSTORABLE.search(value) else value
+    if depth >= MAX_DEPTH and isinstance(value, dict | list):
+        raise ParseError(f"nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, dict):
+        return {make_storable(k, depth + 1): make_storable(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [make_storable(v, depth + 1) for v in value]
+    return value
 
 
 def _dict(value: object) -> dict[str, Any]:
