@@ -50,7 +50,8 @@ test: install
 	$(BIN)/pytest
 	@$(BIN)/python -c "import psycopg; psycopg.connect('$(TEST_POSTGRES_URL)'.rsplit('/', 1)[0] + '/postgres', connect_timeout=5).close()" \
 		|| { echo "PostgreSQL is not reachable at $(TEST_POSTGRES_URL): start it (.ci/run does), or set TEST_POSTGRES_URL."; exit 1; }
-	DATABASE_URL=$(TEST_POSTGRES_URL) $(BIN)/pytest
+	@# Browser tests drive the admin of a hub on SQLite: once is enough.
+	DATABASE_URL=$(TEST_POSTGRES_URL) $(BIN)/pytest -m "not browser"
 
 clean:
 	rm -rf $(VENV) staticfiles

@@ -78,12 +78,13 @@ class InstanceConfigAdmin(ProvisioningAdminMixin, admin.ModelAdmin):
             readonly += ["name", "created_at", "updated_at"]
         return readonly
 
-    @admin.display(description="Webhook token")
+    @admin.display(description="Token")
     def has_webhook_token(self, obj: InstanceConfig) -> str:
         if obj.webhook_token:
             return "yes"
+        # The list's warning message says what it means; the cell stays narrow.
         return format_html(
-            '<strong style="color: var(--error-fg)">no: {}</strong>', NO_TOKEN_WARNING
+            '<strong style="color: var(--error-fg)" title="{}">none</strong>', NO_TOKEN_WARNING
         )
 
     @admin.display(description="Webhook URL")

@@ -2,6 +2,11 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+admin.site.site_header = "omnihub"
+admin.site.site_title = "omnihub admin"
+admin.site.index_title = "Tenants, messages and users"
+admin.site.site_url = None  # There is no public site to "view".
+
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", include("instances.urls")),

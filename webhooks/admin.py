@@ -27,7 +27,7 @@ STATUS_COLORS = {
     Status.IGNORED: "#78716c",
     Status.FAILED: "#b91c1c",
 }
-PRE_STYLE = "max-height: 32em; overflow: auto; white-space: pre-wrap; word-break: break-all"
+PRE_STYLE = "max-height: 32em; overflow: auto; white-space: pre-wrap; overflow-wrap: anywhere"
 
 
 def shorten_blobs(value: Any) -> Any:
@@ -180,6 +180,18 @@ class InboundMessageAdmin(admin.ModelAdmin):
         # The list keeps the permission (the retry action needs it); a message
         # itself is never edited: the page shows it read-only.
         return obj is None and super().has_change_permission(request)
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> Any:
+        # Deleting stays possible (a tenant's deletion takes its log along),
+        # but a single message's page offers no delete button.
+        extra_context = {**(extra_context or {}), "show_delete": False}
+        return super().change_view(request, object_id, form_url, extra_context)
 
     def get_actions(self, request: HttpRequest) -> dict[str, Any]:
         # The log is pruned by `manage.py prune_messages`, by age, not by hand.

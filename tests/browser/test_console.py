@@ -1,0 +1,243 @@
+"""An operator's day in the admin, in Chromium: add a tenant, provision it on Evolution,
+link a phone by QR code, read the message log and retry a failed message.
+
+The tests share one hub, one browser tab and the tenant made by the add form; each
+works whether or not the others ran before it.
+"""
+
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from playwright.sync_api import expect
+
+from tests.browser.conftest import (
+    AGENT_PREFIX,
+    PUBLIC_BASE_URL,
+    QR_PICTURE,
+    TIMEOUT_MS,
+    Console,
+    Fakes,
+)
+from tests.conftest import load_fixture
+from tests.e2e.harness import Hub, text_delivery
+from tests.fakes import PAIRING_CODE
+
+NAME = "acme"
+EVOLUTION_KEY = "evo-key-acme-0f3b9c"
+AGENT_KEY = "agent-key-acme-7d21e4"
+# Evolution puts its global key in every delivery; the hub must never show it.
+DELIVERY_APIKEY = "evo-global-apikey-5a9e"
+INSTANCES = "/admin/instances/instanceconfig/"
+LOG = "/admin/webhooks/inboundmessage/"
+# Bound on waiting for the worker: it answers within a second against the fakes.
+STATUS_TIMEOUT = 20.0
+
+expect.set_options(timeout=TIMEOUT_MS)
+
+
+@dataclass
+class Tenant:
+    name: str
+    change_path: str
+    token: str
+
+
+@pytest.fixture(scope="module")
+def acme(console: Console, fakes: Fakes) -> Tenant:
+    """The tenant, made through the admin's add form; its token is read off its change page."""
+    console.secrets += [EVOLUTION_KEY, AGENT_KEY]
+    page = console.page
+    console.open(f"{INSTANCES}add/")
+    page.fill("#id_name", NAME)
+    page.fill("#id_evolution_url", fakes.evolution.url)
+    page.fill("#id_evolution_key", EVOLUTION_KEY)
+    page.fill("#id_agent_api_url", fakes.agent.url)
+    page.fill("#id_agent_api_key", AGENT_KEY)
+    page.fill("#id_default_agent", "support")
+    console.shot("instance-add")
+    page.click("input[name=_save]")
+    page.wait_for_url(f"{console.url}{INSTANCES}")
+    expect(page.locator(".messagelist .success")).to_contain_text(NAME)
+    page.locator("#result_list").get_by_role("link", name=NAME, exact=True).click()
+    expect(page).to_have_url(re.compile(rf"{INSTANCES}\d+/change/$"))
+    token = console.webhook_token()
+    console.secrets.append(token)
+    return Tenant(name=NAME, change_path=urlsplit(page.url).path, token=token)
+
+
+def post_text(hub: Hub, tenant: Tenant, *, text: str, phone: str, push_name: str) -> str:
+    """Deliver a text message as Evolution does; returns its message id."""
+    message_id = f"3EB0{uuid.uuid4().hex[:16].upper()}"
+    delivery = text_delivery(
+        message_id=message_id,
+        text=text,
+        phone=phone,
+        push_name=push_name,
+        instance=tenant.name,
+        apikey=DELIVERY_APIKEY,
+    )
+    response = hub.server.post_webhook(
+        f"/webhook/evolution/{tenant.name}", delivery, token=tenant.token
+    )
+    assert response.json()["status"] == "queued", response.text
+    return message_id
+
+
+def wait_for_status(console: Console, message_id: str, status: str) -> None:
+    """Reload the log, searched by the message id, until the message shows `status`."""
+    cell = console.page.locator("#result_list td.field-status_badge")
+    deadline = time.monotonic() + STATUS_TIMEOUT
+    while True:
+        console.open(f"{LOG}?q={message_id}")
+        shown = cell.all_inner_texts()
+        if shown == [status]:
+            return
+        assert time.monotonic() < deadline, f"{message_id} shows {shown}, not {status}"
+        time.sleep(0.3)
+
+
+def open_message(console: Console, message_id: str) -> None:
+    console.open(f"{LOG}?q={message_id}")
+    console.page.locator("#result_list th.field-received a").click()
+    expect(console.page).to_have_url(re.compile(rf"{LOG}\d+/change/"))
+
+
+def sent_to(fakes: Fakes, phone: str) -> list[Any]:
+    return [r.body for r in fakes.evolution.sent() if r.body.get("number") == phone]
+
+
+def test_the_new_instance_is_listed_and_its_page_shows_the_webhook_url(
+    console: Console, acme: Tenant
+) -> None:
+    page = console.page
+    console.open(INSTANCES)
+    row = page.locator("#result_list tbody tr", has_text=NAME)
+    expect(row.locator("td.field-default_agent")).to_have_text("support")
+    expect(row.locator("td.field-has_webhook_token")).to_have_text("yes")
+    console.shot("instance-list")
+
+    console.open(acme.change_path)
+    expect(page.locator(".field-webhook_url_with_token_display .readonly")).to_have_text(
+        f"{PUBLIC_BASE_URL}/webhook/evolution/{NAME}?token={acme.token}"
+    )
+    # Secrets are write-only: the form never sends them back to the browser.
+    for field in ("evolution_key", "agent_api_key", "webhook_token"):
+        expect(page.locator(f"#id_{field}")).to_have_value("")
+    console.shot("instance-change", shown_secrets=(acme.token,))
+
+
+def test_it_provisions_the_instance_and_links_a_phone_by_qr_code(
+    console: Console, acme: Tenant, fakes: Fakes
+) -> None:
+    page = console.page
+    console.open(acme.change_path)
+    page.get_by_role("link", name="Provision on Evolution").click()
+    expect(page.locator("#content-main ol li")).to_have_count(2)
+    console.shot("provision-plan")
+
+    page.get_by_role("button", name="Provision now").click()
+    expect(page.locator(".messagelist li.success")).to_contain_text("Done:")
+    steps = page.locator("#provisioning-steps tbody tr")
+    expect(steps).to_have_count(2)
+    assert [steps.nth(i).locator("td").nth(1).inner_text().strip() for i in range(2)] == [
+        "Created",
+        "Set",
+    ]
+    expect(steps.locator("img[alt=OK]")).to_have_count(2)
+    webhook = fakes.evolution.instances[NAME]["webhook"]
+    assert webhook["url"] == f"{PUBLIC_BASE_URL}/webhook/evolution/{NAME}"
+    assert webhook["headers"] == {"X-Webhook-Token": acme.token}
+    console.shot("provision-done")
+
+    page.get_by_role("link", name=f"Back to {NAME}").click()
+    page.get_by_role("link", name="Connect WhatsApp (QR code)").click()
+    # Evolution has no QR code on the first call; the page's polling brings it.
+    image = page.locator("#qr-image")
+    expect(image).to_be_visible()
+    assert image.get_attribute("src") == QR_PICTURE
+    assert image.evaluate("img => img.complete && img.naturalWidth") > 0
+    expect(page.locator("#qr-pairing-code")).to_have_text(PAIRING_CODE)
+    expect(page.locator("#qr-state")).to_have_text("connecting")
+    console.shot("instance-qr", readme=True)
+
+    fakes.evolution.open_session(NAME)
+    expect(page.locator("#qr-message")).to_have_text("Connected")
+    expect(page.locator("#qr-message")).to_have_class("success")
+    expect(page.locator("#qr-state")).to_have_text("open")
+    expect(image).to_be_hidden()
+    expect(page.locator("#qr-pairing")).to_be_hidden()
+    console.shot("instance-connected")
+
+
+def test_a_delivered_message_shows_as_replied_in_the_message_log(
+    console: Console, acme: Tenant, hub: Hub, fakes: Fakes
+) -> None:
+    console.secrets.append(DELIVERY_APIKEY)
+    phone = "5511987654321"
+    text = "Qual o horário de funcionamento?"
+    message_id = post_text(hub, acme, text=text, phone=phone, push_name="Maria Souza")
+
+    wait_for_status(console, message_id, "Replied")
+    row = console.page.locator("#result_list tbody tr")
+    expect(row.locator("td.field-instance")).to_have_text(NAME)
+    expect(row.locator("td.field-chat")).to_have_text(phone)
+    console.shot("message-log-replied")
+
+    open_message(console, message_id)
+    page = console.page
+    expect(page.locator(".field-status_badge .readonly")).to_have_text("Replied")
+    reply = f"{AGENT_PREFIX}: [Maria Souza]: {text}"
+    expect(page.locator(".field-reply_text_display pre")).to_have_text(reply)
+    expect(page.locator(".field-last_error_display .readonly")).to_have_text("-")
+    console.shot("message-replied")
+    assert sent_to(fakes, phone)[-1]["text"] == reply
+
+
+def test_a_failed_send_shows_its_error_and_the_retry_action_replies_it(
+    console: Console, acme: Tenant, hub: Hub, fakes: Fakes
+) -> None:
+    console.secrets.append(DELIVERY_APIKEY)
+    phone = "5511912345678"
+    fakes.evolution.failure = (
+        400,
+        load_fixture("api/error-400-not-on-whatsapp.json", fresh=False),
+    )
+    try:
+        message_id = post_text(
+            hub, acme, text="Vocês entregam no sábado?", phone=phone, push_name="João Lima"
+        )
+        wait_for_status(console, message_id, "Failed")
+    finally:
+        fakes.evolution.failure = None
+    console.open(LOG)
+    console.shot("message-log", readme=True)
+
+    open_message(console, message_id)
+    page = console.page
+    expect(page.locator(".field-status_badge .readonly")).to_have_text("Failed")
+    error = page.locator(".field-last_error_display pre")
+    expect(error).to_contain_text("Evolution answered 400")
+    expect(error).to_contain_text('"exists": false')
+    console.shot("message-failed")
+    agent_calls = len(fakes.agent.received())
+
+    console.open(f"{LOG}?q={message_id}")
+    page.locator("#result_list input[name=_selected_action]").check()
+    page.select_option("select[name=action]", "retry_failed")
+    page.locator("button[name=index]").click()
+    expect(page.locator(".messagelist li.success")).to_have_text(
+        "Requeued 1 of 1 selected messages."
+    )
+    console.shot("message-retry-requeued")
+
+    wait_for_status(console, message_id, "Replied")
+    console.open(LOG)
+    console.shot("message-log-retried")
+    # The agent had answered: only the send was done again.
+    assert len(fakes.agent.received()) == agent_calls
+    assert len(sent_to(fakes, phone)) == 1
