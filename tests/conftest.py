@@ -21,22 +21,27 @@ def load_fixture(name: str, *, fresh: bool = True) -> dict[str, Any]:
     return body
 
 
+def instance_fields(**overrides: Any) -> dict[str, Any]:
+    """The fields of a valid non-default tenant, with overrides."""
+    fields: dict[str, Any] = {
+        "name": "acme",
+        "evolution_url": "http://evolution.acme.test",
+        "evolution_key": "acme-evolution-key",
+        "whatsapp_instance": "acme-wa",
+        "agent_api_url": "http://agent.acme.test",
+        "agent_api_key": "acme-agent-key",
+        "default_agent": "acme_agent",
+    }
+    fields.update(overrides)
+    return fields
+
+
 @pytest.fixture
 def make_instance(db):
     """Create a valid non-default instance; keyword arguments override fields."""
 
     def make(**overrides: Any) -> InstanceConfig:
-        fields: dict[str, Any] = {
-            "name": "acme",
-            "evolution_url": "http://evolution.acme.test",
-            "evolution_key": "acme-evolution-key",
-            "whatsapp_instance": "acme-wa",
-            "agent_api_url": "http://agent.acme.test",
-            "agent_api_key": "acme-agent-key",
-            "default_agent": "acme_agent",
-        }
-        fields.update(overrides)
-        instance = InstanceConfig(**fields)
+        instance = InstanceConfig(**instance_fields(**overrides))
         instance.full_clean()
         instance.save()
         return instance

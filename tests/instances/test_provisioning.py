@@ -1,9 +1,7 @@
 """Provisioning a tenant on a fake Evolution 2.3.7: what is sent, and every failure in words."""
 
 import json
-import socket
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,41 +10,10 @@ from django.conf import settings
 from instances import provisioning
 from instances.models import InstanceConfig
 from tests.conftest import EVOLUTION_FIXTURES, load_fixture
-from tests.fakes import PAIRING_CODE, QR_DATA_URL, FakeAgent, FakeEvolution, Recorded
+from tests.fakes import PAIRING_CODE, QR_DATA_URL, Recorded
+from tests.instances.conftest import SECRETS, closed_port_url
 from webhooks.ingest import record_delivery
 from webhooks.models import InboundMessage
-
-SECRETS = {
-    "evolution_key": "evo-secret-key-123",
-    "agent_api_key": "agent-secret-key-456",
-    "webhook_token": "webhook-secret-token-789",
-}
-
-
-def closed_port_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
-
-
-@pytest.fixture
-def evolution() -> Iterator[FakeEvolution]:
-    server = FakeEvolution(api_key=SECRETS["evolution_key"]).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def agent() -> Iterator[FakeAgent]:
-    server = FakeAgent().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def acme(make_instance, evolution: FakeEvolution, agent: FakeAgent) -> InstanceConfig:
-    return make_instance(evolution_url=evolution.url, agent_api_url=agent.url, **SECRETS)
 
 
 def outcomes(report: Any) -> list[tuple[str, bool, str]]:

@@ -1,51 +1,17 @@
 """/api/v1/instances/{name}/status|provision|qr|test/ against a fake Evolution."""
 
-import socket
-from collections.abc import Iterator
-
 import pytest
 from django.conf import settings
 from django.test import Client
 
-from instances.models import InstanceConfig
 from tests.conftest import load_fixture
-from tests.fakes import PAIRING_CODE, QR_DATA_URL, FakeAgent, FakeEvolution
+from tests.fakes import PAIRING_CODE, QR_DATA_URL
+from tests.instances.conftest import SECRETS, closed_port_url
 from webhooks.ingest import record_delivery
 from webhooks.models import ConnectionState, InboundMessage
 
 BASE = "/api/v1/instances/acme"
-SECRETS = {
-    "evolution_key": "evo-secret-key-123",
-    "agent_api_key": "agent-secret-key-456",
-    "webhook_token": "webhook-secret-token-789",
-}
 ENDPOINTS = [("get", "status"), ("post", "provision"), ("get", "qr"), ("post", "test")]
-
-
-def closed_port_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
-
-
-@pytest.fixture
-def evolution() -> Iterator[FakeEvolution]:
-    server = FakeEvolution(api_key=SECRETS["evolution_key"]).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def agent() -> Iterator[FakeAgent]:
-    server = FakeAgent().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def acme(make_instance, evolution: FakeEvolution, agent: FakeAgent) -> InstanceConfig:
-    return make_instance(evolution_url=evolution.url, agent_api_url=agent.url, **SECRETS)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import pytest
 from django.utils import timezone
 
 from instances.models import InstanceConfig
-from tests.conftest import load_fixture
+from tests.conftest import instance_fields, load_fixture
 from webhooks.ingest import Outcome, record_delivery
 from webhooks.models import InboundMessage
 
@@ -106,15 +106,4 @@ def seconds_ago(seconds: float) -> Any:
 
 def unsaved_instance(**overrides: Any) -> InstanceConfig:
     """A tenant that never touches the database, for the HTTP clients' tests."""
-    fields: dict[str, Any] = {
-        "name": "acme",
-        "evolution_url": "http://evolution.acme.test",
-        "evolution_key": "acme-evolution-key",
-        "whatsapp_instance": "acme-wa",
-        "agent_api_url": "http://agent.acme.test",
-        "agent_api_key": "acme-agent-key",
-        "default_agent": "acme_agent",
-        "agent_timeout": 60,
-    }
-    fields.update(overrides)
-    return InstanceConfig(**fields)
+    return InstanceConfig(**instance_fields(**overrides))
