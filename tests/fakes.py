@@ -86,6 +86,11 @@ class FakeServer:
             def _handle(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 raw = self.rfile.read(length) if length else b""
+                if len(raw) < length:
+                    # The client hung up half-way (a killed hub process): a real
+                    # server never acts on a truncated request, so it is not one.
+                    self.close_connection = True
+                    return
                 try:
                     body = json.loads(raw) if raw else None
                 except ValueError:

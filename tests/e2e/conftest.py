@@ -1,10 +1,14 @@
-"""End-to-end fixtures: the hub as uvicorn subprocesses on a temp SQLite file, with fakes.
+"""End-to-end fixtures: the hub as uvicorn subprocesses on a throwaway database, with fakes.
 
 These tests never use pytest-django's test database: the hub processes have
-their own, and assertions read it with the sqlite3 module (Hub.query).
+their own, and assertions read it directly (Hub.query). Its backend follows the
+test run's: when DATABASE_URL is a postgres:// URL (the PostgreSQL pass of
+`make test`), every hub gets a database of its own on that server, copied from
+one migrated template and dropped at the end; otherwise a SQLite file.
 """
 
 import functools
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,17 +17,29 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.harness import Hub, text_delivery, unique
+from tests.e2e.harness import (
+    Hub,
+    PostgresDatabases,
+    is_postgres,
+    postgres_unreachable,
+    text_delivery,
+    unique,
+)
 from tests.fakes import FakeAgent, FakeEvolution
 
 E2E_DIR = Path(__file__).parent
 # Small enough that "always failing" finishes in well under a second of backoff.
 AGENT_MAX_ATTEMPTS = 3
 PHONE = "5511987654321"
+# The server `make test` uses when TEST_POSTGRES_URL is not set.
+DEFAULT_POSTGRES_URL = "postgres://postgres@127.0.0.1:5432/omnihub"
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "e2e: runs the hub as subprocesses (deselect: -m 'not e2e')")
+    config.addinivalue_line(
+        "markers", "slow: an e2e test that takes a minute or more (deselect: -m 'not slow')"
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -32,25 +48,84 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.e2e)
 
 
+def postgres_server_url() -> str:
+    """The PostgreSQL server of this run: DATABASE_URL's, else TEST_POSTGRES_URL's."""
+    for variable in ("DATABASE_URL", "TEST_POSTGRES_URL"):
+        url = os.environ.get(variable, "")
+        if is_postgres(url):
+            return url
+    return DEFAULT_POSTGRES_URL
+
+
+class Databases:
+    """The run's migrated templates and throwaway databases, each made on first use."""
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+        self.tmp_path_factory = tmp_path_factory
+        self.run_on_postgres = is_postgres(os.environ.get("DATABASE_URL"))
+        self._postgres: PostgresDatabases | None = None
+        self._sqlite_template: Path | None = None
+
+    def postgres(self) -> PostgresDatabases:
+        """The PostgreSQL server's databases; skips the test when the server is unreachable.
+
+        `make test` checks that the server answers before its first pytest pass,
+        so in CI this never skips.
+        """
+        if self._postgres is None:
+            url = postgres_server_url()
+            problem = postgres_unreachable(url)
+            if problem:
+                pytest.skip(f"PostgreSQL is not reachable at {url} ({problem}); .ci/run starts it")
+            databases = PostgresDatabases(url)
+            databases.migrated_template(workdir=self.tmp_path_factory.mktemp("pg-template"))
+            self._postgres = databases
+        return self._postgres
+
+    def sqlite_template(self) -> Path:
+        if self._sqlite_template is None:
+            hub = Hub(workdir=self.tmp_path_factory.mktemp("template"))
+            hub.migrate()
+            assert hub.sqlite_path is not None
+            self._sqlite_template = hub.sqlite_path
+        return self._sqlite_template
+
+    def new_hub(
+        self, *, env: dict[str, str] | None = None, fast: bool = True, postgres: bool = False
+    ) -> Hub:
+        """A Hub (no process started) on a fresh migrated database of the run's backend;
+        postgres=True puts it on PostgreSQL in the SQLite pass too."""
+        workdir = self.tmp_path_factory.mktemp("hub")
+        if postgres or self.run_on_postgres:
+            databases = self.postgres()
+            url = databases.create(template=databases.migrated_template())
+            return Hub(database_url=url, workdir=workdir, env=env, fast=fast)
+        hub = Hub(workdir=workdir, env=env, fast=fast)
+        hub.migrate(template=self.sqlite_template())
+        return hub
+
+    def drop_all(self) -> None:
+        if self._postgres is not None:
+            self._postgres.drop_all()
+
+
 @pytest.fixture(scope="session")
-def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A migrated SQLite file, copied by every hub: migrating once saves seconds per hub."""
-    hub = Hub(workdir=tmp_path_factory.mktemp("template"))
-    hub.migrate()
-    assert hub.sqlite_path is not None
-    return hub.sqlite_path
+def databases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Databases]:
+    made = Databases(tmp_path_factory)
+    yield made
+    made.drop_all()
 
 
 @pytest.fixture
-def start_hub(
-    tmp_path_factory: pytest.TempPathFactory, migrated_db: Path
-) -> Iterator[Callable[..., Hub]]:
-    """Make hubs on fresh databases; all their processes are stopped after the test."""
+def start_hub(databases: Databases) -> Iterator[Callable[..., Hub]]:
+    """Make hubs on fresh databases; all their processes are stopped after the test.
+
+    Keyword arguments: env, fast, postgres (see Databases.new_hub).
+    """
     hubs: list[Hub] = []
 
-    def start(*, env: dict[str, str] | None = None, fast: bool = True) -> Hub:
-        hub = Hub(workdir=tmp_path_factory.mktemp("hub"), env=env, fast=fast)
-        hub.migrate(template=migrated_db)
+    def start(**kwargs: Any) -> Hub:
+        hub = databases.new_hub(**kwargs)
         hubs.append(hub)
         return hub
 
@@ -60,13 +135,9 @@ def start_hub(
 
 
 @pytest.fixture(scope="session")
-def hub(tmp_path_factory: pytest.TempPathFactory, migrated_db: Path) -> Iterator[Hub]:
+def hub(databases: Databases) -> Iterator[Hub]:
     """One hub server with its embedded worker, shared by the tests that make their own tenants."""
-    shared = Hub(
-        workdir=tmp_path_factory.mktemp("shared-hub"),
-        env={"AGENT_MAX_ATTEMPTS": str(AGENT_MAX_ATTEMPTS)},
-    )
-    shared.migrate(template=migrated_db)
+    shared = databases.new_hub(env={"AGENT_MAX_ATTEMPTS": str(AGENT_MAX_ATTEMPTS)})
     with shared:
         shared.start(servers=1)
         yield shared

@@ -14,9 +14,16 @@ Used by the end-to-end tests and reusable by a benchmark script:
 Every process gets the same environment: the caller's `env` over FAST_ENV (unless
 fast=False) over the basics (no .env file, plain static files storage, the API key).
 The database defaults to a SQLite file in the hub's work directory, next to the
-processes' logs.
+processes' logs. For PostgreSQL, `PostgresDatabases` makes throwaway databases
+(copies of one migrated template) and drops them at the end:
+
+    databases = PostgresDatabases("postgres://postgres@127.0.0.1:5432/postgres")
+    hub = Hub(database_url=databases.create(template=databases.migrated_template()))
+    ...
+    databases.drop_all()
 """
 
+import asyncio
 import contextlib
 import json
 import os
@@ -29,12 +36,17 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+
+if TYPE_CHECKING:
+    import psycopg
 
 PROJECT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -89,6 +101,105 @@ def free_port() -> int:
 
 def sqlite_url(path: Path | str) -> str:
     return f"sqlite:///{Path(path).resolve()}"
+
+
+POSTGRES_SCHEMES = ("postgres", "postgresql", "pgsql")
+
+
+def is_postgres(url: str | None) -> bool:
+    return bool(url) and urlsplit(url).scheme in POSTGRES_SCHEMES
+
+
+def with_database(url: str, name: str) -> str:
+    """The same server and credentials, another database."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, ""))
+
+
+def database_name(url: str) -> str:
+    return urlsplit(url).path.lstrip("/")
+
+
+def pg_connect(url: str, **kwargs: Any) -> "psycopg.Connection[Any]":
+    """A psycopg connection for a Django-style URL (django-environ's schemes)."""
+    import psycopg
+
+    parts = urlsplit(url)
+    return psycopg.connect(urlunsplit(("postgresql", *parts[1:])), **kwargs)
+
+
+def postgres_unreachable(url: str) -> str:
+    """Why the server of `url` cannot be used ("" when it can)."""
+    try:
+        pg_connect(with_database(url, "postgres"), connect_timeout=3).close()
+    except Exception as exc:
+        return " ".join(f"{type(exc).__name__}: {exc}".split())
+    return ""
+
+
+class PostgresDatabases:
+    """Throwaway databases on one PostgreSQL server, dropped by drop_all().
+
+    Migrating takes seconds; `CREATE DATABASE ... TEMPLATE` of a migrated
+    database takes a fraction of one, so hubs copy one template.
+    """
+
+    def __init__(self, server_url: str, *, prefix: str = "omnihub_e2e") -> None:
+        self.server_url = server_url
+        self.prefix = f"{prefix}_{uuid.uuid4().hex[:8]}"
+        self.created: list[str] = []
+        self._template: str | None = None
+        self._count = 0
+
+    def _admin(self, sql: str) -> None:
+        # CREATE/DROP/ALTER DATABASE refuse to run inside a transaction.
+        with pg_connect(with_database(self.server_url, "postgres"), autocommit=True) as conn:
+            conn.execute(sql)
+
+    def create(self, *, template: str | None = None) -> str:
+        """A new empty database (or a copy of `template`, a database URL); its URL."""
+        self._count += 1
+        name = f"{self.prefix}_{self._count}"
+        sql = f'CREATE DATABASE "{name}"'
+        if template is not None:
+            sql += f' TEMPLATE "{database_name(template)}"'
+        self._admin(sql)
+        self.created.append(name)
+        return with_database(self.server_url, name)
+
+    def migrated_template(self, workdir: Path | None = None) -> str:
+        """The URL of a migrated database to copy (migrated on the first call)."""
+        if self._template is None:
+            url = self.create()
+            Hub(database_url=url, workdir=workdir).migrate()
+            self._template = url
+        return self._template
+
+    def drop(self, url: str) -> None:
+        name = database_name(url)
+        # FORCE (PostgreSQL 13+) ends the sessions a killed hub process left behind.
+        self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if name in self.created:
+            self.created.remove(name)
+
+    def drop_all(self) -> None:
+        for name in list(self.created):
+            self.drop(with_database(self.server_url, name))
+        self._template = None
+
+    def block(self, url: str) -> None:
+        """Make the database unavailable: no new connections, existing ones ended."""
+        name = database_name(url)
+        self._admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        with pg_connect(with_database(self.server_url, "postgres"), autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                [name],
+            )
+
+    def unblock(self, url: str) -> None:
+        self._admin(f'ALTER DATABASE "{database_name(url)}" ALLOW_CONNECTIONS true')
 
 
 class HubProcess:
@@ -232,6 +343,7 @@ class Hub:
         self.servers: list[ServerProcess] = []
         self.workers: list[WorkerProcess] = []
         self._count = 0
+        self._pg: psycopg.Connection[Any] | None = None
 
     # --- database ---------------------------------------------------------
     @property
@@ -263,8 +375,16 @@ class Hub:
     def shell(self, code: str) -> str:
         return self.manage("shell", "-c", code)
 
+    @property
+    def is_postgres(self) -> bool:
+        return is_postgres(self.database_url)
+
     def query(self, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
-        """Rows as dicts, read straight from the database (write SQL with ? placeholders)."""
+        """Rows as dicts, read straight from the database (write SQL with ? placeholders).
+
+        Both backends give the same Python values for what tests compare: JSON
+        columns come back as text on PostgreSQL too (as SQLite stores them).
+        """
         path = self.sqlite_path
         if path is not None:
             connection = sqlite3.connect(path, timeout=20)
@@ -275,10 +395,31 @@ class Hub:
             finally:
                 connection.close()
         import psycopg
-        from psycopg.rows import dict_row
 
-        with psycopg.connect(self.database_url, row_factory=dict_row) as connection:
-            return list(connection.execute(sql.replace("?", "%s"), tuple(params)).fetchall())
+        try:
+            return self._pg_query(sql, params)
+        except psycopg.OperationalError:
+            # The server ended the session (a test blocked the database): once more.
+            self._close_pg()
+            return self._pg_query(sql, params)
+
+    def _pg_query(self, sql: str, params: Iterable[Any]) -> list[dict[str, Any]]:
+        from psycopg.rows import dict_row
+        from psycopg.types.string import TextLoader
+
+        if self._pg is None or self._pg.closed:
+            # Kept open: tests poll the database every few milliseconds.
+            self._pg = pg_connect(self.database_url, autocommit=True, row_factory=dict_row)
+            for json_type in ("json", "jsonb"):
+                self._pg.adapters.register_loader(json_type, TextLoader)
+        cursor = self._pg.execute(sql.replace("?", "%s"), tuple(params))  # type: ignore[arg-type]
+        return list(cursor.fetchall())  # type: ignore[arg-type]
+
+    def _close_pg(self) -> None:
+        if self._pg is not None:
+            with contextlib.suppress(Exception):
+                self._pg.close()
+            self._pg = None
 
     def messages(self, instance: str) -> list[dict[str, Any]]:
         """The instance's InboundMessage rows, oldest first."""
@@ -320,6 +461,49 @@ class Hub:
             row = last.get("row") or {}
             state = {k: row.get(k) for k in ("status", "attempts", "last_error")}
             raise TimeoutError(f"{exc}; last seen {state}; logs in {self.workdir}") from exc
+
+    def status_counts(self) -> dict[str, int]:
+        rows = self.query(
+            "SELECT status, COUNT(*) AS n FROM webhooks_inboundmessage GROUP BY status"
+        )
+        return {row["status"]: row["n"] for row in rows}
+
+    def wait_until_finished(
+        self, count: int, *, timeout: float = 120.0, stall: float = 30.0
+    ) -> dict[str, int]:
+        """Wait until `count` messages are replied, failed or ignored; their status counts.
+
+        Fails early when none finished for `stall` seconds: a wedged hub shows up
+        as that, with the counts and what its logs repeat most, not as a timeout.
+        """
+        deadline = time.monotonic() + timeout
+        progress_at, last = time.monotonic(), -1
+        while True:
+            counts = self.status_counts()
+            finished = sum(counts.get(s, 0) for s in ("replied", "failed", "ignored"))
+            if finished >= count:
+                return counts
+            now = time.monotonic()
+            if finished != last:
+                progress_at, last = now, finished
+            if now - progress_at > stall or now > deadline:
+                why = f"no message finished for {stall:g}s" if now <= deadline else "timed out"
+                raise TimeoutError(
+                    f"{why}: {finished}/{count} finished, statuses {counts}; "
+                    f"most repeated log errors: {self.log_errors()}; logs in {self.workdir}"
+                )
+            time.sleep(0.2)
+
+    def log_errors(self, top: int = 3) -> list[tuple[str, int]]:
+        """The most frequent `error=...` / ERROR lines of all processes, without ids."""
+        found: Counter[str] = Counter()
+        for process in [*self.servers, *self.workers]:
+            for line in process.log().splitlines():
+                if "error=" in line and "error=False" not in line:
+                    found[line.split("error=", 1)[1][:120]] += 1
+                elif " ERROR " in line:
+                    found[line.split(" ERROR ", 1)[1].split(" id=")[0][:120]] += 1
+        return found.most_common(top)
 
     # --- processes ----------------------------------------------------------
     def _name(self, kind: str) -> str:
@@ -413,6 +597,7 @@ class Hub:
             else:
                 with contextlib.suppress(Exception):
                     process.kill()
+        self._close_pg()
 
     def __enter__(self) -> "Hub":
         return self
@@ -481,6 +666,139 @@ def text_delivery(
         "server_url": server_url,
         "apikey": apikey,
     }
+
+
+# --- many deliveries at once ------------------------------------------------------
+@dataclass
+class Post:
+    """One webhook POST; `answers` gets every status it was answered with (503s included)."""
+
+    url: str
+    body: dict[str, Any]
+    token: str = ""
+    answers: list[str] | None = None
+
+    @property
+    def message_id(self) -> str:
+        return self.body["data"]["key"]["id"]
+
+    @property
+    def final(self) -> str:
+        """The last answer: "queued", "duplicate", "ignored" or "HTTP <code>"."""
+        return self.answers[-1] if self.answers else ""
+
+
+# Evolution retries a 5xx; so do these helpers, this many times.
+RETRIES_OF_5XX = 20
+
+
+def deliver(
+    chains: Sequence[Sequence[Sequence[Post]]], *, concurrency: int = 32, timeout: float = 60.0
+) -> None:
+    """Post webhooks as Evolution would, `concurrency` chains at a time.
+
+    A chain (a chat) is a list of steps posted one after the other; the posts
+    of a step (copies of one delivery) go out at once. A 5xx answer is retried
+    like Evolution does. Every post's answers are kept on it.
+    """
+    asyncio.run(_deliver(chains, concurrency=concurrency, timeout=timeout))
+
+
+async def _deliver(
+    chains: Sequence[Sequence[Sequence[Post]]], *, concurrency: int, timeout: float
+) -> None:
+    pending = list(reversed(chains))
+    client = KeepAliveClient()
+
+    async def post(item: Post) -> None:
+        item.answers = []
+        headers = {"content-type": "application/json"}
+        if item.token:
+            headers["x-webhook-token"] = item.token
+        content = json.dumps(item.body).encode()
+        for attempt in range(RETRIES_OF_5XX + 1):
+            status, data = await asyncio.wait_for(client.post(item.url, content, headers), timeout)
+            if status == 200:
+                item.answers.append(json.loads(data)["status"])
+                return
+            item.answers.append(f"HTTP {status}")
+            if status < 500 or attempt == RETRIES_OF_5XX:
+                return
+            await asyncio.sleep(0.05 * (attempt + 1))
+
+    async def run_chains() -> None:
+        while pending:
+            for step in pending.pop():
+                await asyncio.gather(*(post(item) for item in step))
+
+    try:
+        await asyncio.gather(*(run_chains() for _ in range(concurrency)))
+    finally:
+        client.close()
+
+
+Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+class KeepAliveClient:
+    """A minimal HTTP/1.1 client on kept-alive asyncio streams, for load.
+
+    httpx spends ~5 ms of CPU on a request on a 2-core test machine: sending
+    thousands of webhooks with it made the test process, not the hub, the
+    bottleneck. This one spends a small fraction of that.
+    """
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple[str, int], list[Stream]] = {}
+
+    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes]:
+        parts = urlsplit(url)
+        address = (parts.hostname or "127.0.0.1", parts.port or 80)
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        lines = [f"POST {path} HTTP/1.1", f"host: {parts.netloc}", f"content-length: {len(body)}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+        idle = self._idle.setdefault(address, [])
+        while True:
+            reused = bool(idle)
+            reader, writer = idle.pop() if reused else await asyncio.open_connection(*address)
+            try:
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (ConnectionError, asyncio.IncompleteReadError):
+                writer.close()
+                if reused:
+                    continue  # the server closed a connection that sat idle: nothing was sent
+                raise
+            status, keep_alive, data = await _read_response(reader, head)
+            if keep_alive:
+                idle.append((reader, writer))
+            else:
+                writer.close()
+            return status, data
+
+    def close(self) -> None:
+        for streams in self._idle.values():
+            for _, writer in streams:
+                writer.close()
+        self._idle.clear()
+
+
+async def _read_response(reader: asyncio.StreamReader, head: bytes) -> tuple[int, bool, bytes]:
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    status = int(status_line.split()[1])
+    fields = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        fields[name.strip().lower()] = value.strip().lower()
+    if fields.get("transfer-encoding") == "chunked":
+        data = b""
+        while size := int((await reader.readuntil(b"\r\n")).strip(), 16):
+            data += (await reader.readexactly(size + 2))[:-2]
+        await reader.readuntil(b"\r\n")
+    else:
+        data = await reader.readexactly(int(fields.get("content-length", 0)))
+    return status, fields.get("connection") != "close", data
 
 
 def percentile(values: list[float], fraction: float) -> float:
