@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, OperationalError, connection, transaction
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -68,12 +68,7 @@ def _execute(calls: list[tuple[Callable[..., Any], dict[str, Any]]]) -> list[tup
     try:
         with transaction.atomic():
             for fn, kwargs in calls:
-                try:
-                    # A savepoint each: one call's failure leaves the others' work.
-                    with transaction.atomic():
-                        outcomes.append((True, fn(**kwargs)))
-                except Exception as exc:
-                    outcomes.append((False, exc))
+                outcomes.append(_call_in_savepoint(fn, kwargs))
     except DatabaseError as exc:
         # The commit failed: nothing of the batch is stored. The connection
         # may be broken (database restarted): open a new one next time.
@@ -81,6 +76,28 @@ def _execute(calls: list[tuple[Callable[..., Any], dict[str, Any]]]) -> list[tup
         connection.close()
         return [(False, exc)] * len(calls)
     return outcomes
+
+
+def _call_in_savepoint(fn: Callable[..., Any], kwargs: dict[str, Any]) -> tuple[bool, Any]:
+    """A savepoint each: one call's failure leaves the others' work."""
+    for attempt in (1, 2):
+        try:
+            with transaction.atomic():
+                return True, fn(**kwargs)
+        except OperationalError as exc:
+            # Two servers storing copies of the same deliveries in different
+            # orders can deadlock on PostgreSQL; the other side has won once
+            # this statement is aborted, so one more try goes through.
+            if attempt == 1 and _is_deadlock(exc):
+                continue
+            return False, exc
+        except Exception as exc:
+            return False, exc
+    raise AssertionError("unreachable")
+
+
+def _is_deadlock(exc: Exception) -> bool:
+    return getattr(exc.__cause__, "sqlstate", None) == "40P01"
 
 
 _committers: dict[asyncio.AbstractEventLoop, GroupCommitter] = {}

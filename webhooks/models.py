@@ -19,9 +19,7 @@ class InboundMessage(models.Model):
     never calls the agent a second time.
     """
 
-    instance = models.ForeignKey(
-        InstanceConfig, on_delete=models.CASCADE, related_name="messages"
-    )
+    instance = models.ForeignKey(InstanceConfig, on_delete=models.CASCADE, related_name="messages")
     message_id = models.CharField(max_length=128)
     chat_jid = models.CharField(max_length=128)
     sender_jid = models.CharField(max_length=128, blank=True)

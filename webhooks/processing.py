@@ -46,6 +46,18 @@ def evolution_target(*, message: InboundMessage) -> EvolutionTarget:
     )
 
 
+# Presence requests in flight, kept so they are not garbage-collected. They are
+# never cancelled: cancelling an httpx request mid-flight can leave its pool
+# slot taken for good (encode/httpcore#1093), and they end on their timeout.
+_typing: set[asyncio.Task[None]] = set()
+
+
+def show_typing(evolution: EvolutionClient, *, number: str) -> None:
+    task = asyncio.create_task(evolution.send_presence(number=number))
+    _typing.add(task)
+    task.add_done_callback(_typing.discard)
+
+
 def reply_number(*, message: InboundMessage) -> str:
     reply_to = message.content.get("reply_to")
     return reply_to if isinstance(reply_to, str) and reply_to else message.chat_jid
@@ -123,7 +135,7 @@ async def _ask_agent(*, message: InboundMessage, http: httpx.AsyncClient) -> boo
         instance=instance, content=message.content, payload=message.payload
     )
     started = timezone.now()
-    typing = asyncio.create_task(evolution.send_presence(number=reply_number(message=message)))
+    show_typing(evolution, number=reply_number(message=message))
     try:
         with metrics.agent_seconds.labels(instance.name).time():
             reply = await AgentClient(instance=instance, http=http).run(request)
@@ -151,8 +163,6 @@ async def _ask_agent(*, message: InboundMessage, http: httpx.AsyncClient) -> boo
         return await _update(
             message, reply_text=instance.fallback_message, used_fallback=True, **fields
         )
-    finally:
-        typing.cancel()
     stored_request = {k: v for k, v in request.items() if k != "channel_payload"}
     return await _update(
         message,

@@ -40,6 +40,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "slow: an e2e test that takes a minute or more (deselect: -m 'not slow')"
     )
+    config.addinivalue_line(
+        "markers", "scale_out: always runs on PostgreSQL (make test runs it in that pass only)"
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -31,6 +31,7 @@ def phone(chat: int) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.scale_out
 def test_two_servers_and_two_workers_on_postgresql_answer_every_message_once_in_order(
     start_hub: Callable[..., Hub],
 ) -> None:
