@@ -59,7 +59,7 @@ clean:
 	rm -rf $(VENV) staticfiles
 
 # Benchmark (issue-sized numbers on loopback): writes bench/results.json and bench/results.md.
-bench: install
+bench: install .env
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q wrk >/dev/null; } || { echo "install wrk (apt-get install wrk)"; exit 1; }
 	$(BIN)/python bench/run.py
 

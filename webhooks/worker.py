@@ -8,6 +8,7 @@ chat is ever claimable, so a chat's messages are handled one at a time, in order
 """
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 _wake_events: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
 
 MAX_CLAIMS = 100
+CONNECTIONS_PER_SHARD = 24
 HEARTBEAT_INTERVAL = 5.0
 
 
@@ -152,9 +154,18 @@ class Worker:
         logger.info("worker started concurrency=%d", self.concurrency)
         try:
             listener = asyncio.create_task(notify.listen(on_notify=self._wake.set, stop=stop))
-            async with new_http_client(max_connections=self.concurrency * 3) as http:
+            async with contextlib.AsyncExitStack() as stack:
+                # A few small pools rather than one big one: httpcore scans
+                # its whole pool on every request, so one pool of hundreds of
+                # connections costs several times the CPU per call.
+                shards = [
+                    await stack.enter_async_context(
+                        new_http_client(max_connections=CONNECTIONS_PER_SHARD)
+                    )
+                    for _ in range(max(1, -(-self.concurrency * 2 // CONNECTIONS_PER_SHARD)))
+                ]
                 try:
-                    await self._loop(stop=stop, http=http)
+                    await self._loop(stop=stop, shards=shards)
                 finally:
                     listener.cancel()
                     await self._drain()
@@ -166,7 +177,7 @@ class Worker:
                 logger.warning("could not remove the worker's heartbeat")
             logger.info("worker stopped")
 
-    async def _loop(self, *, stop: asyncio.Event, http: httpx.AsyncClient) -> None:
+    async def _loop(self, *, stop: asyncio.Event, shards: list[httpx.AsyncClient]) -> None:
         while not stop.is_set():
             self._wake.clear()
             await self._beat()
@@ -179,6 +190,7 @@ class Worker:
                     # run_db has dropped the connection; the next loop reconnects.
                     logger.exception("worker could not claim messages; retrying")
             for message in claimed:
+                http = shards[message.pk % len(shards)]
                 task = asyncio.create_task(self._process(message=message, http=http))
                 self._in_flight[task] = message
             if free == 0 or len(claimed) < free:
