@@ -53,10 +53,15 @@ def find_instance(*, segment: str | None, event: str | None) -> InstanceConfig |
         segment = None
     elif event is not None and event.lower() not in EVENT_SLUGS:
         return None
-    queryset = InstanceConfig.objects.filter(is_active=True)
+    # Raw SQL: on every delivery, compiling the ORM query cost more than running it.
+    table = InstanceConfig._meta.db_table
     if segment is None:
-        return queryset.filter(is_default=True).first()
-    return queryset.filter(name=segment).first()
+        sql = f"SELECT * FROM {table} WHERE is_active AND is_default"
+        found = list(InstanceConfig.objects.raw(sql))
+    else:
+        sql = f"SELECT * FROM {table} WHERE is_active AND name = %s"
+        found = list(InstanceConfig.objects.raw(sql, [segment]))
+    return found[0] if found else None
 
 
 def token_is_valid(*, instance: InstanceConfig, given: str | None) -> bool:
