@@ -141,6 +141,10 @@ STORAGES = {
     },
 }
 
+# WhiteNoise serves files from STATIC_ROOT (`make run` runs collectstatic);
+# true serves them from the apps directly, for test servers without that step.
+WHITENOISE_USE_FINDERS = env.bool("WHITENOISE_USE_FINDERS", default=False)
+
 # Webhooks carry base64 media (a 16 MB video is ~22 MB of JSON); a valid
 # delivery must never be refused for its size.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("WEBHOOK_MAX_BODY_BYTES", default=64 * 1024 * 1024)

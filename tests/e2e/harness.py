@@ -57,6 +57,8 @@ BASE_ENV = {
     "ENV_FILE": "",
     "SECRET_KEY": "x",
     "STATICFILES_STORAGE": "django.contrib.staticfiles.storage.StaticFilesStorage",
+    # Serve the admin's CSS straight from the apps: a clean clone has no collectstatic.
+    "WHITENOISE_USE_FINDERS": "true",
     "OMNIHUB_API_KEY": API_KEY,
     "PYTHONUNBUFFERED": "1",
 }
