@@ -22,13 +22,13 @@ from webhooks.evolution_client import (
     transport_reason,
 )
 from webhooks.http import OutboundError, new_http_client
+from webhooks.ingest import TOKEN_HEADER
 from webhooks.models import ConnectionState, InboundMessage
 
 T = TypeVar("T")
 
 TIMEOUT = PROVISION_TIMEOUT
 WEBHOOK_EVENTS = ("MESSAGES_UPSERT", "CONNECTION_UPDATE")
-TOKEN_HEADER = "X-Webhook-Token"
 NOT_CONFIGURED = (
     "Provisioning needs an Evolution URL and key: this instance has none (the legacy "
     "default takes them from each delivery). Set both on the instance first."

@@ -18,17 +18,23 @@ async def health(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok"})
 
 
-def readiness() -> dict[str, Any]:
+def queue_stats() -> tuple[int, float]:
+    """Messages queued and due now, and the age in seconds of the oldest of them."""
     now = timezone.now()
-    fresh = now - timedelta(seconds=settings.HEALTH_WORKER_MAX_SILENCE)
+    due = InboundMessage.objects.filter(status=Status.QUEUED, next_attempt_at__lte=now)
+    oldest = due.aggregate(oldest=Min("received_at"))["oldest"]
+    return due.count(), (now - oldest).total_seconds() if oldest else 0.0
+
+
+def readiness() -> dict[str, Any]:
+    fresh = timezone.now() - timedelta(seconds=settings.HEALTH_WORKER_MAX_SILENCE)
     workers = WorkerHeartbeat.objects.filter(last_seen_at__gte=fresh).count()
-    backlog = InboundMessage.objects.filter(status=Status.QUEUED, next_attempt_at__lte=now)
-    oldest = backlog.aggregate(oldest=Min("received_at"))["oldest"]
+    backlog, oldest = queue_stats()
     return {
         "database": "ok",
         "workers_alive": workers,
-        "backlog": backlog.count(),
-        "oldest_queued_seconds": round((now - oldest).total_seconds(), 1) if oldest else 0,
+        "backlog": backlog,
+        "oldest_queued_seconds": round(oldest, 1),
     }
 
 

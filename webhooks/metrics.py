@@ -11,9 +11,7 @@ import os
 from collections.abc import Iterator
 
 from django.conf import settings
-from django.db.models import Min
 from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.utils import timezone
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -27,7 +25,7 @@ from prometheus_client.registry import REGISTRY, Collector
 
 from instances.authentication import API_KEY_HEADER, api_key_matches
 from webhooks.db import run_db
-from webhooks.models import InboundMessage, Status
+from webhooks.health import queue_stats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -58,13 +56,6 @@ outbound_errors = Counter(
     "Failed calls to agents and Evolution, by target and HTTP status ('none' when no answer).",
     ["instance", "target", "status"],
 )
-
-
-def queue_stats() -> tuple[int, float]:
-    now = timezone.now()
-    due = InboundMessage.objects.filter(status=Status.QUEUED, next_attempt_at__lte=now)
-    oldest = due.aggregate(oldest=Min("received_at"))["oldest"]
-    return due.count(), (now - oldest).total_seconds() if oldest else 0.0
 
 
 class QueueCollector(Collector):

@@ -9,7 +9,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from webhooks import metrics, worker
 from webhooks.db import run_db
-from webhooks.ingest import Outcome, accept_delivery, read_delivery
+from webhooks.ingest import TOKEN_HEADER, Outcome, accept_delivery, read_delivery
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ async def evolution_webhook(
 ) -> JsonResponse:
     if request.method != "POST":
         return JsonResponse({"detail": "Use POST."}, status=405, headers={"Allow": "POST"})
-    token = request.headers.get("X-Webhook-Token") or request.GET.get("token")
+    token = request.headers.get(TOKEN_HEADER) or request.GET.get("token")
     raw = request.body
     if len(raw) > LARGE_BODY:
         # Parsing megabytes of base64 would stall every other request on this loop.
