@@ -13,14 +13,15 @@ from enum import StrEnum
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from instances.models import InstanceConfig
 from instances.validators import EVENT_SLUGS
-from webhooks import parsing
+from webhooks import parsing, rows
 from webhooks.models import ConnectionState, InboundMessage, Status
 from webhooks.notify import notify_new_message
+from webhooks.worker import lease_for, new_claim_token
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ class Result:
     detail: str = ""
     message_id: str = ""
     instance_name: str = ""
+    # The stored row when it was claimed for this process's worker on insert.
+    claimed: InboundMessage | None = None
 
 
 def find_instance(*, segment: str | None, event: str | None) -> InstanceConfig | None:
@@ -117,7 +120,12 @@ def understand(body: Any) -> Delivery:
 
 
 def accept_delivery(
-    *, segment: str | None, event: str | None, token: str | None, delivery: Delivery
+    *,
+    segment: str | None,
+    event: str | None,
+    token: str | None,
+    delivery: Delivery,
+    claim: bool = False,
 ) -> Result:
     instance = find_instance(segment=segment, event=event)
     if instance is None:
@@ -126,7 +134,8 @@ def accept_delivery(
         return Result(Outcome.BAD_TOKEN, "Missing or wrong webhook token.", "", instance.name)
     if delivery.body is None:
         return Result(Outcome.BAD_BODY, "The body must be a JSON object.", "", instance.name)
-    return replace(record(instance=instance, delivery=delivery), instance_name=instance.name)
+    result = record(instance=instance, delivery=delivery, claim=claim)
+    return replace(result, instance_name=instance.name)
 
 
 def record_delivery(*, instance: InstanceConfig, body: dict[str, Any]) -> Result:
@@ -134,7 +143,7 @@ def record_delivery(*, instance: InstanceConfig, body: dict[str, Any]) -> Result
     return record(instance=instance, delivery=understand(body))
 
 
-def record(*, instance: InstanceConfig, delivery: Delivery) -> Result:
+def record(*, instance: InstanceConfig, delivery: Delivery, claim: bool = False) -> Result:
     assert delivery.body is not None
     if delivery.event == "connection.update":
         return record_connection_state(instance=instance, body=delivery.body)
@@ -142,10 +151,23 @@ def record(*, instance: InstanceConfig, delivery: Delivery) -> Result:
         return Result(Outcome.IGNORED, f"event {delivery.event or '(none)'} is not handled")
     if delivery.message is None:
         return Result(Outcome.IGNORED, delivery.problem)
-    return record_message(instance=instance, delivery=delivery)
+    return record_message(instance=instance, delivery=delivery, claim=claim)
 
 
-def record_message(*, instance: InstanceConfig, delivery: Delivery) -> Result:
+def can_claim_on_insert() -> bool:
+    """Whether a new row may be claimed in the transaction that stores it.
+
+    On SQLite every write transaction runs alone, so "no other open message in
+    this chat" stays true until commit. On PostgreSQL two servers could store
+    two messages of one chat at once, each unseen by the other's check: there
+    the worker claims rows only after they are committed.
+    """
+    return connection.vendor == "sqlite"
+
+
+def record_message(*, instance: InstanceConfig, delivery: Delivery, claim: bool = False) -> Result:
+    """Store a message; with `claim`, hand it straight to this process's worker
+    when its chat has nothing else open (saves the worker a claim round trip)."""
     message = delivery.message
     body = delivery.body
     assert message is not None and body is not None
@@ -168,17 +190,26 @@ def record_message(*, instance: InstanceConfig, delivery: Delivery) -> Result:
         next_attempt_at=None if reason else now,
         finished_at=now if reason else None,
         message_timestamp=_timestamp(message.timestamp),
+        received_at=now,
     )
     if instance.is_legacy and not reason:
         # The single-tenant service replied through the server that delivered.
         row.reply_server_url = _string(body.get("server_url"))[:500]
         row.reply_api_key = _string(body.get("apikey"))[:512]
-    try:
-        with transaction.atomic():
-            row.save(force_insert=True)
-    except IntegrityError:
+    claimed = (
+        claim
+        and not reason
+        and can_claim_on_insert()
+        and not rows.chat_has_open_message(instance_id=instance.pk, chat_jid=message.chat_jid)
+    )
+    if claimed:
+        row.status = Status.PROCESSING
+        row.claim_token = new_claim_token()
+        row.lease_until = lease_for(agent_timeout=instance.agent_timeout, now=now)
+        row.attempts = 1
+    if not rows.insert_message(row=row):
         return Result(Outcome.DUPLICATE, "already received", message.message_id, instance.name)
-    if not reason:
+    if not reason and not claimed:
         notify_new_message()
     logger.info(
         "message instance=%s id=%s status=%s%s",
@@ -188,7 +219,9 @@ def record_message(*, instance: InstanceConfig, delivery: Delivery) -> Result:
         f" reason={reason}" if reason else "",
     )
     outcome = Outcome.IGNORED if reason else Outcome.QUEUED
-    return Result(outcome, reason or "", message.message_id, instance.name)
+    return Result(
+        outcome, reason or "", message.message_id, instance.name, row if claimed else None
+    )
 
 
 def record_connection_state(*, instance: InstanceConfig, body: dict[str, Any]) -> Result:

@@ -21,6 +21,7 @@ from webhooks.db import run_db
 from webhooks.evolution_client import EvolutionClient, EvolutionTarget
 from webhooks.http import OutboundError
 from webhooks.models import InboundMessage, Status
+from webhooks.rows import update_claimed_row
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +66,10 @@ def reply_number(*, message: InboundMessage) -> str:
 
 def update_claimed(*, message: InboundMessage, fields: dict[str, Any]) -> bool:
     """Write fields if this worker still holds the claim; False when it lost it."""
-    updated = InboundMessage.objects.filter(
-        pk=message.pk, claim_token=message.claim_token, status=Status.PROCESSING
-    ).update(**fields)
+    updated = update_claimed_row(pk=message.pk, claim_token=message.claim_token, fields=fields)
     for key, value in fields.items():
         setattr(message, key, value)
-    return updated == 1
+    return updated
 
 
 async def _update(message: InboundMessage, **fields: Any) -> bool:

@@ -39,15 +39,30 @@ async def evolution_webhook(
         delivery = await asyncio.to_thread(read_delivery, raw)
     else:
         delivery = read_delivery(raw)
+    # A slot of this process's worker, so that a new message can be claimed as
+    # it is stored and started at once, without a claim query of its own.
+    # (Should this request be cancelled meanwhile, a row claimed for the slot
+    # is taken again when its lease expires.)
+    local = worker.local_worker()
+    claimed = None
     try:
         result = await run_db(
-            accept_delivery, segment=segment, event=event, token=token, delivery=delivery
+            accept_delivery,
+            segment=segment,
+            event=event,
+            token=token,
+            delivery=delivery,
+            claim=local is not None,
         )
+        claimed = result.claimed
     except DatabaseError:
         # 503 makes Evolution deliver it again later; nothing was stored.
         logger.exception("webhook could not be stored segment=%s", segment)
         return JsonResponse({"detail": "The delivery could not be stored."}, status=503)
-    if result.outcome is Outcome.QUEUED:
+    finally:
+        if local is not None:
+            local.adopt(claimed)
+    if result.outcome is Outcome.QUEUED and claimed is None:
         worker.wake_up()
     metrics.deliveries.labels(result.instance_name or "(unknown)", result.outcome.value).inc()
     status = STATUS_CODES[result.outcome]

@@ -34,8 +34,10 @@ logger = logging.getLogger(__name__)
 
 # The wake-up events of the workers running in this process (with their
 # loops), so that a webhook stored here starts at once instead of at the
-# next poll. They hold no tenant data.
+# next poll, and the worker of each loop, which can take a message the webhook
+# view has just stored. They hold no tenant data.
 _wake_events: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+_workers: dict[asyncio.AbstractEventLoop, "Worker"] = {}
 
 MAX_CLAIMS = 100
 CONNECTIONS_PER_SHARD = 24
@@ -48,6 +50,20 @@ def wake_up() -> None:
             loop.call_soon_threadsafe(event.set)
 
 
+def new_claim_token() -> str:
+    return uuid4().hex
+
+
+def local_worker() -> "Worker | None":
+    """The worker on this event loop, if it has a free slot (which is then reserved).
+
+    The caller must hand the slot back with `adopt`, with the row it claimed
+    for it or None.
+    """
+    worker = _workers.get(asyncio.get_running_loop())
+    return worker if worker is not None and worker.reserve() else None
+
+
 def lease_for(*, agent_timeout: int, now: datetime) -> datetime:
     seconds = agent_timeout + settings.EVOLUTION_TIMEOUT + settings.WORKER_LEASE_MARGIN
     return now + timedelta(seconds=seconds)
@@ -56,7 +72,7 @@ def lease_for(*, agent_timeout: int, now: datetime) -> datetime:
 def claim_due_messages(*, limit: int) -> list[InboundMessage]:
     """Mark up to `limit` due messages as ours and return them, oldest first."""
     now = timezone.now()
-    token = uuid4().hex
+    token = new_claim_token()
     earlier_open = InboundMessage.objects.filter(
         instance_id=OuterRef("instance_id"),
         chat_jid=OuterRef("chat_jid"),
@@ -141,6 +157,10 @@ class Worker:
             settings.WORKER_SHUTDOWN_GRACE if shutdown_grace is None else shutdown_grace
         )
         self._in_flight: dict[asyncio.Task[None], InboundMessage] = {}
+        self._reserved = 0
+        self._stopping = False
+        self._releasing: set[asyncio.Task[None]] = set()
+        self._shards: list[httpx.AsyncClient] = []
         self._wake = asyncio.Event()
         self.worker_id = uuid4().hex
         self.started_at = timezone.now()
@@ -151,6 +171,7 @@ class Worker:
         self._wake = asyncio.Event()
         entry = (loop, self._wake)
         _wake_events.add(entry)
+        _workers[loop] = self
         logger.info("worker started concurrency=%d", self.concurrency)
         try:
             listener = asyncio.create_task(notify.listen(on_notify=self._wake.set, stop=stop))
@@ -164,24 +185,54 @@ class Worker:
                     )
                     for _ in range(max(1, -(-self.concurrency * 2 // CONNECTIONS_PER_SHARD)))
                 ]
+                self._shards = shards
                 try:
-                    await self._loop(stop=stop, shards=shards)
+                    await self._loop(stop=stop)
                 finally:
+                    self._stopping = True
                     listener.cancel()
                     await self._drain()
         finally:
             _wake_events.discard(entry)
+            _workers.pop(loop, None)
             try:
                 await run_db(forget, worker_id=self.worker_id)
             except DatabaseError:
                 logger.warning("could not remove the worker's heartbeat")
             logger.info("worker stopped")
 
-    async def _loop(self, *, stop: asyncio.Event, shards: list[httpx.AsyncClient]) -> None:
+    def reserve(self) -> bool:
+        if self._stopping or not self._shards or self._free() <= 0:
+            return False
+        self._reserved += 1
+        return True
+
+    def adopt(self, message: InboundMessage | None) -> None:
+        """Process a row claimed for this worker on insert (None: the slot is not used)."""
+        self._reserved -= 1
+        if message is None:
+            return
+        if self._stopping:
+            # Too late to start: give it back now rather than at lease expiry.
+            task = asyncio.create_task(run_db(release, message=message))
+            self._releasing.add(task)
+            task.add_done_callback(self._releasing.discard)
+            return
+        self._start(message)
+
+    def _free(self) -> int:
+        return self.concurrency - len(self._in_flight) - self._reserved
+
+    def _start(self, message: InboundMessage) -> None:
+        http = self._shards[message.pk % len(self._shards)]
+        task = asyncio.create_task(self._process(message=message, http=http))
+        self._in_flight[task] = message
+
+    async def _loop(self, *, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self._wake.clear()
             await self._beat()
-            free = self.concurrency - len(self._in_flight)
+            free = self._free()
             claimed: list[InboundMessage] = []
             if free > 0:
                 try:
@@ -190,9 +241,7 @@ class Worker:
                     # run_db has dropped the connection; the next loop reconnects.
                     logger.exception("worker could not claim messages; retrying")
             for message in claimed:
-                http = shards[message.pk % len(shards)]
-                task = asyncio.create_task(self._process(message=message, http=http))
-                self._in_flight[task] = message
+                self._start(message)
             if free == 0 or len(claimed) < free:
                 await _wait_any(self._wake, stop, timeout=self.poll_interval)
 

@@ -9,6 +9,7 @@ from django.test import Client
 
 from tests.conftest import load_fixture
 from tests.webhooks.conftest import message_body
+from webhooks import rows
 from webhooks.models import ConnectionState, InboundMessage, Status
 
 TOKEN = "acme-webhook-token"
@@ -236,7 +237,7 @@ def test_it_answers_503_and_stores_nothing_when_the_database_fails(
     def locked(*args: Any, **kwargs: Any) -> None:
         raise OperationalError("database is locked")
 
-    monkeypatch.setattr(InboundMessage, "save", locked)
+    monkeypatch.setattr(rows, "insert_message", locked)
 
     response = post(client, "/webhook/evolution/acme")
 
