@@ -6,17 +6,14 @@ the instance row it is made for.
 
 import httpx
 
+from webhooks.aiohttp_transport import AiohttpTransport
+
 USER_AGENT = "omnihub/0.1"
 
 
 def new_http_client(*, max_connections: int = 200) -> httpx.AsyncClient:
     return httpx.AsyncClient(
-        # httpcore looks at every pooled connection on each request: a pool of
-        # hundreds of idle connections costs milliseconds of CPU per call.
-        limits=httpx.Limits(
-            max_connections=max_connections,
-            max_keepalive_connections=min(max_connections, 64),
-        ),
+        transport=AiohttpTransport(max_connections=max_connections),
         # Every call passes its own timeout; this is the ceiling for any we forget.
         timeout=httpx.Timeout(30.0, connect=5.0),
         headers={"user-agent": USER_AGENT},

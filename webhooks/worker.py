@@ -8,7 +8,6 @@ chat is ever claimable, so a chat's messages are handled one at a time, in order
 """
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -40,7 +39,6 @@ _wake_events: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
 _workers: dict[asyncio.AbstractEventLoop, "Worker"] = {}
 
 MAX_CLAIMS = 100
-CONNECTIONS_PER_SHARD = 24
 HEARTBEAT_INTERVAL = 5.0
 
 
@@ -160,7 +158,7 @@ class Worker:
         self._reserved = 0
         self._stopping = False
         self._releasing: set[asyncio.Task[None]] = set()
-        self._shards: list[httpx.AsyncClient] = []
+        self._http: httpx.AsyncClient | None = None
         self._wake = asyncio.Event()
         self.worker_id = uuid4().hex
         self.started_at = timezone.now()
@@ -175,23 +173,16 @@ class Worker:
         logger.info("worker started concurrency=%d", self.concurrency)
         try:
             listener = asyncio.create_task(notify.listen(on_notify=self._wake.set, stop=stop))
-            async with contextlib.AsyncExitStack() as stack:
-                # A few small pools rather than one big one: httpcore scans
-                # its whole pool on every request, so one pool of hundreds of
-                # connections costs several times the CPU per call.
-                shards = [
-                    await stack.enter_async_context(
-                        new_http_client(max_connections=CONNECTIONS_PER_SHARD)
-                    )
-                    for _ in range(max(1, -(-self.concurrency * 2 // CONNECTIONS_PER_SHARD)))
-                ]
-                self._shards = shards
+            # Room for every message's agent call and sendText, and typing presences.
+            async with new_http_client(max_connections=self.concurrency * 3) as http:
+                self._http = http
                 try:
                     await self._loop(stop=stop)
                 finally:
                     self._stopping = True
                     listener.cancel()
                     await self._drain()
+                    self._http = None
         finally:
             _wake_events.discard(entry)
             _workers.pop(loop, None)
@@ -202,7 +193,7 @@ class Worker:
             logger.info("worker stopped")
 
     def reserve(self) -> bool:
-        if self._stopping or not self._shards or self._free() <= 0:
+        if self._stopping or self._http is None or self._free() <= 0:
             return False
         self._reserved += 1
         return True
@@ -224,8 +215,8 @@ class Worker:
         return self.concurrency - len(self._in_flight) - self._reserved
 
     def _start(self, message: InboundMessage) -> None:
-        http = self._shards[message.pk % len(self._shards)]
-        task = asyncio.create_task(self._process(message=message, http=http))
+        assert self._http is not None
+        task = asyncio.create_task(self._process(message=message, http=self._http))
         self._in_flight[task] = message
 
     async def _loop(self, *, stop: asyncio.Event) -> None:

@@ -1,0 +1,178 @@
+"""The aiohttp transport under the hub's httpx client, against real loopback sockets.
+
+The callers decide on the httpx error type whether a retry could act twice, so
+each failure must come out as the httpx error of what really happened.
+"""
+
+import asyncio
+import gzip
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+
+from tests.fakes import FakeEvolution
+from webhooks.evolution_client import EvolutionClient, EvolutionTarget
+from webhooks.http import new_http_client
+
+pytestmark = pytest.mark.asyncio
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def raw_server() -> Iterator[Callable[[Callable[[socket.socket], None]], str]]:
+    """A loopback server whose every connection is handled by the given function."""
+    servers: list[socket.socket] = []
+
+    def start(handle: Callable[[socket.socket], None]) -> str:
+        server = socket.create_server(("127.0.0.1", 0))
+        servers.append(server)
+
+        def serve() -> None:
+            while True:
+                try:
+                    conn, _ = server.accept()
+                except OSError:
+                    return
+                threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+        threading.Thread(target=serve, daemon=True).start()
+        return f"http://127.0.0.1:{server.getsockname()[1]}"
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def read_request(conn: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+async def test_it_sends_the_request_and_returns_the_response() -> None:
+    evolution = FakeEvolution().start()
+    try:
+        async with new_http_client(max_connections=4) as http:
+            target = EvolutionTarget(base_url=evolution.url, api_key="evo-key", instance_name="x")
+            body = await EvolutionClient(target=target, http=http).send_text(
+                number="5511999999999", text="olá"
+            )
+    finally:
+        evolution.stop()
+    assert body["status"] == "PENDING"
+    [request] = evolution.received()
+    assert (request.method, request.path) == ("POST", "/message/sendText/x")
+    assert request.headers["apikey"] == "evo-key"
+    assert request.headers["content-type"] == "application/json"
+    assert request.body == {"number": "5511999999999", "text": "olá"}
+
+
+async def test_it_reuses_one_connection_for_calls_in_sequence() -> None:
+    evolution = FakeEvolution().start()
+    try:
+        async with new_http_client(max_connections=4) as http:
+            for _ in range(5):
+                response = await http.post(f"{evolution.url}/chat/sendPresence/x", json={})
+                assert response.status_code == 201
+            connections = http._transport._session.connector._conns  # type: ignore[attr-defined]
+            assert sum(len(pooled) for pooled in connections.values()) == 1
+    finally:
+        evolution.stop()
+
+
+async def test_it_decodes_a_gzipped_body(raw_server) -> None:
+    payload = gzip.compress(b'{"message": "hi"}')
+
+    def handle(conn: socket.socket) -> None:
+        read_request(conn)
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n"
+            + f"content-length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        conn.close()
+
+    url = raw_server(handle)
+    async with new_http_client(max_connections=2) as http:
+        response = await http.get(url)
+    assert response.json() == {"message": "hi"}
+
+
+async def test_a_refused_connection_is_a_connect_error() -> None:
+    async with new_http_client(max_connections=2) as http:
+        with pytest.raises(httpx.ConnectError):
+            await http.get(f"http://127.0.0.1:{closed_port()}/")
+
+
+async def test_a_server_that_never_answers_is_a_read_timeout(raw_server) -> None:
+    release = threading.Event()
+
+    def handle(conn: socket.socket) -> None:
+        read_request(conn)
+        release.wait(5)
+        conn.close()
+
+    url = raw_server(handle)
+    try:
+        async with new_http_client(max_connections=2) as http:
+            with pytest.raises(httpx.ReadTimeout):
+                await http.get(url, timeout=httpx.Timeout(0.2, connect=2.0))
+    finally:
+        release.set()
+
+
+async def test_a_connection_closed_without_an_answer_is_a_protocol_error(raw_server) -> None:
+    def handle(conn: socket.socket) -> None:
+        read_request(conn)
+        conn.close()
+
+    url = raw_server(handle)
+    async with new_http_client(max_connections=2) as http:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await http.post(url, json={"a": 1})
+
+
+async def test_waiting_too_long_for_a_pooled_connection_is_a_connect_timeout(raw_server) -> None:
+    release = threading.Event()
+
+    def handle(conn: socket.socket) -> None:
+        read_request(conn)
+        release.wait(5)
+        conn.close()
+
+    url = raw_server(handle)
+    try:
+        async with new_http_client(max_connections=1) as http:
+            busy = asyncio.create_task(http.get(url, timeout=5.0))
+            await asyncio.sleep(0.1)
+            with pytest.raises(httpx.ConnectTimeout):
+                await http.get(url, timeout=httpx.Timeout(5.0, connect=0.1, pool=0.1))
+            release.set()
+            with pytest.raises(httpx.RemoteProtocolError):
+                await busy
+    finally:
+        release.set()
+
+
+async def test_a_malformed_answer_is_a_protocol_error(raw_server) -> None:
+    def handle(conn: socket.socket) -> None:
+        read_request(conn)
+        conn.sendall(b"this is not http\r\n\r\n")
+        conn.close()
+
+    url = raw_server(handle)
+    async with new_http_client(max_connections=2) as http:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await http.get(url)
