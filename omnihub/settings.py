@@ -203,6 +203,9 @@ MESSAGE_RETENTION_DAYS = env.int("MESSAGE_RETENTION_DAYS", default=30)
 AGENT_MAX_ATTEMPTS = env.int("AGENT_MAX_ATTEMPTS", default=4)
 EVOLUTION_RETRY_WINDOW = env.int("EVOLUTION_RETRY_WINDOW", default=900)
 EVOLUTION_TIMEOUT = env.float("EVOLUTION_TIMEOUT", default=15.0)
+# "typing..." is shown once the agent has worked this long (seconds): a reply
+# that comes sooner needs none, and its presence could land after the reply.
+TYPING_AFTER = env.float("TYPING_AFTER", default=0.5)
 # /health/ready answers 503 when no worker has been heard from for this long.
 HEALTH_WORKER_MAX_SILENCE = env.int("HEALTH_WORKER_MAX_SILENCE", default=30)
 # /metrics answers these networks without an API key.

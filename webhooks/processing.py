@@ -8,6 +8,7 @@ import asyncio
 import logging
 import random
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import httpx
@@ -57,6 +58,13 @@ def show_typing(evolution: EvolutionClient, *, number: str) -> None:
     task = asyncio.create_task(evolution.send_presence(number=number))
     _typing.add(task)
     task.add_done_callback(_typing.discard)
+
+
+def show_typing_later(evolution: EvolutionClient, *, number: str) -> asyncio.TimerHandle:
+    """Start "typing..." after settings.TYPING_AFTER unless cancelled first."""
+    return asyncio.get_running_loop().call_later(
+        settings.TYPING_AFTER, partial(show_typing, evolution, number=number)
+    )
 
 
 def reply_number(*, message: InboundMessage) -> str:
@@ -134,10 +142,13 @@ async def _ask_agent(*, message: InboundMessage, http: httpx.AsyncClient) -> boo
         instance=instance, content=message.content, payload=message.payload
     )
     started = timezone.now()
-    show_typing(evolution, number=reply_number(message=message))
+    typing = show_typing_later(evolution, number=reply_number(message=message))
     try:
-        with metrics.agent_seconds.labels(instance.name).time():
-            reply = await AgentClient(instance=instance, http=http).run(request)
+        try:
+            with metrics.agent_seconds.labels(instance.name).time():
+                reply = await AgentClient(instance=instance, http=http).run(request)
+        finally:
+            typing.cancel()
     except OutboundError as exc:
         metrics.outbound_errors.labels(instance.name, "agent", exc.status or "none").inc()
         attempt = message.agent_attempts + 1

@@ -3,6 +3,7 @@
 The ORM runs in asgiref's executor thread, hence transaction=True (see conftest).
 """
 
+import asyncio
 import json
 from datetime import timedelta
 from typing import Any
@@ -293,3 +294,34 @@ async def test_a_worker_that_lost_its_claim_cannot_finish_a_send(acme, upstream)
     row = await InboundMessage.objects.aget(pk=message.pk)
     assert row.status == Status.REPLIED
     assert row.last_error == ""
+
+
+async def test_typing_is_shown_while_a_slow_agent_works(acme, upstream, settings) -> None:
+    settings.TYPING_AFTER = 0.05
+
+    async def slow(request: httpx.Request) -> tuple[int, Any]:
+        await asyncio.sleep(0.3)
+        return 200, {"message": AGENT_REPLY}
+
+    upstream.agent = slow
+    await queue(acme)
+
+    row = await process(upstream)
+
+    [presence] = upstream.calls("/chat/sendPresence/")
+    assert presence.url == "http://evolution.acme.test/chat/sendPresence/acme-wa"
+    assert presence.headers["apikey"] == "acme-evolution-key"
+    assert body_of(presence) == {"number": PHONE, "presence": "composing", "delay": 5000}
+    assert upstream.requests.index(presence) < upstream.requests.index(upstream.sent[0])
+    assert row.status == Status.REPLIED
+
+
+async def test_no_typing_is_shown_for_a_reply_that_comes_at_once(acme, upstream, settings) -> None:
+    settings.TYPING_AFTER = 0.5
+    await queue(acme)
+
+    row = await process(upstream)
+    await asyncio.sleep(0.6)
+
+    assert upstream.calls("/chat/sendPresence/") == []
+    assert row.status == Status.REPLIED
