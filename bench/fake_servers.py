@@ -6,6 +6,7 @@ Run: uvicorn bench.fake_servers:app --port N (env FAKE_AGENT_DELAY=seconds).
   POST /message/sendText/<inst>    answers 201
   POST /chat/sendPresence/<inst>   answers 201
   GET  /_records                   every request seen: [kind, message id, t_in, t_out]
+  GET  /_records?sent=<id>         the sendText of that message id, if seen
 Times are time.time() on this machine, comparable with the load generator's.
 """
 
@@ -47,7 +48,12 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     path = scope["path"]
     raw = await _read_body(receive)
     if path == "/_records":
-        await _answer(send, 200, records)
+        query = scope["query_string"].decode()
+        if query.startswith("sent="):
+            wanted = query[5:]
+            await _answer(send, 200, [r for r in records if r[0] == "send" and r[1] == wanted])
+        else:
+            await _answer(send, 200, records)
         return
     body = json.loads(raw) if raw else {}
     if path.startswith(("/api/v1/agent/", "/fast/api/v1/agent/")):

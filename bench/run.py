@@ -39,6 +39,7 @@ E2E_MESSAGES = int(os.environ.get("BENCH_MESSAGES", "2000"))
 AGENT_DELAY = float(os.environ.get("BENCH_AGENT_DELAY", "1.0"))
 DURATION = int(os.environ.get("BENCH_SECONDS", "10"))
 CONCURRENCY = 32
+IDLE_MESSAGES = 200
 HUB_WORKERS = 2
 HUB_WORKER_CONCURRENCY = int(os.environ.get("BENCH_WORKER_CONCURRENCY", "512"))
 
@@ -170,6 +171,39 @@ async def send_e2e(hub: str) -> dict[str, float]:
     return sent
 
 
+def send_sequential(hub: str, fake_url: str, count: int) -> dict[str, float]:
+    """POST messages one at a time to an otherwise idle hub; return each id's send time."""
+    sent: dict[str, float] = {}
+    with httpx.Client(base_url=hub, timeout=30.0) as client:
+        for n in range(count):
+            t = n % TENANTS
+            message_id = f"IDLE-{n}"
+            body = delivery(tenant=f"ingest-{t}", message_id=message_id, phone=5598000000000 + n)
+            data = json.dumps(body).encode()
+            path = f"/webhook/evolution/ingest-{t}?token=token-{t}"
+            started = time.time()
+            response = client.post(path, content=data, headers={"content-type": "application/json"})
+            if response.status_code == 200:
+                sent[message_id] = started
+            # The next message once this one's reply is out: nothing else runs meanwhile.
+            deadline = time.time() + 10
+            while time.time() < deadline:
+                replied = httpx.get(f"{fake_url}/_records?sent={message_id}", timeout=10).json()
+                if replied:
+                    break
+                time.sleep(0.005)
+    return sent
+
+
+def overheads(sent: dict[str, float], records: list[Any]) -> tuple[list[float], list[float]]:
+    """(webhook sent -> agent request received, agent reply sent -> sendText received), ms."""
+    agents = {r[1]: r for r in records if r[0] == "agent" and r[1] in sent}
+    sends = {r[1]: r for r in records if r[0] == "send" and r[1] in sent}
+    to_agent = [(agents[i][2] - sent[i]) * 1000 for i in sent if i in agents]
+    to_send = [(sends[i][2] - agents[i][3]) * 1000 for i in sends if i in agents]
+    return to_agent, to_send
+
+
 def hub_processes(group: int) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
@@ -285,10 +319,12 @@ def main() -> None:
             if len(sends) >= len(sent):
                 break
             time.sleep(0.5)
-        agents = {r[1]: r for r in records if r[0] == "agent" and r[1] in sent}
-        to_agent = [(agents[i][2] - sent[i]) * 1000 for i in sent if i in agents]
-        to_send = [(sends[i][2] - agents[i][3]) * 1000 for i in sends if i in agents]
+        to_agent, to_send = overheads(sent, records)
         last_reply = max(r[2] for r in sends.values()) if sends else float("nan")
+        print(f"idle overhead: {IDLE_MESSAGES} messages one at a time...", flush=True)
+        idle_sent = send_sequential(hub_url, fake_url, IDLE_MESSAGES)
+        records = httpx.get(f"{fake_url}/_records", timeout=10).json()
+        idle_to_agent, idle_to_send = overheads(idle_sent, records)
         rss = {pid: round(peak_rss_mb(pid), 1) for pid in hub_processes(os.getpgid(hub.pid))}
     finally:
         for proc in (hub, fake):
@@ -326,6 +362,11 @@ def main() -> None:
         "overhead_in_p99_ms": round(percentile(to_agent, 99), 2),
         "overhead_out_p50_ms": round(statistics.median(to_send), 2) if to_send else None,
         "overhead_out_p99_ms": round(percentile(to_send, 99), 2),
+        "idle_messages": len(idle_sent),
+        "idle_overhead_in_p50_ms": round(statistics.median(idle_to_agent), 2),
+        "idle_overhead_in_p99_ms": round(percentile(idle_to_agent, 99), 2),
+        "idle_overhead_out_p50_ms": round(statistics.median(idle_to_send), 2),
+        "idle_overhead_out_p99_ms": round(percentile(idle_to_send, 99), 2),
         "peak_rss_mb": rss,
     }
     results["ingest_vs_ceiling"] = round(results["ingest_rps"] / results["ceiling_rps"], 3)
@@ -369,6 +410,14 @@ def render(r: dict[str, Any]) -> str:
         (
             "Overhead agent reply → sendText",
             f"p50 {r['overhead_out_p50_ms']} ms, p99 {r['overhead_out_p99_ms']} ms",
+        ),
+        (
+            f"Idle hub, {r['idle_messages']} msgs one at a time: webhook sent → agent request",
+            f"p50 {r['idle_overhead_in_p50_ms']} ms, p99 {r['idle_overhead_in_p99_ms']} ms",
+        ),
+        (
+            "Idle hub: agent reply → sendText",
+            f"p50 {r['idle_overhead_out_p50_ms']} ms, p99 {r['idle_overhead_out_p99_ms']} ms",
         ),
         ("Peak RSS per hub process (MB)", rss),
     ]
