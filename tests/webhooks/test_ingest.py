@@ -1,10 +1,13 @@
 """Recording deliveries: what is stored, as what, and what is only answered."""
 
+import json
+from typing import Any
+
 import pytest
 
 from tests.conftest import load_fixture
 from tests.webhooks.conftest import message_body
-from webhooks.ingest import Outcome, accept_delivery, read_delivery, record_delivery
+from webhooks.ingest import Outcome, Result, accept_delivery, read_delivery, record_delivery
 from webhooks.models import ConnectionState, InboundMessage, Status
 
 pytestmark = pytest.mark.django_db
@@ -181,3 +184,52 @@ def test_accept_delivery_checks_the_instance_then_the_token_then_the_body(make_i
     assert accept("nobody", "right-token") is Outcome.UNKNOWN_INSTANCE
     assert accept("acme", "wrong") is Outcome.BAD_TOKEN
     assert accept("acme", "right-token") is Outcome.BAD_BODY
+
+
+def accept(body: dict[str, Any], *, claim: bool) -> Result:
+    delivery = read_delivery(json.dumps(body).encode())
+    return accept_delivery(
+        segment="acme", event=None, token="acme-token", delivery=delivery, claim=claim
+    )
+
+
+def test_a_message_can_be_claimed_for_the_local_worker_as_it_is_stored(make_instance) -> None:
+    acme = make_instance(webhook_token="acme-token")
+
+    result = accept(message_body(), claim=True)
+
+    row = InboundMessage.objects.get()
+    assert result.outcome is Outcome.QUEUED
+    assert result.claimed is not None and result.claimed.pk == row.pk
+    assert result.claimed.instance == acme
+    assert row.status == Status.PROCESSING
+    assert row.claim_token == result.claimed.claim_token != ""
+    assert row.attempts == 1
+    assert row.lease_until > row.received_at
+
+
+def test_a_message_whose_chat_has_an_open_message_waits_in_the_queue(make_instance) -> None:
+    make_instance(webhook_token="acme-token")
+    first = accept(message_body(message_id="FIRST"), claim=True)
+
+    second = accept(message_body(message_id="SECOND"), claim=True)
+    other_chat = accept(message_body(message_id="OTHER", phone="5521999990000"), claim=True)
+
+    assert first.claimed is not None
+    assert second.outcome is Outcome.QUEUED and second.claimed is None
+    assert InboundMessage.objects.get(message_id="SECOND").status == Status.QUEUED
+    assert other_chat.claimed is not None
+
+
+def test_ignored_duplicate_and_unclaimed_messages_are_not_handed_over(make_instance) -> None:
+    make_instance(webhook_token="acme-token")
+    from_me = load_fixture("messages-upsert-fromme.json")
+
+    unclaimed = accept(message_body(message_id="PLAIN"), claim=False)
+    duplicate = accept(message_body(message_id="PLAIN"), claim=True)
+    ignored = accept(from_me, claim=True)
+
+    assert unclaimed.claimed is None
+    assert InboundMessage.objects.get(message_id="PLAIN").status == Status.QUEUED
+    assert (duplicate.outcome, duplicate.claimed) == (Outcome.DUPLICATE, None)
+    assert (ignored.outcome, ignored.claimed) == (Outcome.IGNORED, None)
