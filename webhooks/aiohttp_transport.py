@@ -12,8 +12,18 @@ error or timeout, pool timeout) versus a request that may have arrived (read
 timeout, dropped connection).
 """
 
+import ssl
+from functools import cache
+
 import aiohttp
+import certifi
 import httpx
+
+
+@cache
+def _tls_context() -> ssl.SSLContext:
+    # The CA bundle httpx trusts, not whatever the system has; loaded once.
+    return ssl.create_default_context(cafile=certifi.where())
 
 
 def _client_timeout(timeout: dict[str, float | None]) -> aiohttp.ClientTimeout:
@@ -58,7 +68,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                     keepalive_timeout=self.keepalive_expiry,
                     # Tenants' agent and Evolution hosts change behind DNS.
                     ttl_dns_cache=60,
+                    ssl=_tls_context(),
                 ),
+                # HTTP(S)_PROXY and NO_PROXY, as httpx's own transport honours them.
+                trust_env=True,
                 # httpx decodes the body itself and sets every header it sends.
                 auto_decompress=False,
                 skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
