@@ -96,6 +96,8 @@ _writer_lock = _SQLiteWriterLock()
 
 
 def _execute(calls: list[tuple[Callable[..., Any], dict[str, Any]]]) -> list[tuple[bool, Any]]:
+    if len(calls) == 1:
+        return [_execute_alone(*calls[0])]
     outcomes: list[tuple[bool, Any]] = []
     try:
         with _writer_lock, transaction.atomic():
@@ -108,6 +110,24 @@ def _execute(calls: list[tuple[Callable[..., Any], dict[str, Any]]]) -> list[tup
         connection.close()
         return [(False, exc)] * len(calls)
     return outcomes
+
+
+def _execute_alone(fn: Callable[..., Any], kwargs: dict[str, Any]) -> tuple[bool, Any]:
+    """A call with the transaction to itself (an idle hub's usual batch) needs no savepoint."""
+    for attempt in (1, 2):
+        try:
+            with _writer_lock, transaction.atomic():
+                return True, fn(**kwargs)
+        except DatabaseError as exc:
+            if attempt == 1 and _is_deadlock(exc):
+                continue
+            # As for a failed batch: the connection may be broken, use a new one.
+            logger.warning("database call failed: %s", exc)
+            connection.close()
+            return False, exc
+        except Exception as exc:
+            return False, exc
+    raise AssertionError("unreachable")
 
 
 def _call_in_savepoint(fn: Callable[..., Any], kwargs: dict[str, Any]) -> tuple[bool, Any]:

@@ -60,15 +60,7 @@ def find_instance(*, segment: str | None, event: str | None) -> InstanceConfig |
         segment = None
     elif event is not None and event.lower() not in EVENT_SLUGS:
         return None
-    # Raw SQL: on every delivery, compiling the ORM query cost more than running it.
-    table = InstanceConfig._meta.db_table
-    if segment is None:
-        sql = f"SELECT * FROM {table} WHERE is_active AND is_default"
-        found = list(InstanceConfig.objects.raw(sql))
-    else:
-        sql = f"SELECT * FROM {table} WHERE is_active AND name = %s"
-        found = list(InstanceConfig.objects.raw(sql, [segment]))
-    return found[0] if found else None
+    return rows.find_active_instance(name=segment)
 
 
 def token_is_valid(*, instance: InstanceConfig, given: str | None) -> bool:
