@@ -176,3 +176,18 @@ async def test_a_malformed_answer_is_a_protocol_error(raw_server) -> None:
     async with new_http_client(max_connections=2) as http:
         with pytest.raises(httpx.RemoteProtocolError):
             await http.get(url)
+
+
+async def test_it_sends_through_the_proxy_the_environment_names(monkeypatch) -> None:
+    proxy = FakeEvolution().start()
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    try:
+        async with new_http_client(max_connections=2) as http:
+            response = await http.post("http://evolution.example/chat/sendPresence/x", json={})
+    finally:
+        proxy.stop()
+    assert response.status_code == 201
+    [request] = proxy.received()
+    assert request.path == "http://evolution.example/chat/sendPresence/x"
