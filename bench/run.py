@@ -113,7 +113,7 @@ end
 """
 
 
-def ingest_script() -> Path:
+def ingest_script(prefix: str = "W") -> Path:
     body = json.dumps(delivery(tenant="TENANT", message_id="MSGID", phone=5500000000000))
     body = body.replace('"MSGID"', '"__ID__"').replace("5500000000000@", "__PHONE__@")
     lua = (
@@ -125,7 +125,7 @@ local counter = 0
 request = function()
   counter = counter + 1
   local t = counter % {TENANTS}
-  local id = string.format("W%d-%d", tid, counter)
+  local id = string.format("{prefix}%d-%d", tid, counter)
   local phone = string.format("55%d%09d", tid + 1, counter)
   local b = template:gsub("__ID__", id):gsub("__PHONE__", phone)
   return wrk.format("POST", "/webhook/evolution/ingest-" .. t,
@@ -134,7 +134,7 @@ end
 """
         + WRK_DONE
     )
-    path = OUT / "ingest.lua"
+    path = OUT / f"ingest-{prefix}.lua"
     path.write_text(lua)
     return path
 
@@ -227,6 +227,30 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def start_hub(env: dict[str, str], port: int, log_name: str) -> subprocess.Popen[bytes]:
+    """The hub as the README starts it: `make run`."""
+    return subprocess.Popen(
+        ["make", "--no-print-directory", "run", f"PORT={port}", f"WORKERS={HUB_WORKERS}"],
+        cwd=ROOT,
+        env=env,
+        stdout=(OUT / log_name).open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None:
+        return
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=40)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def main() -> None:
     if not shutil.which("wrk"):
         raise SystemExit("wrk is missing: apt-get install wrk (make bench installs it as root)")
@@ -265,15 +289,7 @@ def main() -> None:
     try:
         wait_http(f"{fake_url}/_records")
         create_tenants(env, fake_url, fake_url)
-        log = (OUT / "hub.log").open("w")
-        hub = subprocess.Popen(
-            ["make", "--no-print-directory", "run", f"PORT={hub_port}", f"WORKERS={HUB_WORKERS}"],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        hub = start_hub(env, hub_port, "hub.log")
         hub_url = f"http://127.0.0.1:{hub_port}"
         wait_http(f"{hub_url}/health", timeout=300)
         wait_http(f"{hub_url}/health/ready", timeout=30)
@@ -326,16 +342,20 @@ def main() -> None:
         records = httpx.get(f"{fake_url}/_records", timeout=10).json()
         idle_to_agent, idle_to_send = overheads(idle_sent, records)
         rss = {pid: round(peak_rss_mb(pid), 1) for pid in hub_processes(os.getpgid(hub.pid))}
+        stop(hub)
+        print("ingest again, the servers' share: the same hub with its worker off...", flush=True)
+        hub = start_hub(dict(env, OMNIHUB_EMBEDDED_WORKER="false"), hub_port, "hub-servers.log")
+        wait_http(f"{hub_url}/health", timeout=300)
+        servers_only = wrk(hub_url, ingest_script(prefix="S"))
+        print(f"  {servers_only}", flush=True)
+        servers_only_stored = (
+            sqlite3.connect(db_path)
+            .execute("select count(*) from webhooks_inboundmessage where message_id like 'S%'")
+            .fetchone()[0]
+        )
     finally:
-        for proc in (hub, fake):
-            if proc is not None and proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in (hub, fake):
-            if proc is not None:
-                try:
-                    proc.wait(timeout=40)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+        stop(hub)
+        stop(fake)
     results = {
         "machine": f"{platform.node()} {os.cpu_count()} cores, {platform.platform()}",
         "python": platform.python_version(),
@@ -353,6 +373,12 @@ def main() -> None:
         "ingest_stored_rows": stored,
         "ingest_ok_responses": ok_responses,
         "ingest_drain_seconds": round(drain_seconds, 1),
+        "servers_only_ingest_rps": round(servers_only["requests"] / servers_only["seconds"], 1),
+        "servers_only_ingest_p50_ms": servers_only["p50_ms"],
+        "servers_only_ingest_p99_ms": servers_only["p99_ms"],
+        "servers_only_ingest_non2xx": servers_only["non2xx"],
+        "servers_only_stored_rows": servers_only_stored,
+        "servers_only_ok_responses": servers_only["requests"] - servers_only["non2xx"],
         "e2e_messages": E2E_MESSAGES,
         "e2e_accepted": len(sent),
         "e2e_replied": len(sends),
@@ -391,6 +417,15 @@ def render(r: dict[str, Any]) -> str:
             f"{r['ingest_rps']:.0f} webhooks/s "
             f"({r['ingest_vs_ceiling']:.0%} of ceiling), p50 {r['ingest_p50_ms']:.2f} ms, "
             f"p99 {r['ingest_p99_ms']:.2f} ms, non-2xx {r['ingest_non2xx']}",
+        ),
+        (
+            "Ingest, worker off (OMNIHUB_EMBEDDED_WORKER=false: servers whose workers run "
+            "elsewhere; rows wait in the queue)",
+            f"{r['servers_only_ingest_rps']:.0f} webhooks/s, p50 "
+            f"{r['servers_only_ingest_p50_ms']:.2f} ms, "
+            f"p99 {r['servers_only_ingest_p99_ms']:.2f} ms, "
+            f"non-2xx {r['servers_only_ingest_non2xx']}, {r['servers_only_stored_rows']} rows "
+            f"for {r['servers_only_ok_responses']} 200s",
         ),
         (
             "Stored vs 200s",
