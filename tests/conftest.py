@@ -56,6 +56,16 @@ def api_key_headers() -> dict[str, str]:
     return {"HTTP_X_API_KEY": settings.OMNIHUB_API_KEY}
 
 
+@pytest.fixture(autouse=True)
+def _close_database_threads():
+    """A test that ran the group committer leaves no connection open behind it
+    (PostgreSQL would refuse to drop the test database)."""
+    yield
+    from webhooks.db import close_database_threads
+
+    close_database_threads()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _close_the_connection_pool(django_db_setup, django_db_blocker):
     """Return psycopg's pooled connections before the test database is dropped."""

@@ -167,6 +167,14 @@ def _is_deadlock(exc: Exception) -> bool:
 _committers: dict[asyncio.AbstractEventLoop, GroupCommitter] = {}
 
 
+def close_database_threads() -> None:
+    """Close each database thread's connection and stop the thread (tests, shutdown)."""
+    while _committers:
+        _, committer = _committers.popitem()
+        committer.executor.submit(lambda: connection.close()).result()
+        committer.executor.shutdown()
+
+
 async def run_db(fn: Callable[..., T], /, **kwargs: Any) -> T:
     """Run `fn(**kwargs)` in a transaction on the process's database thread."""
     if not settings.DB_GROUP_COMMIT:
