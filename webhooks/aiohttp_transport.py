@@ -1,9 +1,10 @@
 """An httpx transport that sends through aiohttp's connection pool.
 
-Every message makes three outbound calls (agent, typing presence, sendText).
-Measured on the 2-core bench machine, httpx's own transport (httpcore over
-anyio) spent about 1.1 ms of CPU per call; aiohttp, whose HTTP parser is C,
-0.11 ms; httpx's client over this transport 0.33 ms. The hub keeps httpx's API
+Every message makes two or three outbound calls (agent, sendText, and typing
+presence when the agent is slow). Measured on the 2-core bench machine,
+httpx's own transport (httpcore over anyio) spent about 1.1 ms of CPU per
+call; aiohttp, whose HTTP parser is C, 0.11 ms; httpx's client over this
+transport 0.33 ms. The hub keeps httpx's API
 (and tests keep `httpx.MockTransport`) and gets most of aiohttp's speed.
 
 aiohttp's errors are turned into httpx's by what happened, because the
