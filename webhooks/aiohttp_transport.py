@@ -57,7 +57,9 @@ def _httpx_error(exc: BaseException, request: httpx.Request) -> httpx.TransportE
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """One aiohttp session (opened on first use, on the running loop) per transport."""
 
-    def __init__(self, *, max_connections: int, keepalive_expiry: float = 15.0) -> None:
+    # Below the 5 s after which Node (Evolution) and uvicorn close an idle
+    # connection: reusing one the server is closing fails the request.
+    def __init__(self, *, max_connections: int, keepalive_expiry: float = 4.0) -> None:
         self.max_connections = max_connections
         self.keepalive_expiry = keepalive_expiry
         self._session: aiohttp.ClientSession | None = None

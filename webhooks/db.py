@@ -104,8 +104,9 @@ def _execute(calls: list[tuple[Callable[..., Any], dict[str, Any]]]) -> list[tup
             return [(True, fn(**kwargs)) for fn, kwargs in calls]
     except Exception:
         # Rare: one call failed and took the transaction with it. Run them all
-        # again, each in a savepoint of its own, so that only it fails. (Every
-        # call here only writes to the database, so running it twice is safe.)
+        # again, each in a savepoint of its own, so that only it fails. Calls
+        # change the database and nothing else (not their arguments), so
+        # running one twice is safe.
         # A savepoint for every call of every batch would cost two statements
         # (on PostgreSQL two round trips) per call, and lengthen the window in
         # which a sent reply is not yet marked as sent.
@@ -176,7 +177,11 @@ def close_database_threads() -> None:
 
 
 async def run_db(fn: Callable[..., T], /, **kwargs: Any) -> T:
-    """Run `fn(**kwargs)` in a transaction on the process's database thread."""
+    """Run `fn(**kwargs)` in a transaction on the process's database thread.
+
+    `fn` may run twice (see `_execute`): it must change the database only, never
+    its arguments or other state of the caller's.
+    """
     if not settings.DB_GROUP_COMMIT:
         # Tests: run where the test's own connection and transaction live.
         return await sync_to_async(fn)(**kwargs)

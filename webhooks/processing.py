@@ -72,16 +72,19 @@ def reply_number(*, message: InboundMessage) -> str:
     return reply_to if isinstance(reply_to, str) and reply_to else message.chat_jid
 
 
-def update_claimed(*, message: InboundMessage, fields: dict[str, Any]) -> bool:
-    """Write fields if this worker still holds the claim; False when it lost it."""
-    updated = update_claimed_row(pk=message.pk, claim_token=message.claim_token, fields=fields)
+async def _update(message: InboundMessage, **fields: Any) -> bool:
+    """Write fields if this worker still holds the claim; False when it lost it.
+
+    The message object changes only once the write is back: the database thread
+    may run a call twice (see webhooks/db.py), so what it runs must not change
+    its arguments.
+    """
+    updated = await run_db(
+        update_claimed_row, pk=message.pk, claim_token=message.claim_token, fields=fields
+    )
     for key, value in fields.items():
         setattr(message, key, value)
     return updated
-
-
-async def _update(message: InboundMessage, **fields: Any) -> bool:
-    return await run_db(update_claimed, message=message, fields=fields)
 
 
 def _log(message: InboundMessage, status: str, **extra: Any) -> None:

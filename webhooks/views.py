@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+from functools import partial
 
 from django.db import DatabaseError
 from django.http import HttpRequest, JsonResponse
@@ -9,7 +10,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from webhooks import metrics, worker
 from webhooks.db import run_db
-from webhooks.ingest import TOKEN_HEADER, Outcome, accept_delivery, read_delivery
+from webhooks.ingest import TOKEN_HEADER, Outcome, Result, accept_delivery, read_delivery
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +25,17 @@ STATUS_CODES = {
     Outcome.BAD_TOKEN: 401,
     Outcome.BAD_BODY: 400,
 }
+
+
+def _hand_over(local: worker.Worker | None, stored: "asyncio.Future[Result]") -> None:
+    """Give the worker the row claimed for its reserved slot, or the slot back.
+
+    Also reads the outcome of a store whose request was cancelled, so that its
+    error, if any, is not reported as never retrieved.
+    """
+    done = not stored.cancelled() and stored.exception() is None
+    if local is not None:
+        local.adopt(stored.result().claimed if done else None)
 
 
 @csrf_exempt
@@ -41,12 +53,9 @@ async def evolution_webhook(
         delivery = read_delivery(raw)
     # A slot of this process's worker, so that a new message can be claimed as
     # it is stored and started at once, without a claim query of its own.
-    # (Should this request be cancelled meanwhile, a row claimed for the slot
-    # is taken again when its lease expires.)
     local = worker.local_worker()
-    claimed = None
-    try:
-        result = await run_db(
+    stored = asyncio.ensure_future(
+        run_db(
             accept_delivery,
             segment=segment,
             event=event,
@@ -54,15 +63,18 @@ async def evolution_webhook(
             delivery=delivery,
             claim=local is not None,
         )
-        claimed = result.claimed
+    )
+    stored.add_done_callback(partial(_hand_over, local))
+    try:
+        # Shielded: should Evolution hang up meanwhile (Django then cancels the
+        # view), the row is still stored, and a row claimed for the worker
+        # still reaches it instead of waiting out its lease.
+        result = await asyncio.shield(stored)
     except DatabaseError:
         # 503 makes Evolution deliver it again later; nothing was stored.
         logger.exception("webhook could not be stored segment=%s", segment)
         return JsonResponse({"detail": "The delivery could not be stored."}, status=503)
-    finally:
-        if local is not None:
-            local.adopt(claimed)
-    if result.outcome is Outcome.QUEUED and claimed is None:
+    if result.outcome is Outcome.QUEUED and result.claimed is None:
         worker.wake_up()
     metrics.deliveries.labels(result.instance_name or "(unknown)", result.outcome.value).inc()
     status = STATUS_CODES[result.outcome]

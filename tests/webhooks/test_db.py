@@ -6,8 +6,10 @@ import pytest
 from django.db import IntegrityError
 
 from instances.models import InstanceConfig
+from tests.webhooks.conftest import queue_message
 from webhooks import db
-from webhooks.models import WorkerHeartbeat
+from webhooks.models import InboundMessage, Status, WorkerHeartbeat
+from webhooks.rows import update_claimed_row
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -81,3 +83,20 @@ def test_run_db_hands_each_caller_its_own_result(settings) -> None:
     assert isinstance(results[20], RuntimeError)
     assert WorkerHeartbeat.objects.count() == 20
     assert not InstanceConfig.objects.exists()
+
+
+def test_a_batch_run_again_still_makes_every_worker_write(make_instance) -> None:
+    """A batch that fails runs again: a write conditional on the claim token must
+    still match then (the call must not have changed its own arguments)."""
+    row = queue_message(make_instance(), status=Status.PROCESSING, claim_token="tok")
+    finish = {"status": Status.REPLIED, "claim_token": "", "lease_until": None}
+
+    outcomes = db._execute(
+        [(update_claimed_row, {"pk": row.pk, "claim_token": "tok", "fields": finish}),
+         (explode, {})]
+    )
+
+    assert outcomes[0] == (True, True)
+    row.refresh_from_db()
+    assert (row.status, row.claim_token) == (Status.REPLIED, "")
+    assert InboundMessage.objects.count() == 1
