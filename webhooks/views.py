@@ -10,7 +10,14 @@ from django.views.decorators.csrf import csrf_exempt
 
 from webhooks import metrics, worker
 from webhooks.db import run_db
-from webhooks.ingest import TOKEN_HEADER, Outcome, Result, accept_delivery, read_delivery
+from webhooks.ingest import (
+    TOKEN_HEADER,
+    Outcome,
+    Result,
+    accept_delivery,
+    can_claim_on_insert,
+    read_delivery,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +60,7 @@ async def evolution_webhook(
         delivery = read_delivery(raw)
     # A slot of this process's worker, so that a new message can be claimed as
     # it is stored and started at once, without a claim query of its own.
-    local = worker.local_worker()
+    local = worker.local_worker() if can_claim_on_insert() else None
     stored = asyncio.ensure_future(
         run_db(
             accept_delivery,

@@ -156,6 +156,7 @@ class Worker:
         )
         self._in_flight: dict[asyncio.Task[None], InboundMessage] = {}
         self._reserved = 0
+        self._claiming = 0
         self._stopping = False
         self._releasing: set[asyncio.Task[None]] = set()
         self._http: httpx.AsyncClient | None = None
@@ -212,7 +213,8 @@ class Worker:
         self._start(message)
 
     def _free(self) -> int:
-        return self.concurrency - len(self._in_flight) - self._reserved
+        # Slots reserved by webhook views and slots a claim in progress may fill.
+        return self.concurrency - len(self._in_flight) - self._reserved - self._claiming
 
     def _start(self, message: InboundMessage) -> None:
         assert self._http is not None
@@ -226,14 +228,19 @@ class Worker:
             free = self._free()
             claimed: list[InboundMessage] = []
             if free > 0:
+                self._claiming = free
                 try:
                     claimed = await run_db(claim_due_messages, limit=free)
                 except DatabaseError:
                     # run_db has dropped the connection; the next loop reconnects.
                     logger.exception("worker could not claim messages; retrying")
+                finally:
+                    self._claiming = 0
             for message in claimed:
                 self._start(message)
-            if free == 0 or len(claimed) < free:
+            # Never loop without waiting: this loop shares the event loop with
+            # the webhook views whose slots it counts.
+            if free <= 0 or len(claimed) < free:
                 await _wait_any(self._wake, stop, timeout=self.poll_interval)
 
     async def _beat(self) -> None:

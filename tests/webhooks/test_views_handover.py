@@ -57,12 +57,12 @@ async def test_the_claimed_row_is_handed_to_the_worker(make_instance, local) -> 
     await asyncio.sleep(0)  # the hand-over runs as the store's done-callback
 
     assert response.status_code == 200
+    if connection.vendor != "sqlite":
+        assert local.adopted == []  # PostgreSQL claims after commit: no slot is taken
+        return
     [adopted] = local.adopted
-    if connection.vendor == "sqlite":
-        assert adopted is not None and adopted.message_id == "HANDED"
-        assert adopted.status == Status.PROCESSING
-    else:
-        assert adopted is None  # PostgreSQL claims after commit
+    assert adopted is not None and adopted.message_id == "HANDED"
+    assert adopted.status == Status.PROCESSING
 
 
 async def test_a_request_cancelled_while_storing_still_hands_the_row_over(
@@ -87,15 +87,16 @@ async def test_a_request_cancelled_while_storing_still_hands_the_row_over(
     with pytest.raises(asyncio.CancelledError):
         await view
     for _ in range(100):
-        if local.adopted:
+        if local.adopted or await InboundMessage.objects.filter(message_id="CANCELLED").aexists():
             break
         await asyncio.sleep(0.02)
+    await asyncio.sleep(0.05)
 
-    [adopted] = local.adopted
     row = await InboundMessage.objects.aget(message_id="CANCELLED")
-    if connection.vendor == "sqlite":
-        assert adopted is not None and adopted.pk == row.pk
-        assert row.status == Status.PROCESSING
-    else:
-        assert adopted is None
+    if connection.vendor != "sqlite":
+        assert local.adopted == []
         assert row.status == Status.QUEUED
+        return
+    [adopted] = local.adopted
+    assert adopted is not None and adopted.pk == row.pk
+    assert row.status == Status.PROCESSING
