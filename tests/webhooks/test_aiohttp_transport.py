@@ -61,6 +61,18 @@ def read_request(conn: socket.socket) -> bytes:
     return data
 
 
+def silent_server(raw_server) -> tuple[str, threading.Event]:
+    """A server that reads each request and answers nothing until released."""
+    release = threading.Event()
+
+    def handle(conn: socket.socket) -> None:
+        read_request(conn)
+        release.wait(5)
+        conn.close()
+
+    return raw_server(handle), release
+
+
 async def test_it_sends_the_request_and_returns_the_response() -> None:
     evolution = FakeEvolution().start()
     try:
@@ -117,14 +129,7 @@ async def test_a_refused_connection_is_a_connect_error() -> None:
 
 
 async def test_a_server_that_never_answers_is_a_read_timeout(raw_server) -> None:
-    release = threading.Event()
-
-    def handle(conn: socket.socket) -> None:
-        read_request(conn)
-        release.wait(5)
-        conn.close()
-
-    url = raw_server(handle)
+    url, release = silent_server(raw_server)
     try:
         async with new_http_client(max_connections=2) as http:
             with pytest.raises(httpx.ReadTimeout):
@@ -145,14 +150,7 @@ async def test_a_connection_closed_without_an_answer_is_a_protocol_error(raw_ser
 
 
 async def test_waiting_too_long_for_a_pooled_connection_is_a_connect_timeout(raw_server) -> None:
-    release = threading.Event()
-
-    def handle(conn: socket.socket) -> None:
-        read_request(conn)
-        release.wait(5)
-        conn.close()
-
-    url = raw_server(handle)
+    url, release = silent_server(raw_server)
     try:
         async with new_http_client(max_connections=1) as http:
             busy = asyncio.create_task(http.get(url, timeout=5.0))
