@@ -15,6 +15,27 @@ SECRETS = {
 }
 
 
+def break_evolution_cases() -> list[object]:
+    """Ways provisioning fails, as (break_it(acme, evolution), the reason shown), by id."""
+    return [
+        pytest.param(
+            lambda acme, evolution: setattr(acme, "evolution_key", "wrong-key-0000"),
+            "Evolution answered 401 Unauthorized (check the instance's Evolution API key)",
+            id="401",
+        ),
+        pytest.param(
+            lambda acme, evolution: setattr(evolution, "license_required", True),
+            "Evolution answered 503 Service Unavailable: service not activated (LICENSE_REQUIRED)",
+            id="503-license",
+        ),
+        pytest.param(
+            lambda acme, evolution: setattr(acme, "evolution_url", closed_port_url()),
+            ": Connection refused",
+            id="refused",
+        ),
+    ]
+
+
 def closed_port_url() -> str:
     """An address where nothing listens (the port was free a moment ago)."""
     with socket.socket() as sock:

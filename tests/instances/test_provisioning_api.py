@@ -6,7 +6,7 @@ from django.test import Client
 
 from tests.conftest import load_fixture
 from tests.fakes import PAIRING_CODE, QR_DATA_URL
-from tests.instances.conftest import SECRETS, closed_port_url
+from tests.instances.conftest import SECRETS, break_evolution_cases
 from webhooks.ingest import record_delivery
 from webhooks.models import ConnectionState, InboundMessage
 
@@ -46,26 +46,7 @@ def test_provision_creates_and_sets_the_webhook_then_changes_nothing(api, acme, 
     assert [s["outcome"] for s in second.json()["steps"]] == ["exists", "unchanged"]
 
 
-@pytest.mark.parametrize(
-    ("break_it", "detail"),
-    [
-        pytest.param(
-            lambda acme, evolution: setattr(acme, "evolution_key", "wrong-key-0000"),
-            "Evolution answered 401 Unauthorized (check the instance's Evolution API key)",
-            id="401",
-        ),
-        pytest.param(
-            lambda acme, evolution: setattr(evolution, "license_required", True),
-            "Evolution answered 503 Service Unavailable: service not activated (LICENSE_REQUIRED)",
-            id="503-license",
-        ),
-        pytest.param(
-            lambda acme, evolution: setattr(acme, "evolution_url", closed_port_url()),
-            ": Connection refused",
-            id="refused",
-        ),
-    ],
-)
+@pytest.mark.parametrize(("break_it", "detail"), break_evolution_cases())
 def test_a_failed_provision_answers_502_with_the_reason(api, acme, evolution, break_it, detail):
     break_it(acme, evolution)
     acme.save()
