@@ -100,8 +100,12 @@ def claim_due_messages(*, limit: int) -> list[InboundMessage]:
             )
     if not rows:
         return []
+    # By primary key: claim_token has no index, and a lookup on it scanned every
+    # stored row (0.9 s on SQLite with a million finished messages).
     return list(
-        InboundMessage.objects.filter(claim_token=token).select_related("instance").order_by("id")
+        InboundMessage.objects.filter(pk__in=[pk for pk, _ in rows])
+        .select_related("instance")
+        .order_by("id")
     )
 
 
