@@ -11,7 +11,13 @@ from django.core.validators import (
 )
 from django.db import models
 
-from instances.validators import validate_http_url, validate_instance_name, validate_secret
+from instances.validators import (
+    validate_bot_ids,
+    validate_chat_patterns,
+    validate_http_url,
+    validate_instance_name,
+    validate_secret,
+)
 
 DEFAULT_FALLBACK_MESSAGE = (
     "Sorry, we could not answer your message right now. Please try again in a few minutes."
@@ -19,6 +25,31 @@ DEFAULT_FALLBACK_MESSAGE = (
 MAX_AGENT_TIMEOUT = 600
 NO_NUL = ProhibitNullCharactersValidator()
 SECRET_FIELDS = ("evolution_key", "agent_api_key", "webhook_token")
+DEFAULT_RESET_REPLY = "Conversation restarted."
+MAX_DEBOUNCE_SECONDS = 300
+MAX_HANDOFF_MINUTES = 7 * 24 * 60
+# The per-instance conversation settings, in the order the admin, the API and
+# the CLI show them.
+CONVERSATION_FIELDS = (
+    "handoff_minutes",
+    "bot_off_keyword",
+    "bot_on_keyword",
+    "debounce_seconds",
+    "group_policy",
+    "bot_ids",
+    "allow_list",
+    "block_list",
+    "reset_keyword",
+    "reset_reply",
+    "session_idle_minutes",
+    "max_concurrent",
+)
+
+
+class GroupPolicy(models.TextChoices):
+    IGNORE = "ignore", "Ignore group messages"
+    MENTIONS = "mentions", "Answer when mentioned or quoted"
+    ALL = "all", "Answer every group message"
 
 
 def generate_webhook_token() -> str:
@@ -95,6 +126,87 @@ class InstanceConfig(models.Model):
         help_text="Sent to the user when the agent fails for good. Blank sends nothing.",
     )
 
+    # --- conversations: how the bot behaves in a chat ---
+    handoff_minutes = models.PositiveIntegerField(
+        default=30,
+        validators=[MaxValueValidator(MAX_HANDOFF_MINUTES)],
+        help_text="A message written from the business's phone (not sent by the hub) pauses "
+        "the bot in that chat for this many minutes after the last one. 0: never.",
+    )
+    bot_off_keyword = models.CharField(
+        max_length=64,
+        blank=True,
+        default="/bot off",
+        validators=[NO_NUL],
+        help_text="Typed from the business's phone in a chat: the bot stays quiet there until "
+        "the 'bot on' keyword. Blank disables.",
+    )
+    bot_on_keyword = models.CharField(
+        max_length=64,
+        blank=True,
+        default="/bot on",
+        validators=[NO_NUL],
+        help_text="Typed from the business's phone: the bot answers in that chat again at once.",
+    )
+    debounce_seconds = models.PositiveIntegerField(
+        default=0,
+        validators=[MaxValueValidator(MAX_DEBOUNCE_SECONDS)],
+        help_text="Messages of a chat less than this many seconds apart get one answer. "
+        f"0: off. At most {MAX_DEBOUNCE_SECONDS}; a chat that keeps typing is answered "
+        "at the latest 3 times this after its first message.",
+    )
+    group_policy = models.CharField(
+        max_length=16,
+        choices=GroupPolicy.choices,
+        default=GroupPolicy.IGNORE,
+        help_text="Which group messages the bot answers; its reply quotes the message.",
+    )
+    bot_ids = models.JSONField(
+        default=list,
+        blank=True,
+        validators=[validate_bot_ids],
+        help_text="More ids of the bot's own account for mentions in groups (digits or "
+        "…@lid). The phone id is learned from Evolution when the number connects.",
+    )
+    allow_list = models.JSONField(
+        default=list,
+        blank=True,
+        validators=[validate_chat_patterns],
+        help_text="When not empty, only these chats are answered: phone numbers (a trailing "
+        "* matches a prefix) or group JIDs.",
+    )
+    block_list = models.JSONField(
+        default=list,
+        blank=True,
+        validators=[validate_chat_patterns],
+        help_text="Chats never answered: phone numbers (a trailing * matches a prefix) or "
+        "group JIDs. In a group the sender's number is checked too.",
+    )
+    reset_keyword = models.CharField(
+        max_length=64,
+        blank=True,
+        default="/reset",
+        validators=[NO_NUL],
+        help_text="A user message equal to it starts a new agent session. Blank disables.",
+    )
+    reset_reply = models.TextField(
+        blank=True,
+        default=DEFAULT_RESET_REPLY,
+        validators=[NO_NUL],
+        help_text="The answer to the reset keyword. Blank sends nothing.",
+    )
+    session_idle_minutes = models.PositiveIntegerField(
+        default=0,
+        help_text="After this many minutes without a message, the chat's next message "
+        "starts a new agent session. 0: never.",
+    )
+    max_concurrent = models.PositiveIntegerField(
+        default=16,
+        validators=[MinValueValidator(1), MaxValueValidator(1000)],
+        help_text="At most this many of the instance's chats are with the agent at once, "
+        "across all workers.",
+    )
+
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -140,6 +252,15 @@ class InstanceConfig(models.Model):
             errors["evolution_key" if self.evolution_url else "evolution_url"] = (
                 "Set both the Evolution URL and key, or leave both blank (legacy mode)."
             )
+        keywords = {
+            name: getattr(self, name).strip().casefold()
+            for name in ("bot_off_keyword", "bot_on_keyword", "reset_keyword")
+        }
+        if (
+            keywords["bot_off_keyword"]
+            and keywords["bot_off_keyword"] == keywords["bot_on_keyword"]
+        ):
+            errors["bot_on_keyword"] = "Must differ from the 'bot off' keyword."
         if errors:
             raise ValidationError(errors)
 

@@ -91,3 +91,32 @@ def validate_secret(value: str) -> None:
             "Use printable ASCII characters without spaces (at most 512).",
             code="invalid_secret",
         )
+
+
+# A phone number (digits, `*` at the end as a prefix wildcard) or a group JID.
+CHAT_PATTERN_RE = re.compile(r"^(?:[0-9]{1,20}\*?|\*|[0-9]{1,30}(?:-[0-9]{1,20})?@g\.us)$")
+# The bot's own ids for mention matching: its phone digits, or a JID (…@lid, …@s.whatsapp.net).
+BOT_ID_RE = re.compile(r"^(?:[0-9]{1,20}|[0-9]{1,30}@(?:lid|s\.whatsapp\.net))$")
+
+
+def _string_list(value: object, *, pattern: re.Pattern[str], example: str) -> None:
+    if not isinstance(value, list):
+        raise ValidationError(f"Enter a list, e.g. {example}.", code="not_a_list")
+    for item in value:
+        if not isinstance(item, str) or not pattern.fullmatch(item):
+            raise ValidationError(
+                f"{item!r} is not valid here; examples: {example}.", code="invalid_item"
+            )
+
+
+def validate_chat_patterns(value: object) -> None:
+    """allow_list / block_list entries."""
+    _string_list(
+        value,
+        pattern=CHAT_PATTERN_RE,
+        example='["5511987654321", "5511*", "120363041234567890@g.us"]',
+    )
+
+
+def validate_bot_ids(value: object) -> None:
+    _string_list(value, pattern=BOT_ID_RE, example='["5511900000001", "123456789012345@lid"]')

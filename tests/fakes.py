@@ -10,6 +10,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ class Recorded:
     # When the answer was written back (time.time()); None until then.
     answered_at: float | None = None
     status: int | None = None
+    # The body answered (sendText's key.id is how a test sends the hub's echo back).
+    answer: Any = None
 
 
 # An answer is (status, body); a bytes body is sent as is, anything else as JSON.
@@ -106,7 +109,7 @@ class FakeServer:
                     outer._arrived.notify_all()
                 status, answer = outer._answer_for(record)
                 data = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
-                record.status = status
+                record.status, record.answer = status, answer
                 try:
                     self.send_response(status)
                     self.send_header("content-type", "application/json")
@@ -251,7 +254,12 @@ class FakeEvolution(FakeServer):
         if "/message/sendText/" in record.path:
             number = (record.body or {}).get("number", "")
             return 201, {
-                "key": {"remoteJid": f"{number}@s.whatsapp.net", "fromMe": True, "id": "3EB0"},
+                "key": {
+                    "remoteJid": f"{number}@s.whatsapp.net",
+                    "fromMe": True,
+                    # Each message its own id, as WhatsApp gives it.
+                    "id": f"3EB0{uuid.uuid4().hex[:18].upper()}",
+                },
                 "status": "PENDING",
             }
         if "/chat/sendPresence/" in record.path:

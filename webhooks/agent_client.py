@@ -29,9 +29,13 @@ class AgentReply:
         return bool(self.text.strip()) and not self.text.startswith(SILENT_PREFIX)
 
 
-def session_name(*, instance: InstanceConfig, phone: str, chat_jid: str) -> str:
-    digits = phone or chat_jid.split("@", 1)[0]
-    return f"{instance.session_prefix}{digits}"
+def session_name(*, instance: InstanceConfig, phone: str, chat_jid: str, epoch: int = 1) -> str:
+    """The agent session of a chat: the first one keeps the single-tenant service's
+    name (prefix + phone digits; a group's own digits), later ones add -2, -3, ..."""
+    digits = chat_jid.split("@", 1)[0] if chat_jid.endswith("@g.us") else ""
+    digits = digits or phone or chat_jid.split("@", 1)[0]
+    name = f"{instance.session_prefix}{digits}"
+    return name if epoch <= 1 else f"{name}-{epoch}"
 
 
 def build_agent_request(
@@ -39,20 +43,31 @@ def build_agent_request(
     instance: InstanceConfig,
     content: dict[str, Any],
     payload: dict[str, Any],
+    session: str | None = None,
 ) -> dict[str, Any]:
-    """The JSON body for the agent, from a stored message's normalized content."""
+    """The JSON body for the agent, from a stored message's normalized content.
+
+    A debounced burst's texts (`burst_texts`) go as one message, one per line.
+    """
     name = content.get("push_name") or "WhatsApp User"
     message_type = content.get("message_type", "text")
     phone = content.get("phone", "")
     chat_jid = content.get("chat_jid", "")
+    texts = content.get("burst_texts")
+    text = "\n".join(texts) if isinstance(texts, list) and texts else content.get("text", "")
+    user_data: dict[str, Any] = {"name": name, "whatsapp_id": chat_jid, "source": "whatsapp"}
+    if content.get("is_group"):
+        user_data.update(
+            is_group=True, group_jid=chat_jid, sender_jid=content.get("sender_jid", "")
+        )
     body: dict[str, Any] = {
-        "message_content": f"[{name}]: {content.get('text', '')}",
+        "message_content": f"[{name}]: {text}",
         "message_type": message_type if message_type in AGENT_MESSAGE_TYPES else "text",
-        "session_name": session_name(instance=instance, phone=phone, chat_jid=chat_jid),
+        "session_name": session or session_name(instance=instance, phone=phone, chat_jid=chat_jid),
         "user": {
             "phone_number": f"+{phone}" if phone else None,
             "email": None,
-            "user_data": {"name": name, "whatsapp_id": chat_jid, "source": "whatsapp"},
+            "user_data": user_data,
         },
         "message_limit": MESSAGE_LIMIT,
         "channel_payload": payload,

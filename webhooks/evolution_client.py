@@ -41,12 +41,18 @@ class EvolutionClient:
             self._url(route), json=body, headers=self.headers, timeout=timeout
         )
 
-    async def send_text(self, *, number: str, text: str) -> dict[str, Any]:
-        """POST /message/sendText/{instance}; raises OutboundError."""
+    async def send_text(
+        self, *, number: str, text: str, quoted: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """POST /message/sendText/{instance}; raises OutboundError.
+
+        `quoted` ({"key": ..., "message": ...}) makes the reply quote a message.
+        """
+        body: dict[str, Any] = {"number": number, "text": text}
+        if quoted is not None:
+            body["quoted"] = quoted
         try:
-            response = await self._post(
-                "message/sendText", {"number": number, "text": text}, settings.EVOLUTION_TIMEOUT
-            )
+            response = await self._post("message/sendText", body, settings.EVOLUTION_TIMEOUT)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # Nothing reached Evolution: trying again cannot send twice.
             raise OutboundError(f"Evolution unreachable: {exc!r}", retryable=True) from exc

@@ -8,7 +8,7 @@ import hmac
 import json
 import logging
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -18,10 +18,9 @@ from django.utils import timezone
 
 from instances.models import InstanceConfig
 from instances.validators import EVENT_SLUGS
-from webhooks import parsing, rows
-from webhooks.models import ConnectionState, InboundMessage, Status
+from webhooks import chat_rules, metrics, parsing, rows, transitions
+from webhooks.models import ConnectionState, Conversation, InboundMessage, Status
 from webhooks.notify import notify_new_message
-from webhooks.worker import lease_for, new_claim_token
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +44,8 @@ class Result:
     detail: str = ""
     message_id: str = ""
     instance_name: str = ""
-    # The stored row when it was claimed for this process's worker on insert.
-    claimed: InboundMessage | None = None
+    # The chat, with the stored row, when it was claimed for this process's worker.
+    claimed: "transitions.Batch | None" = None
 
 
 def find_instance(*, segment: str | None, event: str | None) -> InstanceConfig | None:
@@ -147,24 +146,161 @@ def record(*, instance: InstanceConfig, delivery: Delivery, claim: bool = False)
 
 
 def can_claim_on_insert() -> bool:
-    """Whether a new row may be claimed in the transaction that stores it.
+    """Whether a new message's chat may be claimed in the transaction that stores it.
 
-    On SQLite every write transaction runs alone, so "no other open message in
-    this chat" stays true until commit. On PostgreSQL two servers could store
-    two messages of one chat at once, each unseen by the other's check: there
-    the worker claims rows only after they are committed.
+    On SQLite every write transaction runs alone, so "nothing open in this
+    chat" stays true until commit. On PostgreSQL two servers could store two
+    messages of one chat at once, each unseen by the other's check: there the
+    worker claims chats only after they are committed.
     """
     return connection.vendor == "sqlite"
 
 
 def record_message(*, instance: InstanceConfig, delivery: Delivery, claim: bool = False) -> Result:
-    """Store a message; with `claim`, hand it straight to this process's worker
-    when its chat has nothing else open (saves the worker a claim round trip)."""
+    """Store a message and note it on its chat's conversation.
+
+    With `claim`, a chat with nothing else open is handed straight to this
+    process's worker (saves the worker a claim round trip).
+    """
     message = delivery.message
     body = delivery.body
     assert message is not None and body is not None
-    reason = delivery.ignore_reason
     now = timezone.now()
+    reason = delivery.ignore_reason
+    owner: chat_rules.OwnerAction | None = None
+    chat: rows.ChatState | None = None
+    token = ""
+    if reason is None and message.from_me:
+        reason, owner = _from_me_reason(instance=instance, message=message)
+    elif reason is None:
+        reason = chat_rules.access_reason(instance=instance, message=message) or _group_reason(
+            instance=instance, message=message
+        )
+        if reason is None:
+            chat = _touch(instance=instance, message=message, now=now)
+            if chat.paused_now(now=now):
+                reason = chat.pause_reason
+            elif (
+                claim
+                and can_claim_on_insert()
+                and not instance.debounce_seconds
+                and not chat.claim_token
+                and chat.due_at is None
+            ):
+                token = transitions.claim_on_insert(
+                    conversation_id=chat.id, instance=instance, now=now
+                )
+    row = _new_row(instance=instance, message=message, body=body, reason=reason, now=now)
+    if token:
+        row.status = Status.PROCESSING
+        row.claim_token = token
+        row.lease_until = transitions.lease_for(agent_timeout=instance.agent_timeout, now=now)
+        row.attempts = 1
+    if not rows.insert_message(row=row):
+        if token and chat is not None:
+            rows.unclaim_conversation(conversation_id=chat.id, token=token)
+        return Result(Outcome.DUPLICATE, "already received", message.message_id, instance.name)
+    if owner is not None:
+        # Noted only once the message is known to be new: a repeated delivery
+        # must not restart a takeover's window.
+        owned = _touch(instance=instance, message=message, now=now)
+        transitions.owner_wrote(conversation_id=owned.id, action=owner, instance=instance, now=now)
+        if owner is chat_rules.OwnerAction.HUMAN and instance.handoff_minutes:
+            metrics.takeovers.labels(instance.name).inc()
+    elif chat is not None and not reason and not token:
+        debounce = instance.debounce_seconds
+        rows.make_conversation_due(
+            conversation_id=chat.id,
+            due=now + timedelta(seconds=debounce),
+            limit=chat_rules.debounce_limit(first_queued_at=now, debounce_seconds=debounce)
+            if debounce
+            else None,
+        )
+        notify_new_message()
+    logger.info(
+        "message instance=%s id=%s status=%s%s",
+        instance.name,
+        message.message_id,
+        row.status,
+        f" reason={reason}" if reason else "",
+    )
+    outcome = Outcome.IGNORED if reason else Outcome.QUEUED
+    batch = None
+    if token and chat is not None:
+        row.instance = instance
+        batch = transitions.Batch(
+            conversation=Conversation(
+                pk=chat.id,
+                instance=instance,
+                chat_jid=message.chat_jid,
+                session_epoch=chat.session_epoch,
+                claim_token=token,
+            ),
+            token=token,
+            messages=[row],
+        )
+    return Result(outcome, reason or "", message.message_id, instance.name, batch)
+
+
+def _from_me_reason(
+    *, instance: InstanceConfig, message: parsing.ParsedMessage
+) -> tuple[str, chat_rules.OwnerAction | None]:
+    """Why a fromMe message is not answered, and what it means when a human wrote it."""
+    if message.is_broadcast or message.is_newsletter:
+        return "from_me", None
+    if rows.is_own_message(
+        instance_id=instance.pk,
+        chat_jid=message.chat_jid,
+        message_id=message.message_id,
+        text=message.text,
+    ):
+        # The echo of the hub's own reply: never a human taking over.
+        return "from_me", None
+    action = chat_rules.owner_action(instance=instance, text=message.text)
+    if action is chat_rules.OwnerAction.HUMAN and not instance.handoff_minutes:
+        return "from_me", None
+    return action.value, action
+
+
+def _group_reason(*, instance: InstanceConfig, message: parsing.ParsedMessage) -> str | None:
+    context = None
+    if chat_rules.needs_group_context(instance=instance, message=message):
+        wuid = (
+            ConnectionState.objects.filter(instance=instance).values_list("wuid", flat=True).first()
+        )
+        quoted = (message.quoted or {}).get("id", "")
+        context = chat_rules.GroupContext(
+            bot_jids=chat_rules.bot_jids(instance=instance, wuid=wuid or ""),
+            quotes_the_hub=bool(quoted)
+            and rows.hub_sent(instance_id=instance.pk, message_id=quoted),
+        )
+    return chat_rules.group_reason(instance=instance, message=message, context=context)
+
+
+def _touch(
+    *, instance: InstanceConfig, message: parsing.ParsedMessage, now: datetime
+) -> rows.ChatState:
+    idle = instance.session_idle_minutes
+    return rows.touch_conversation(
+        instance_id=instance.pk,
+        chat_jid=message.chat_jid,
+        # The owner's own name and a group's senders do not name the chat.
+        phone="" if message.is_group else message.phone,
+        push_name="" if message.from_me or message.is_group else message.push_name[:256],
+        is_group=message.is_group,
+        now=now,
+        idle_cutoff=now - timedelta(minutes=idle) if idle and not message.from_me else None,
+    )
+
+
+def _new_row(
+    *,
+    instance: InstanceConfig,
+    message: parsing.ParsedMessage,
+    body: dict[str, Any],
+    reason: str | None,
+    now: datetime,
+) -> InboundMessage:
     row = InboundMessage(
         instance=instance,
         message_id=message.message_id,
@@ -178,8 +314,9 @@ def record_message(*, instance: InstanceConfig, delivery: Delivery, claim: bool 
         payload=parsing.strip_secrets(body),
         evolution_instance=message.evolution_instance[:128],
         status=Status.IGNORED if reason else Status.QUEUED,
-        ignore_reason=reason or "",
+        ignore_reason=(reason or "")[:64],
         next_attempt_at=None if reason else now,
+        queued_at=None if reason else now,
         finished_at=now if reason else None,
         message_timestamp=_timestamp(message.timestamp),
         received_at=now,
@@ -188,32 +325,7 @@ def record_message(*, instance: InstanceConfig, delivery: Delivery, claim: bool 
         # The single-tenant service replied through the server that delivered.
         row.reply_server_url = _string(body.get("server_url"))[:500]
         row.reply_api_key = _string(body.get("apikey"))[:512]
-    claimed = (
-        claim
-        and not reason
-        and can_claim_on_insert()
-        and not rows.chat_has_open_message(instance_id=instance.pk, chat_jid=message.chat_jid)
-    )
-    if claimed:
-        row.status = Status.PROCESSING
-        row.claim_token = new_claim_token()
-        row.lease_until = lease_for(agent_timeout=instance.agent_timeout, now=now)
-        row.attempts = 1
-    if not rows.insert_message(row=row):
-        return Result(Outcome.DUPLICATE, "already received", message.message_id, instance.name)
-    if not reason and not claimed:
-        notify_new_message()
-    logger.info(
-        "message instance=%s id=%s status=%s%s",
-        instance.name,
-        message.message_id,
-        row.status,
-        f" reason={reason}" if reason else "",
-    )
-    outcome = Outcome.IGNORED if reason else Outcome.QUEUED
-    return Result(
-        outcome, reason or "", message.message_id, instance.name, row if claimed else None
-    )
+    return row
 
 
 def record_connection_state(*, instance: InstanceConfig, body: dict[str, Any]) -> Result:
@@ -223,18 +335,20 @@ def record_connection_state(*, instance: InstanceConfig, body: dict[str, Any]) -
         return Result(Outcome.IGNORED, f"not a usable connection.update: {exc}")
     # One row per instance, updated in place: Evolution sends this event about
     # twice a second while it cannot reach WhatsApp.
+    fields: dict[str, Any] = {"state": state[:32], "status_reason": reason}
+    wuid = parsing.connection_wuid(body)
+    if wuid:
+        fields["wuid"] = wuid
     updated = ConnectionState.objects.filter(instance=instance).update(
-        state=state[:32], status_reason=reason, updated_at=timezone.now()
+        updated_at=timezone.now(), **fields
     )
     if not updated:
         try:
             with transaction.atomic():
-                ConnectionState.objects.create(
-                    instance=instance, state=state[:32], status_reason=reason
-                )
+                ConnectionState.objects.create(instance=instance, **fields)
         except IntegrityError:
             ConnectionState.objects.filter(instance=instance).update(
-                state=state[:32], status_reason=reason, updated_at=timezone.now()
+                updated_at=timezone.now(), **fields
             )
     return Result(Outcome.IGNORED, f"connection state {state} recorded")
 

@@ -56,12 +56,35 @@ outbound_errors = Counter(
     "Failed calls to agents and Evolution, by target and HTTP status ('none' when no answer).",
     ["instance", "target", "status"],
 )
+takeovers = Counter(
+    "omnihub_takeovers_total",
+    "Messages written from the business's phone that paused the bot in their chat.",
+    ["instance"],
+)
+debounced_bursts = Counter(
+    "omnihub_debounced_bursts_total",
+    "Agent calls that answered two or more messages of a chat at once (debounce).",
+    ["instance"],
+)
+
+
+def paused_by_instance() -> dict[str, int]:
+    from django.db.models import Count, Q
+    from django.utils import timezone
+
+    from webhooks.models import Conversation
+
+    paused = Conversation.objects.exclude(pause_reason="").filter(
+        Q(paused_until__isnull=True) | Q(paused_until__gt=timezone.now())
+    )
+    return dict(paused.order_by().values_list("instance__name").annotate(count=Count("id")))
 
 
 class QueueCollector(Collector):
-    def __init__(self, depth: int, oldest: float) -> None:
+    def __init__(self, depth: int, oldest: float, paused: dict[str, int] | None = None) -> None:
         self.depth = depth
         self.oldest = oldest
+        self.paused = paused or {}
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily(
@@ -72,6 +95,14 @@ class QueueCollector(Collector):
             "Age of the oldest message queued and due now.",
             value=self.oldest,
         )
+        paused = GaugeMetricFamily(
+            "omnihub_conversations_paused",
+            "Conversations where the bot is paused now (takeover, bot off, operator).",
+            labels=["instance"],
+        )
+        for name, count in sorted(self.paused.items()):
+            paused.add_metric([name], count)
+        yield paused
 
 
 def allowed(request: HttpRequest) -> bool:
@@ -96,7 +127,10 @@ async def metrics_view(request: HttpRequest) -> HttpResponse:
     else:
         registry = REGISTRY
     depth, oldest = await run_db(queue_stats)
-    output = generate_latest(registry) + generate_latest(_one(QueueCollector(depth, oldest)))
+    paused = await run_db(paused_by_instance)
+    output = generate_latest(registry) + generate_latest(
+        _one(QueueCollector(depth, oldest, paused))
+    )
     return HttpResponse(output, content_type=CONTENT_TYPE_LATEST)
 
 

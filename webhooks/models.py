@@ -1,3 +1,5 @@
+from datetime import datetime
+
 from django.db import models
 
 from instances.models import InstanceConfig
@@ -50,6 +52,14 @@ class InboundMessage(models.Model):
     # None: the agent has not answered yet; "": it answered with nothing to send.
     reply_text = models.TextField(null=True, blank=True)  # noqa: DJ001
     used_fallback = models.BooleanField(default=False)
+    # The message whose agent call answered this one too (a debounced burst).
+    answered_by = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="folded"
+    )
+    # A chat's open messages are handled in this order: a retried message goes
+    # after what is already open in its chat.
+    queued_at = models.DateTimeField(null=True, blank=True)
+    session_name = models.CharField(max_length=200, blank=True)
 
     message_timestamp = models.DateTimeField(null=True, blank=True)
     received_at = models.DateTimeField(auto_now_add=True, db_index=True)
@@ -68,11 +78,115 @@ class InboundMessage(models.Model):
         ]
         indexes = [
             models.Index(fields=["status", "next_attempt_at"], name="webhooks_due"),
-            models.Index(fields=["instance", "chat_jid", "id"], name="webhooks_chat_order"),
+            # A chat's open messages, found without reading its finished ones.
+            models.Index(
+                fields=["instance", "chat_jid", "status", "id"], name="webhooks_chat_open"
+            ),
         ]
 
     def __str__(self) -> str:
         return f"{self.instance_id}:{self.message_id}"
+
+
+class PauseReason(models.TextChoices):
+    HUMAN = "human takeover"
+    BOT_OFF = "bot off"
+    OPERATOR = "paused"
+
+
+class Conversation(models.Model):
+    """One chat of one instance: its state, and the lease of the worker handling it.
+
+    `due_at` is when a worker should look at the chat; NULL when it has nothing
+    to do. While a worker holds the chat (`claim_token` set), `due_at` is the
+    end of its lease, so a chat whose worker died is due again by itself. The
+    claim reads only due rows of this table, whatever the size of the inbox.
+    """
+
+    instance = models.ForeignKey(
+        InstanceConfig, on_delete=models.CASCADE, related_name="conversations"
+    )
+    chat_jid = models.CharField(max_length=128)
+    phone = models.CharField(max_length=32, blank=True)
+    push_name = models.CharField(max_length=256, blank=True)
+    is_group = models.BooleanField(default=False)
+
+    pause_reason = models.CharField(max_length=32, blank=True, choices=PauseReason.choices)
+    # With a pause reason: until when; NULL means until resumed.
+    paused_until = models.DateTimeField(null=True, blank=True)
+    # Advanced by a reset or an idle expiry: the agent session's number.
+    session_epoch = models.PositiveIntegerField(default=1)
+    last_message_at = models.DateTimeField(null=True, blank=True)
+
+    due_at = models.DateTimeField(null=True, blank=True)
+    # A debounced chat that keeps typing is answered by this time at the latest.
+    due_limit = models.DateTimeField(null=True, blank=True)
+    claim_token = models.CharField(max_length=32, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-last_message_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["instance", "chat_jid"], name="webhooks_one_conversation_per_chat"
+            )
+        ]
+        indexes = [
+            models.Index(fields=["due_at"], name="webhooks_conversation_due"),
+            models.Index(fields=["instance", "-last_message_at"], name="webhooks_conv_recent"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.instance_id}:{self.chat_jid}"
+
+    def paused_now(self, *, now: datetime) -> bool:
+        return bool(self.pause_reason) and (self.paused_until is None or self.paused_until > now)
+
+    @property
+    def state(self) -> str:
+        from django.utils import timezone
+
+        return "paused" if self.paused_now(now=timezone.now()) else "active"
+
+
+class OutboundStatus(models.TextChoices):
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+class OutboundMessage(models.Model):
+    """A message the hub sent (or is sending) through Evolution.
+
+    Its Evolution id (sendText's key.id) is how the hub tells its own messages'
+    echoes from a human's messages written on the phone; a row is written
+    before the send, so an echo that arrives before sendText answers is known
+    by its text.
+    """
+
+    instance = models.ForeignKey(InstanceConfig, on_delete=models.CASCADE, related_name="sent")
+    chat_jid = models.CharField(max_length=128)
+    text = models.TextField()
+    in_reply_to = models.ForeignKey(
+        InboundMessage, null=True, blank=True, on_delete=models.SET_NULL, related_name="replies"
+    )
+    evolution_id = models.CharField(max_length=128, blank=True)
+    status = models.CharField(
+        max_length=16, choices=OutboundStatus.choices, default=OutboundStatus.SENDING
+    )
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [
+            models.Index(fields=["instance", "evolution_id"], name="webhooks_outbound_key"),
+            models.Index(fields=["instance", "chat_jid", "status"], name="webhooks_outbound_chat"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.instance_id}:{self.evolution_id or self.pk}"
 
 
 class ConnectionState(models.Model):
@@ -83,6 +197,8 @@ class ConnectionState(models.Model):
     )
     state = models.CharField(max_length=32, blank=True)
     status_reason = models.IntegerField(null=True, blank=True)
+    # The connected account's own JID (connection.update "open" carries it as wuid).
+    wuid = models.CharField(max_length=128, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     def __str__(self) -> str:

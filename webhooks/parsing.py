@@ -201,14 +201,15 @@ def parse_message(body: dict) -> ParsedMessage:
 
 
 def ignore_reason(message: ParsedMessage, *, now: float, max_age_seconds: int) -> str | None:
-    if message.from_me:
-        return "from_me"
+    """Why a message is never answered, whatever the chat's settings.
+
+    fromMe messages and groups are not decided here: what they mean depends on
+    the instance's settings and the chat's state (webhooks/chat_rules.py).
+    """
     if message.is_broadcast:
         return "broadcast"
     if message.is_newsletter:
         return "newsletter"
-    if message.is_group:
-        return "group"
     if message.message_type in ("reaction", "sticker", "protocol"):
         return message.message_type
     # A zero or negative age would ignore everything: read it as "no limit".
@@ -221,6 +222,13 @@ def ignore_reason(message: ParsedMessage, *, now: float, max_age_seconds: int) -
     if not message.text.strip() and message.media is None:
         return "empty"
     return None
+
+
+def connection_wuid(body: dict) -> str:
+    """The connected account's JID (without its device), which an "open" update carries."""
+    data = body.get("data") if isinstance(body, dict) else None
+    jid = _jid(data.get("wuid")) if isinstance(data, dict) else ""
+    return jid if len(jid) <= MAX_ID_LENGTH else ""
 
 
 def parse_connection_update(body: dict) -> tuple[str, int | None]:

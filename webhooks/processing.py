@@ -1,7 +1,12 @@
-"""Processing one claimed message: agent call, then the reply through Evolution.
+"""Handling one claimed conversation: its open messages in order, each answer
+an agent call and then the reply through Evolution.
+
+A batch of a chat's open messages becomes units: a paused chat's messages are
+only noted, a reset keyword starts a new session, and the rest are answered
+one by one, or (debounce on) as one burst with one agent call and one reply.
 
 Every write is conditional on the claim token, so a worker that lost its
-lease (another worker took the row) can never overwrite the new owner's work.
+lease (another worker took the chat) can never overwrite the new owner's work.
 """
 
 import asyncio
@@ -17,12 +22,22 @@ from django.utils import timezone
 
 from instances.models import InstanceConfig
 from webhooks import metrics
-from webhooks.agent_client import AgentClient, build_agent_request
+from webhooks.agent_client import AgentClient, build_agent_request, session_name
+from webhooks.chat_rules import is_reset
 from webhooks.db import run_db
 from webhooks.evolution_client import EvolutionClient, EvolutionTarget
 from webhooks.http import OutboundError
-from webhooks.models import InboundMessage, Status
-from webhooks.rows import update_claimed_row
+from webhooks.models import Conversation, InboundMessage, Status
+from webhooks.transitions import (
+    Batch,
+    SendEnd,
+    SendStart,
+    advance_session,
+    fold_into,
+    lease_for,
+    save_claimed,
+    settle_conversation,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,19 +87,93 @@ def reply_number(*, message: InboundMessage) -> str:
     return reply_to if isinstance(reply_to, str) and reply_to else message.chat_jid
 
 
-async def _update(message: InboundMessage, **fields: Any) -> bool:
-    """Write fields if this worker still holds the claim; False when it lost it.
+def quote_of(*, message: InboundMessage) -> dict[str, Any] | None:
+    """In a group the reply quotes the message it answers (sendText's `quoted`)."""
+    if not message.content.get("is_group"):
+        return None
+    return {
+        "key": {
+            "id": message.message_id,
+            "remoteJid": message.chat_jid,
+            "fromMe": False,
+            "participant": message.sender_jid,
+        },
+        "message": {"conversation": message.text},
+    }
 
-    The message object changes only once the write is back: the database thread
-    may run a call twice (see webhooks/db.py), so what it runs must not change
-    its arguments.
-    """
-    updated = await run_db(
-        update_claimed_row, pk=message.pk, claim_token=message.claim_token, fields=fields
-    )
-    for key, value in fields.items():
-        setattr(message, key, value)
-    return updated
+
+class Step:
+    """The writes of one batch: each conditional on its claim, each renewing its lease."""
+
+    def __init__(self, batch: Batch) -> None:
+        self.batch = batch
+
+    async def update(
+        self,
+        message: InboundMessage,
+        *,
+        send_start: SendStart | None = None,
+        send_end: SendEnd | None = None,
+        **fields: Any,
+    ) -> tuple[bool, int | None]:
+        """Write fields if this worker still holds the chat; False when it lost it.
+
+        The message object changes only once the write is back: the database
+        thread may run a call twice (see webhooks/db.py), so what it runs must
+        not change its arguments.
+        """
+        instance = self.batch.instance
+        held, outbound_id = await run_db(
+            save_claimed,
+            message_pk=message.pk,
+            token=self.batch.token,
+            fields=fields,
+            conversation_id=self.batch.conversation.pk,
+            lease_until=lease_for(agent_timeout=instance.agent_timeout, now=timezone.now()),
+            send_start=send_start,
+            send_end=send_end,
+            instance_id=instance.pk,
+        )
+        for key, value in fields.items():
+            setattr(message, key, value)
+        return held, outbound_id
+
+    async def finish(self, message: InboundMessage, status: str, **fields: Any) -> None:
+        now = timezone.now()
+        send_end = fields.pop("send_end", None)
+        done, _ = await self.update(
+            message,
+            send_end=send_end,
+            status=status,
+            finished_at=now,
+            lease_until=None,
+            claim_token="",
+            reply_api_key="",
+            **fields,
+        )
+        if done:
+            total = (now - message.received_at).total_seconds()
+            name = message.instance.name
+            metrics.messages_finished.labels(name, status).inc()
+            metrics.processing_seconds.labels(name).observe(total)
+            _log(message, status, total_ms=f"{total * 1000:.0f}", error=bool(message.last_error))
+
+    async def retry_later(
+        self, message: InboundMessage, *, attempt: int, error: str, **fields: Any
+    ) -> None:
+        delay = backoff(attempt)
+        send_end = fields.pop("send_end", None)
+        await self.update(
+            message,
+            send_end=send_end,
+            status=Status.QUEUED,
+            next_attempt_at=timezone.now() + delay,
+            lease_until=None,
+            claim_token="",
+            last_error=error,
+            **fields,
+        )
+        _log(message, "queued", retry_in=f"{delay.total_seconds():.1f}s", error=error)
 
 
 def _log(message: InboundMessage, status: str, **extra: Any) -> None:
@@ -98,51 +187,109 @@ def _log(message: InboundMessage, status: str, **extra: Any) -> None:
     )
 
 
-async def _finish(message: InboundMessage, status: str, **fields: Any) -> None:
-    now = timezone.now()
-    done = await _update(
+def plan(batch: Batch) -> list[tuple[str, list[InboundMessage]]]:
+    """The batch's messages as units, in order: ("paused" | "reset" | "answer", messages)."""
+    conversation, instance = batch.conversation, batch.instance
+    if conversation.paused_now(now=timezone.now()):
+        return [("paused", batch.messages)]
+    units: list[tuple[str, list[InboundMessage]]] = []
+    burst: list[InboundMessage] = []
+
+    def close_burst() -> None:
+        if burst:
+            units.append(("answer", list(burst)))
+            burst.clear()
+
+    for message in batch.messages:
+        if message.reply_text is not None:
+            # Its agent already answered (a send being retried): on its own.
+            close_burst()
+            units.append(("answer", [message]))
+        elif message.content.get("reset") or is_reset(instance=instance, text=message.text):
+            close_burst()
+            units.append(("reset", [message]))
+        else:
+            burst.append(message)
+            if not instance.debounce_seconds:
+                close_burst()
+    close_burst()
+    return units
+
+
+async def handle_batch(*, batch: Batch, http: httpx.AsyncClient) -> None:
+    """Handle a held conversation's messages, then let the conversation go."""
+    step = Step(batch)
+    for kind, messages in plan(batch):
+        if kind == "paused":
+            reason = batch.conversation.pause_reason or "paused"
+            for message in messages:
+                await step.finish(message, Status.IGNORED, ignore_reason=reason)
+            continue
+        if kind == "reset":
+            if not await _reset(step, message=messages[0], http=http):
+                break
+            continue
+        if not await _answer(step, messages=messages, http=http):
+            # Requeued for a retry (it holds back the rest of its chat) or lost.
+            break
+    await run_db(settle_conversation, conversation=batch.conversation, token=batch.token)
+
+
+async def _reset(step: Step, *, message: InboundMessage, http: httpx.AsyncClient) -> bool:
+    conversation = step.batch.conversation
+    if not message.content.get("reset"):
+        # Once per message, also when its reply is retried.
+        conversation.session_epoch = await run_db(advance_session, conversation_id=conversation.pk)
+    instance = step.batch.instance
+    held, _ = await step.update(
         message,
-        status=status,
-        finished_at=now,
-        lease_until=None,
-        claim_token="",
-        reply_api_key="",
-        **fields,
+        ignore_reason="reset",
+        reply_text=instance.reset_reply,
+        content={**message.content, "reset": True},
+        session_name=_session(conversation, instance),
     )
-    if done:
-        total = (now - message.received_at).total_seconds()
-        name = message.instance.name
-        metrics.messages_finished.labels(name, status).inc()
-        metrics.processing_seconds.labels(name).observe(total)
-        _log(message, status, total_ms=f"{total * 1000:.0f}", error=bool(message.last_error))
+    if not held:
+        return False
+    return await _send_reply(step, message=message, http=http)
 
 
-async def _retry_later(message: InboundMessage, *, attempt: int, error: str, **fields: Any) -> None:
-    delay = backoff(attempt)
-    await _update(
-        message,
-        status=Status.QUEUED,
-        next_attempt_at=timezone.now() + delay,
-        lease_until=None,
-        claim_token="",
-        last_error=error,
-        **fields,
+def _session(conversation: Conversation, instance: InstanceConfig) -> str:
+    return session_name(
+        instance=instance,
+        chat_jid=conversation.chat_jid,
+        phone=conversation.phone,
+        epoch=conversation.session_epoch,
     )
-    _log(message, "queued", retry_in=f"{delay.total_seconds():.1f}s", error=error)
 
 
-async def process_message(*, message: InboundMessage, http: httpx.AsyncClient) -> None:
-    if message.reply_text is None and not await _ask_agent(message=message, http=http):
-        return
-    await _send_reply(message=message, http=http)
+async def _answer(step: Step, *, messages: list[InboundMessage], http: httpx.AsyncClient) -> bool:
+    """Answer one message, or a debounced burst with its last message; False to stop."""
+    message = messages[-1]
+    if len(messages) > 1:
+        texts = [m.text for m in messages if m.text.strip()]
+        content = {**message.content, "burst_texts": texts}
+        await run_db(
+            fold_into,
+            folded_pks=[m.pk for m in messages[:-1]],
+            answering_pk=message.pk,
+            token=step.batch.token,
+            burst_content=content,
+        )
+        message.content = content
+        metrics.debounced_bursts.labels(step.batch.instance.name).inc()
+    if message.reply_text is None and not await _ask_agent(step, message=message, http=http):
+        # Failed for good: the chat goes on; requeued for a retry or lost: stop.
+        return message.status == Status.FAILED
+    return await _send_reply(step, message=message, http=http)
 
 
-async def _ask_agent(*, message: InboundMessage, http: httpx.AsyncClient) -> bool:
-    """Get the reply into message.reply_text; False when the row was requeued or lost."""
-    instance = message.instance
+async def _ask_agent(step: Step, *, message: InboundMessage, http: httpx.AsyncClient) -> bool:
+    """Get the reply into message.reply_text; False when the row was requeued, failed or lost."""
+    instance = step.batch.instance
     evolution = EvolutionClient(target=evolution_target(message=message), http=http)
+    session = _session(step.batch.conversation, instance)
     request = build_agent_request(
-        instance=instance, content=message.content, payload=message.payload
+        instance=instance, content=message.content, payload=message.payload, session=session
     )
     started = timezone.now()
     typing = show_typing_later(evolution, number=reply_number(message=message))
@@ -156,7 +303,7 @@ async def _ask_agent(*, message: InboundMessage, http: httpx.AsyncClient) -> boo
         metrics.outbound_errors.labels(instance.name, "agent", exc.status or "none").inc()
         attempt = message.agent_attempts + 1
         if exc.retryable and attempt < settings.AGENT_MAX_ATTEMPTS:
-            await _retry_later(
+            await step.retry_later(
                 message,
                 attempt=attempt,
                 error=str(exc),
@@ -169,15 +316,17 @@ async def _ask_agent(*, message: InboundMessage, http: httpx.AsyncClient) -> boo
             "agent_started_at": started,
             "agent_finished_at": timezone.now(),
             "last_error": str(exc),
+            "session_name": session,
         }
         if not instance.fallback_message:
-            await _finish(message, Status.FAILED, **fields)
+            await step.finish(message, Status.FAILED, **fields)
             return False
-        return await _update(
+        held, _ = await step.update(
             message, reply_text=instance.fallback_message, used_fallback=True, **fields
         )
+        return held
     stored_request = {k: v for k, v in request.items() if k != "channel_payload"}
-    return await _update(
+    held, _ = await step.update(
         message,
         agent_attempts=message.agent_attempts + 1,
         agent_started_at=started,
@@ -185,24 +334,35 @@ async def _ask_agent(*, message: InboundMessage, http: httpx.AsyncClient) -> boo
         agent_request=stored_request,
         agent_response=reply.body,
         reply_text=reply.text if reply.should_send else "",
+        session_name=session,
     )
+    return held
 
 
-async def _send_reply(*, message: InboundMessage, http: httpx.AsyncClient) -> None:
+async def _send_reply(step: Step, *, message: InboundMessage, http: httpx.AsyncClient) -> bool:
+    """Send message.reply_text; False when the message was requeued for a retry."""
     if not message.reply_text:
         # Empty or AUTOMAGIK: replies are not sent; the agent's answer is kept.
-        await _finish(message, Status.REPLIED)
-        return
+        await step.finish(message, Status.REPLIED)
+        return True
     target = evolution_target(message=message)
     if not target.base_url or not target.api_key:
-        await _finish(
+        await step.finish(
             message, Status.FAILED, last_error="No Evolution URL/key to send the reply with."
         )
-        return
+        return True
+    # Recorded before the send: its echo may arrive before sendText answers.
+    held, outbound_id = await step.update(
+        message, send_start=SendStart(chat_jid=message.chat_jid, text=message.reply_text)
+    )
+    if not held or outbound_id is None:
+        return False
     attempt = message.send_attempts + 1
     try:
-        await EvolutionClient(target=target, http=http).send_text(
-            number=reply_number(message=message), text=message.reply_text
+        answer = await EvolutionClient(target=target, http=http).send_text(
+            number=reply_number(message=message),
+            text=message.reply_text,
+            quoted=quote_of(message=message),
         )
     except OutboundError as exc:
         metrics.outbound_errors.labels(
@@ -211,15 +371,29 @@ async def _send_reply(*, message: InboundMessage, http: httpx.AsyncClient) -> No
         now = timezone.now()
         first_failure = message.first_send_failed_at or now
         window = timedelta(seconds=settings.EVOLUTION_RETRY_WINDOW)
+        failed = SendEnd(outbound_id=outbound_id, evolution_id="", ok=False, error=str(exc))
         if exc.retryable and now - first_failure < window:
-            await _retry_later(
+            await step.retry_later(
                 message,
                 attempt=attempt,
                 error=str(exc),
                 send_attempts=attempt,
                 first_send_failed_at=first_failure,
+                send_end=failed,
             )
-        else:
-            await _finish(message, Status.FAILED, send_attempts=attempt, last_error=str(exc))
-        return
-    await _finish(message, Status.REPLIED, send_attempts=attempt, sent_at=timezone.now())
+            return False
+        await step.finish(
+            message, Status.FAILED, send_attempts=attempt, last_error=str(exc), send_end=failed
+        )
+        return True
+    sent = SendEnd(outbound_id=outbound_id, evolution_id=_key_id(answer), ok=True)
+    await step.finish(
+        message, Status.REPLIED, send_attempts=attempt, sent_at=timezone.now(), send_end=sent
+    )
+    return True
+
+
+def _key_id(answer: dict[str, Any]) -> str:
+    key = answer.get("key")
+    value = key.get("id") if isinstance(key, dict) else None
+    return value if isinstance(value, str) else ""

@@ -10,7 +10,9 @@ go through the fields' own conversions (`get_db_prep_save` in, the backend's
 converters out), so they are stored and read exactly as the ORM does.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from functools import cache
 from typing import Any
 
@@ -18,7 +20,13 @@ from django.db import connection
 from django.db.models import DateTimeField, Field, JSONField
 
 from instances.models import InstanceConfig
-from webhooks.models import InboundMessage, Status
+from webhooks.models import (
+    Conversation,
+    InboundMessage,
+    OutboundMessage,
+    OutboundStatus,
+    Status,
+)
 
 _meta = InboundMessage._meta
 _INSERT_FIELDS = [f for f in _meta.concrete_fields if not f.primary_key]
@@ -75,29 +83,14 @@ def _update_sql(names: tuple[str, ...]) -> str:
 
 def update_claimed_row(*, pk: int, claim_token: str, fields: dict[str, Any]) -> bool:
     """Write fields to a row this worker holds; False when its claim was lost."""
+    if not fields:
+        # Only asks whether the claim still holds.
+        fields = {"claim_token": claim_token}
     names = tuple(sorted(fields))
     values = [_prepare(_meta.get_field(n), fields[n]) for n in names]
     with connection.cursor() as cursor:
         cursor.execute(_update_sql(names), [*values, pk, claim_token, Status.PROCESSING.value])
         return cursor.rowcount == 1
-
-
-@cache
-def _earlier_open_sql() -> str:
-    return (
-        f"SELECT 1 FROM {_table()} WHERE {_column('instance')} = %s "
-        f"AND {_column('chat_jid')} = %s AND {_column('status')} IN (%s, %s) LIMIT 1"
-    )
-
-
-def chat_has_open_message(*, instance_id: int, chat_jid: str) -> bool:
-    """Whether a message of this chat is queued or being processed."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            _earlier_open_sql(),
-            [instance_id, chat_jid, Status.QUEUED.value, Status.PROCESSING.value],
-        )
-        return cursor.fetchone() is not None
 
 
 _INSTANCE_FIELDS = InstanceConfig._meta.concrete_fields
@@ -124,9 +117,215 @@ def find_active_instance(*, name: str | None) -> InstanceConfig | None:
         found = cursor.fetchone()
     if found is None:
         return None
+    values = _convert(fields, found)
+    return InstanceConfig.from_db(connection.alias, [f.attname for f in _INSTANCE_FIELDS], values)
+
+
+# --- conversations: the chat's row, touched by every queued message -------------
+_conv = Conversation._meta
+_CONV_STATE = ("id", "pause_reason", "paused_until", "session_epoch", "claim_token", "due_at")
+
+
+def _conv_table() -> str:
+    return connection.ops.quote_name(_conv.db_table)
+
+
+def _conv_column(name: str) -> str:
+    return connection.ops.quote_name(_conv.get_field(name).column)
+
+
+@cache
+def _conv_state_reading(vendor: str) -> list[tuple[Field, list[Converter]]]:
+    table = _conv_table()
+    fields = [_conv.get_field(name) for name in _CONV_STATE]
+    return [
+        (f, connection.ops.get_db_converters(f.get_col(table)) + f.get_db_converters(connection))
+        for f in fields
+    ]
+
+
+def _convert(reading: list[tuple[Field, list[Converter]]], found: Sequence[Any]) -> list[Any]:
     values = []
-    for (field, converters), value in zip(fields, found, strict=True):
+    for (field, converters), value in zip(reading, found, strict=True):
         for convert in converters:
             value = convert(value, field, connection)
         values.append(value)
-    return InstanceConfig.from_db(connection.alias, [f.attname for f in _INSTANCE_FIELDS], values)
+    return values
+
+
+@cache
+def _touch_sql(vendor: str) -> str:
+    t, c = _conv_table(), _conv_column
+    columns = (
+        "instance",
+        "chat_jid",
+        "phone",
+        "push_name",
+        "is_group",
+        "pause_reason",
+        "session_epoch",
+        "last_message_at",
+        "claim_token",
+        "created_at",
+    )
+    names = ", ".join(c(name) for name in columns)
+    returning = ", ".join(c(name) for name in _CONV_STATE)
+    return (
+        f"INSERT INTO {t} ({names}) VALUES (%s, %s, %s, %s, %s, '', 1, %s, '', %s) "
+        f"ON CONFLICT ({c('instance')}, {c('chat_jid')}) DO UPDATE SET "
+        f"{c('phone')} = CASE WHEN excluded.{c('phone')} <> '' "
+        f"THEN excluded.{c('phone')} ELSE {t}.{c('phone')} END, "
+        f"{c('push_name')} = CASE WHEN excluded.{c('push_name')} <> '' "
+        f"THEN excluded.{c('push_name')} ELSE {t}.{c('push_name')} END, "
+        # An idle chat's next user message starts a new agent session.
+        f"{c('session_epoch')} = CASE WHEN %s AND {t}.{c('last_message_at')} < %s "
+        f"THEN {t}.{c('session_epoch')} + 1 ELSE {t}.{c('session_epoch')} END, "
+        f"{c('last_message_at')} = excluded.{c('last_message_at')} "
+        f"RETURNING {returning}"
+    )
+
+
+@dataclass(frozen=True)
+class ChatState:
+    """A conversation's state as the message that just touched it found it."""
+
+    id: int
+    pause_reason: str
+    paused_until: datetime | None
+    session_epoch: int
+    claim_token: str
+    due_at: datetime | None
+
+    def paused_now(self, *, now: datetime) -> bool:
+        return bool(self.pause_reason) and (self.paused_until is None or self.paused_until > now)
+
+
+def touch_conversation(
+    *,
+    instance_id: int,
+    chat_jid: str,
+    phone: str,
+    push_name: str,
+    is_group: bool,
+    now: datetime,
+    idle_cutoff: datetime | None,
+) -> ChatState:
+    """Create the chat's conversation or note its activity; its state after that.
+
+    With `idle_cutoff`, a conversation quiet since before it starts a new session.
+    """
+    params = [
+        instance_id,
+        chat_jid,
+        phone,
+        push_name,
+        is_group,
+        _dt(now),
+        _dt(now),
+        idle_cutoff is not None,
+        _dt(idle_cutoff or now),
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(_touch_sql(connection.vendor), params)
+        found = cursor.fetchone()
+    return ChatState(*_convert(_conv_state_reading(connection.vendor), found))
+
+
+def _dt(value: datetime) -> Any:
+    return _conv.get_field("due_at").get_db_prep_save(value, connection)
+
+
+@cache
+def _due_sql(vendor: str, debounced: bool) -> str:
+    t, c = _conv_table(), _conv_column
+    least, greatest = ("MIN", "MAX") if vendor == "sqlite" else ("LEAST", "GREATEST")
+    due = f"{greatest}(COALESCE({c('due_at')}, %s), %s)"
+    limit = ""
+    if debounced:
+        due = f"{least}({due}, COALESCE({c('due_limit')}, %s))"
+        limit = f", {c('due_limit')} = COALESCE({c('due_limit')}, %s)"
+    # While a worker holds the chat, due_at is its lease: the worker finds the
+    # new message when it lets the chat go (settle_conversation).
+    return f"UPDATE {t} SET {c('due_at')} = {due}{limit} WHERE id = %s AND {c('claim_token')} = ''"
+
+
+def make_conversation_due(*, conversation_id: int, due: datetime, limit: datetime | None) -> None:
+    """A message was queued: the chat is due at `due` (not before a due time it
+    has already, nor after a debounce `limit`)."""
+    params = [_dt(due), _dt(due)]
+    if limit is not None:
+        params += [_dt(limit), _dt(limit)]
+    with connection.cursor() as cursor:
+        cursor.execute(_due_sql(connection.vendor, limit is not None), [*params, conversation_id])
+
+
+@cache
+def _claim_sql() -> str:
+    c = _conv_column
+    return (
+        f"UPDATE {_conv_table()} SET {c('claim_token')} = %s, {c('due_at')} = %s "
+        f"WHERE id = %s AND {c('claim_token')} = '' AND {c('due_at')} IS NULL"
+    )
+
+
+def claim_idle_conversation(*, conversation_id: int, token: str, lease_until: datetime) -> bool:
+    """Take a chat with nothing open for this process's worker; False when it is busy."""
+    with connection.cursor() as cursor:
+        cursor.execute(_claim_sql(), [token, _dt(lease_until), conversation_id])
+        return cursor.rowcount == 1
+
+
+@cache
+def _release_idle_sql() -> str:
+    c = _conv_column
+    return (
+        f"UPDATE {_conv_table()} SET {c('claim_token')} = '', {c('due_at')} = NULL "
+        f"WHERE id = %s AND {c('claim_token')} = %s"
+    )
+
+
+def unclaim_conversation(*, conversation_id: int, token: str) -> None:
+    """Undo claim_idle_conversation (the message turned out to be a repeat)."""
+    with connection.cursor() as cursor:
+        cursor.execute(_release_idle_sql(), [conversation_id, token])
+
+
+# --- the hub's own messages -----------------------------------------------------
+_out = OutboundMessage._meta
+
+
+@cache
+def _own_sql() -> str:
+    q = connection.ops.quote_name
+    t = q(_out.db_table)
+    col = {
+        name: q(_out.get_field(name).column)
+        for name in ("instance", "chat_jid", "text", "evolution_id", "status")
+    }
+    return (
+        f"SELECT 1 FROM {t} WHERE {col['instance']} = %s AND ({col['evolution_id']} = %s "
+        # An echo may arrive before sendText has answered with the id (or after
+        # it timed out): then the chat's unconfirmed send with the same text.
+        f"OR ({col['chat_jid']} = %s AND {col['status']} IN (%s, %s) "
+        f"AND {col['evolution_id']} = '' AND {col['text']} = %s)) LIMIT 1"
+    )
+
+
+def is_own_message(*, instance_id: int, chat_jid: str, message_id: str, text: str) -> bool:
+    """Whether a fromMe message is the echo of one the hub sent."""
+    params = [
+        instance_id,
+        message_id,
+        chat_jid,
+        OutboundStatus.SENDING.value,
+        OutboundStatus.FAILED.value,
+        text,
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(_own_sql(), params)
+        return cursor.fetchone() is not None
+
+
+def hub_sent(*, instance_id: int, message_id: str) -> bool:
+    """Whether the hub sent the message with this Evolution id (a quote of it)."""
+    return OutboundMessage.objects.filter(instance_id=instance_id, evolution_id=message_id).exists()

@@ -1,24 +1,19 @@
 """Operations on the message log. Admin, REST API and CLI call these."""
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import transaction
-from django.db.models import Case, Count, F, Q, QuerySet, Value, When
+from django.db.models import Count, QuerySet
 from django.utils import timezone
 
 from webhooks.models import InboundMessage, Status
-from webhooks.worker import wake_up
+from webhooks.transitions import retry_messages
+
+__all__ = ["preview_prune", "prune_messages", "retry_messages", "retry_problem"]
 
 FINISHED = (Status.REPLIED, Status.IGNORED, Status.FAILED)
 PRUNE_CHUNK_SIZE = 5000
-
-# Legacy-mode rows send with the delivery's own apikey, which is cleared once
-# the row is finished; while the instance still has no key of its own, a
-# retry could not send (and would ask the agent again for nothing).
-_NO_KEY_TO_SEND = Q(instance__is_default=True, instance__evolution_url="", reply_api_key="")
 
 
 def retry_problem(*, message: InboundMessage) -> str | None:
@@ -32,39 +27,6 @@ def retry_problem(*, message: InboundMessage) -> str | None:
             "retry it."
         )
     return None
-
-
-def retry_messages(*, queryset_or_ids: QuerySet[InboundMessage] | Iterable[int]) -> int:
-    """Put the failed messages among these back in the queue; returns how many.
-
-    Other rows are left alone. A message whose agent already answered keeps the
-    reply, so only the send is retried and the agent is never asked twice.
-    """
-    if isinstance(queryset_or_ids, QuerySet):
-        ids = queryset_or_ids.values("pk")
-    else:
-        ids = list(queryset_or_ids)
-    keep_reply = Q(reply_text__isnull=False, sent_at__isnull=True)
-    # One conditional UPDATE: a row another request or the worker changed in
-    # the meantime is not failed any more and is not touched.
-    requeued = (
-        InboundMessage.objects.filter(pk__in=ids, status=Status.FAILED)
-        .exclude(_NO_KEY_TO_SEND)
-        .update(
-            status=Status.QUEUED,
-            next_attempt_at=timezone.now(),
-            claim_token="",
-            lease_until=None,
-            finished_at=None,
-            first_send_failed_at=None,
-            reply_text=Case(When(keep_reply, then=F("reply_text")), default=Value(None)),
-            # Asked again, the agent gets a new message's retry budget.
-            agent_attempts=Case(When(keep_reply, then=F("agent_attempts")), default=Value(0)),
-        )
-    )
-    if requeued:
-        transaction.on_commit(wake_up)
-    return requeued
 
 
 def retention_days() -> int:

@@ -8,7 +8,7 @@ from django.db import DatabaseError
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from webhooks import metrics, worker
+from webhooks import metrics, wakeup, worker
 from webhooks.db import run_db
 from webhooks.ingest import (
     TOKEN_HEADER,
@@ -82,7 +82,7 @@ async def evolution_webhook(
         logger.exception("webhook could not be stored segment=%s", segment)
         return JsonResponse({"detail": "The delivery could not be stored."}, status=503)
     if result.outcome is Outcome.QUEUED and result.claimed is None:
-        worker.wake_up()
+        wakeup.wake_up()
     metrics.deliveries.labels(result.instance_name or "(unknown)", result.outcome.value).inc()
     status = STATUS_CODES[result.outcome]
     if status != 200:

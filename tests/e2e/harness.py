@@ -642,26 +642,42 @@ def text_delivery(
     timestamp: int | None = None,
     server_url: str = "https://evolution.example.com",
     apikey: str | None = None,
+    from_me: bool = False,
+    group: str | None = None,
+    mentions: Sequence[str] = (),
+    quoted_id: str | None = None,
 ) -> dict[str, Any]:
-    """A messages.upsert of a plain text, as Evolution 2.3.7 posts it (trimmed)."""
+    """A messages.upsert of a plain text, as Evolution 2.3.7 posts it (trimmed).
+
+    `from_me`: written from the business's own phone. `group` (a …@g.us JID):
+    sent in that group by `phone`; `mentions` and `quoted_id` fill contextInfo.
+    """
+    key: dict[str, Any] = {
+        "remoteJid": group or f"{phone}@s.whatsapp.net",
+        "fromMe": from_me,
+        "id": message_id,
+        "participant": f"{phone}@s.whatsapp.net" if group else "",
+        "addressingMode": "pn",
+    }
+    message: dict[str, Any] = {"conversation": text}
+    data: dict[str, Any] = {
+        "key": key,
+        "pushName": push_name,
+        "status": "DELIVERY_ACK",
+        "message": message,
+        "messageType": "conversation",
+        "messageTimestamp": int(time.time()) if timestamp is None else timestamp,
+        "source": "android",
+    }
+    if mentions or quoted_id:
+        context: dict[str, Any] = {"mentionedJid": list(mentions)}
+        if quoted_id:
+            context.update(stanzaId=quoted_id, quotedMessage={"conversation": "earlier"})
+        data["contextInfo"] = context
     return {
         "event": "messages.upsert",
         "instance": instance,
-        "data": {
-            "key": {
-                "remoteJid": f"{phone}@s.whatsapp.net",
-                "fromMe": False,
-                "id": message_id,
-                "participant": "",
-                "addressingMode": "pn",
-            },
-            "pushName": push_name,
-            "status": "DELIVERY_ACK",
-            "message": {"conversation": text},
-            "messageType": "conversation",
-            "messageTimestamp": int(time.time()) if timestamp is None else timestamp,
-            "source": "android",
-        },
+        "data": data,
         "destination": "https://hub.example.com/webhook/evolution",
         "date_time": "2025-12-06T09:26:23.101Z",
         "sender": "5511900000001@s.whatsapp.net",

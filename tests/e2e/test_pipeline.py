@@ -43,7 +43,8 @@ ANSWERED = {
     "messages-upsert-v1.8-extended-text.json": (PHONE, "text"),
 }
 IGNORED = {
-    "messages-upsert-fromme.json": "from_me",
+    # Written from the business's phone: a human takes the chat over.
+    "messages-upsert-fromme.json": "human takeover",
     "messages-upsert-status-broadcast.json": "broadcast",
     "messages-upsert-group.json": "group",
     "messages-upsert-reaction.json": "reaction",

@@ -94,7 +94,7 @@ def test_a_hub_stopped_with_sigterm_hands_back_its_messages_and_loses_none(
     # Grace, then the in-flight calls are cancelled and their rows handed back.
     assert time.monotonic() - started < 5
     log = hub.servers[0].log()
-    assert re.search(r"worker released \d+ unfinished messages", log)
+    assert re.search(r"worker released \d+ unfinished conversations", log)
     assert "Application shutdown complete" in log
     rows = tenant.rows()
     assert [row for row in rows if row["status"] == "processing"] == []

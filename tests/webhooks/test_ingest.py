@@ -9,7 +9,7 @@ from django.db import connection
 from tests.conftest import load_fixture
 from tests.webhooks.conftest import message_body
 from webhooks.ingest import Outcome, Result, accept_delivery, read_delivery, record_delivery
-from webhooks.models import ConnectionState, InboundMessage, Status
+from webhooks.models import ConnectionState, Conversation, InboundMessage, Status
 
 pytestmark = pytest.mark.django_db
 
@@ -117,7 +117,8 @@ def test_a_stale_message_is_stored_as_ignored(make_instance) -> None:
 @pytest.mark.parametrize(
     ("name", "reason"),
     [
-        ("messages-upsert-fromme.json", "from_me"),
+        # Written on the business's phone: a human takes the chat over.
+        ("messages-upsert-fromme.json", "human takeover"),
         ("messages-upsert-group.json", "group"),
         ("messages-upsert-status-broadcast.json", "broadcast"),
         ("messages-upsert-reaction.json", "reaction"),
@@ -206,10 +207,14 @@ def test_a_message_is_claimed_as_it_is_stored_on_sqlite_only(make_instance) -> N
         assert result.claimed is None
         assert (row.status, row.claim_token, row.attempts) == (Status.QUEUED, "", 0)
         return
-    assert result.claimed is not None and result.claimed.pk == row.pk
+    assert result.claimed is not None
+    [claimed] = result.claimed.messages
+    assert claimed.pk == row.pk
     assert result.claimed.instance == acme
     assert row.status == Status.PROCESSING
-    assert row.claim_token == result.claimed.claim_token != ""
+    assert row.claim_token == result.claimed.token != ""
+    chat = Conversation.objects.get()
+    assert (chat.pk, chat.claim_token) == (result.claimed.conversation.pk, row.claim_token)
     assert row.attempts == 1
     assert row.lease_until > row.received_at
 

@@ -16,9 +16,9 @@ from django.utils import timezone
 
 from instances.models import DEFAULT_FALLBACK_MESSAGE, InstanceConfig
 from tests.webhooks.conftest import AGENT_REPLY, PHONE, Upstream, message_body, queue_message
-from webhooks.models import InboundMessage, Status
-from webhooks.processing import process_message
-from webhooks.worker import claim_due_messages
+from webhooks.models import Conversation, InboundMessage, Status
+from webhooks.processing import handle_batch
+from webhooks.transitions import Batch, claim_conversations
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
 
@@ -34,17 +34,25 @@ async def queue(instance: InstanceConfig, **fields: Any) -> InboundMessage:
     return await sync_to_async(queue_message)(instance, **fields)
 
 
-async def claim_one() -> InboundMessage:
-    [message] = await sync_to_async(claim_due_messages)(limit=10)
-    return message
+async def claim_one() -> Batch:
+    [batch] = await sync_to_async(claim_conversations)(limit=10)
+    return batch
 
 
 async def process(upstream: Upstream) -> InboundMessage:
-    """Claim the one due message, process it, and return the stored row."""
-    message = await claim_one()
+    """Claim the one due chat, handle its one message, and return the stored row."""
+    batch = await claim_one()
+    [message] = batch.messages
     async with upstream.client() as http:
-        await process_message(message=message, http=http)
+        await handle_batch(batch=batch, http=http)
     return await InboundMessage.objects.aget(pk=message.pk)
+
+
+async def due_again_now(row: InboundMessage) -> None:
+    """Skip a retry's backoff."""
+    now = timezone.now()
+    await InboundMessage.objects.filter(pk=row.pk).aupdate(next_attempt_at=now)
+    await Conversation.objects.filter(chat_jid=row.chat_jid).aupdate(due_at=now)
 
 
 def body_of(request: httpx.Request) -> Any:
@@ -195,7 +203,7 @@ async def test_a_stored_reply_is_sent_again_without_asking_the_agent_again(acme,
     assert first.reply_text == AGENT_REPLY
     assert first.send_attempts == 1
     assert first.first_send_failed_at is not None
-    await InboundMessage.objects.filter(pk=first.pk).aupdate(next_attempt_at=timezone.now())
+    await due_again_now(first)
     upstream.evolution = (201, {})
 
     second = await process(upstream)
@@ -265,12 +273,13 @@ async def test_an_evolution_read_timeout_is_not_retried(acme, upstream) -> None:
 
 async def test_a_worker_that_lost_its_claim_cannot_overwrite_the_row(acme, upstream) -> None:
     await queue(acme)
-    message = await claim_one()
-    # Another worker took the row over after this one's lease expired.
+    batch = await claim_one()
+    [message] = batch.messages
+    # Another worker took the chat over after this one's lease expired.
     await InboundMessage.objects.filter(pk=message.pk).aupdate(claim_token="other-worker")
 
     async with upstream.client() as http:
-        await process_message(message=message, http=http)
+        await handle_batch(batch=batch, http=http)
 
     row = await InboundMessage.objects.aget(pk=message.pk)
     assert row.status == Status.PROCESSING
@@ -282,14 +291,15 @@ async def test_a_worker_that_lost_its_claim_cannot_overwrite_the_row(acme, upstr
 
 async def test_a_worker_that_lost_its_claim_cannot_finish_a_send(acme, upstream) -> None:
     await queue(acme, reply_text="Já respondido.")
-    message = await claim_one()
+    batch = await claim_one()
+    [message] = batch.messages
     await InboundMessage.objects.filter(pk=message.pk).aupdate(
         status=Status.REPLIED, claim_token=""
     )
     upstream.evolution = (400, {"error": "bad"})
 
     async with upstream.client() as http:
-        await process_message(message=message, http=http)
+        await handle_batch(batch=batch, http=http)
 
     row = await InboundMessage.objects.aget(pk=message.pk)
     assert row.status == Status.REPLIED

@@ -48,7 +48,7 @@ def test_it_queues_a_message_and_answers_its_id(client: Client, acme) -> None:
 
 def test_a_queued_message_wakes_the_workers(client: Client, acme, monkeypatch) -> None:
     woken: list[bool] = []
-    monkeypatch.setattr("webhooks.views.worker.wake_up", lambda: woken.append(True))
+    monkeypatch.setattr("webhooks.views.wakeup.wake_up", lambda: woken.append(True))
 
     post(client, "/webhook/evolution/acme")
     post(client, "/webhook/evolution/acme", load_fixture("messages-upsert-fromme.json"))
@@ -63,7 +63,7 @@ def test_it_answers_200_ignored_for_a_message_it_will_not_answer(client: Client,
     assert response.json() == {
         "status": "ignored",
         "message_id": "3A4D6578245FF100A69A",
-        "detail": "from_me",
+        "detail": "human takeover",
     }
     assert InboundMessage.objects.get().status == Status.IGNORED
 

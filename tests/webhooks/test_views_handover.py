@@ -14,6 +14,7 @@ from django.test import AsyncRequestFactory
 from tests.webhooks.conftest import message_body
 from webhooks import views
 from webhooks.models import InboundMessage, Status
+from webhooks.transitions import Batch
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
 
@@ -24,8 +25,8 @@ class LocalWorker:
     def __init__(self) -> None:
         self.adopted: list[InboundMessage | None] = []
 
-    def adopt(self, message: InboundMessage | None) -> None:
-        self.adopted.append(message)
+    def adopt(self, batch: Batch | None) -> None:
+        self.adopted.append(batch.messages[0] if batch is not None else None)
 
 
 def fresh_body(message_id: str) -> bytes:

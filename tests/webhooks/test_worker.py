@@ -15,10 +15,11 @@ from django.utils import timezone
 
 from instances.models import InstanceConfig
 from tests.webhooks.conftest import Upstream, message_body, queue_message, seconds_ago
-from webhooks import worker
+from webhooks import wakeup, worker
 from webhooks.db import run_db
-from webhooks.models import InboundMessage, Status, WorkerHeartbeat
-from webhooks.worker import MAX_CLAIMS, Worker, claim_due_messages, release
+from webhooks.models import Conversation, InboundMessage, Status, WorkerHeartbeat
+from webhooks.transitions import MAX_CLAIMS, claim_conversations, release_batch
+from webhooks.worker import Worker
 
 CHAT_A = "5511911110001"
 CHAT_B = "5511922220002"
@@ -28,44 +29,51 @@ def queue_in_chat(instance: InstanceConfig, phone: str, message_id: str, **field
     return queue_message(instance, message_body(message_id=message_id, phone=phone), **fields)
 
 
-def claimed_ids(limit: int = 10) -> list[str]:
-    return [message.message_id for message in claim_due_messages(limit=limit)]
+def claimed_ids(limit: int = 10) -> list[list[str]]:
+    """The message ids of each claimed chat."""
+    return [[m.message_id for m in batch.messages] for batch in claim_conversations(limit=limit)]
 
 
-# --- claim_due_messages -------------------------------------------------------
+def conversation_of(instance: InstanceConfig, phone: str) -> Conversation:
+    return Conversation.objects.get(instance=instance, chat_jid=f"{phone}@s.whatsapp.net")
+
+
+# --- claim_conversations ----------------------------------------------------------
 
 
 @pytest.mark.django_db
-def test_only_the_oldest_open_message_of_a_chat_is_claimable(make_instance) -> None:
+def test_a_chat_s_due_messages_are_claimed_together_in_order_and_once(make_instance) -> None:
     acme = make_instance()
-    first = queue_in_chat(acme, CHAT_A, "A1")
+    queue_in_chat(acme, CHAT_A, "A1")
     queue_in_chat(acme, CHAT_A, "A2")
     queue_in_chat(acme, CHAT_B, "B1")
 
-    assert claimed_ids() == ["A1", "B1"]
+    assert claimed_ids() == [["A1", "A2"], ["B1"]]
+    # Held: a message arriving now waits for the holder to let the chat go.
+    queue_in_chat(acme, CHAT_A, "A3")
     assert claimed_ids() == []
-
-    InboundMessage.objects.filter(pk=first.pk).update(status=Status.REPLIED)
-    assert claimed_ids() == ["A2"]
 
 
 @pytest.mark.django_db
 def test_a_message_waiting_for_a_retry_holds_back_the_rest_of_its_chat(make_instance) -> None:
     acme = make_instance()
-    queue_in_chat(acme, CHAT_A, "A1", next_attempt_at=timezone.now() + timedelta(minutes=1))
+    later = timezone.now() + timedelta(minutes=1)
+    queue_in_chat(acme, CHAT_A, "A1", next_attempt_at=later)
     queue_in_chat(acme, CHAT_A, "A2")
 
     assert claimed_ids() == []
+    # The chat is due again when the retry is.
+    assert conversation_of(acme, CHAT_A).due_at == later
 
 
 @pytest.mark.django_db
 def test_chats_of_different_instances_are_independent(make_instance) -> None:
     acme = make_instance()
-    other = make_instance(name="other")
+    other = make_instance(name="other", whatsapp_instance="other-wa")
     queue_in_chat(acme, CHAT_A, "A1")
     queue_in_chat(other, CHAT_A, "A1")
 
-    assert [m.instance.name for m in claim_due_messages(limit=10)] == ["acme", "other"]
+    assert [b.instance.name for b in claim_conversations(limit=10)] == ["acme", "other"]
 
 
 @pytest.mark.django_db
@@ -75,116 +83,120 @@ def test_finished_messages_do_not_hold_back_their_chat(make_instance) -> None:
     queue_in_chat(acme, CHAT_A, "A2", status=Status.IGNORED)
     queue_in_chat(acme, CHAT_A, "A3")
 
-    assert claimed_ids() == ["A3"]
+    assert claimed_ids() == [["A3"]]
 
 
 @pytest.mark.django_db
-def test_it_skips_messages_due_later(make_instance) -> None:
+def test_it_reclaims_a_chat_whose_lease_expired(make_instance) -> None:
     acme = make_instance()
-    queue_in_chat(acme, CHAT_A, "A1", next_attempt_at=timezone.now() + timedelta(seconds=30))
-    queue_in_chat(acme, CHAT_B, "B1", next_attempt_at=seconds_ago(1))
-
-    assert claimed_ids() == ["B1"]
-
-
-@pytest.mark.django_db
-def test_it_reclaims_a_message_whose_lease_expired(make_instance) -> None:
-    acme = make_instance()
-    queue_in_chat(
-        acme,
-        CHAT_A,
-        "A1",
-        status=Status.PROCESSING,
-        claim_token="dead-worker",
-        lease_until=seconds_ago(1),
-        attempts=1,
+    queue_in_chat(acme, CHAT_A, "A1", status=Status.PROCESSING, claim_token="dead", attempts=1)
+    queue_in_chat(acme, CHAT_B, "B1", status=Status.PROCESSING, claim_token="live", attempts=1)
+    Conversation.objects.filter(chat_jid__startswith=CHAT_A).update(
+        claim_token="dead", due_at=seconds_ago(1)
     )
-    queue_in_chat(
-        acme,
-        CHAT_B,
-        "B1",
-        status=Status.PROCESSING,
-        claim_token="live-worker",
-        lease_until=timezone.now() + timedelta(seconds=30),
-        attempts=1,
+    Conversation.objects.filter(chat_jid__startswith=CHAT_B).update(
+        claim_token="live", due_at=timezone.now() + timedelta(seconds=30)
     )
 
-    [message] = claim_due_messages(limit=10)
+    [batch] = claim_conversations(limit=10)
 
+    [message] = batch.messages
     assert message.message_id == "A1"
-    assert message.claim_token not in ("", "dead-worker")
+    assert message.claim_token not in ("", "dead")
     assert message.attempts == 2
     live = InboundMessage.objects.get(message_id="B1")
-    assert (live.claim_token, live.attempts) == ("live-worker", 1)
+    assert (live.claim_token, live.attempts) == ("live", 1)
 
 
 @pytest.mark.django_db
-def test_it_claims_at_most_limit_messages_oldest_first(make_instance) -> None:
-    acme = make_instance()
+def test_it_claims_at_most_limit_chats_longest_waiting_first(make_instance) -> None:
+    acme = make_instance(max_concurrent=100)
     for n in range(5):
         queue_in_chat(acme, f"55119000000{n:02d}", f"M{n}")
 
-    assert claimed_ids(limit=2) == ["M0", "M1"]
-    assert claimed_ids(limit=2) == ["M2", "M3"]
-    assert claimed_ids(limit=2) == ["M4"]
+    assert claimed_ids(limit=2) == [["M0"], ["M1"]]
+    assert claimed_ids(limit=2) == [["M2"], ["M3"]]
+    assert claimed_ids(limit=2) == [["M4"]]
     assert claimed_ids(limit=2) == []
 
 
 @pytest.mark.django_db
-def test_each_claim_marks_its_rows_with_a_token_a_lease_and_an_attempt(make_instance) -> None:
+def test_a_tenant_at_its_max_concurrent_leaves_the_slots_to_the_others(make_instance) -> None:
+    busy = make_instance(name="busy", max_concurrent=2)
+    calm = make_instance(name="calm", whatsapp_instance="calm-wa")
+    for n in range(6):
+        queue_in_chat(busy, f"55119000000{n:02d}", f"B{n}")
+    queue_in_chat(calm, CHAT_A, "C1")
+
+    first = [b.instance.name for b in claim_conversations(limit=10)]
+    second = [b.instance.name for b in claim_conversations(limit=10)]
+
+    assert sorted(first) == ["busy", "busy", "calm"]
+    assert second == []
+
+
+@pytest.mark.django_db
+def test_tenants_with_due_work_take_the_free_slots_in_turn(make_instance) -> None:
+    first = make_instance(name="first")
+    second = make_instance(name="second", whatsapp_instance="second-wa")
+    for n in range(4):
+        queue_in_chat(first, f"55119000000{n:02d}", f"F{n}")
+    for n in range(4):
+        queue_in_chat(second, f"55119000000{n:02d}", f"S{n}")
+
+    names = [b.instance.name for b in claim_conversations(limit=4)]
+
+    assert sorted(names) == ["first", "first", "second", "second"]
+
+
+@pytest.mark.django_db
+def test_each_claim_leases_its_chats_for_the_agent_s_timeout(make_instance) -> None:
     fast = make_instance(agent_timeout=5)
-    slow = make_instance(name="slow", agent_timeout=120)
+    slow = make_instance(name="slow", whatsapp_instance="slow-wa", agent_timeout=120)
     queue_in_chat(fast, CHAT_A, "F1")
     queue_in_chat(slow, CHAT_A, "S1")
     before = timezone.now()
 
-    first, second = claim_due_messages(limit=10)
+    first, second = claim_conversations(limit=10)
 
-    assert re.fullmatch(r"[0-9a-f]{32}", first.claim_token)
-    assert first.claim_token == second.claim_token
-    for message in (first, second):
-        assert message.status == Status.PROCESSING
-        assert message.attempts == 1
-        margin = django_settings.EVOLUTION_TIMEOUT + django_settings.WORKER_LEASE_MARGIN
-        expected = before + timedelta(seconds=message.instance.agent_timeout + margin)
-        assert expected <= message.lease_until <= expected + timedelta(seconds=5)
-    stored = InboundMessage.objects.get(pk=first.pk)
-    assert (stored.status, stored.claim_token) == (Status.PROCESSING, first.claim_token)
+    assert re.fullmatch(r"[0-9a-f]{32}", first.token)
+    assert first.token == second.token
+    margin = django_settings.EVOLUTION_TIMEOUT + django_settings.WORKER_LEASE_MARGIN
+    for batch in (first, second):
+        [message] = batch.messages
+        assert (message.status, message.attempts) == (Status.PROCESSING, 1)
+        assert message.claim_token == batch.token
+        expected = before + timedelta(seconds=batch.instance.agent_timeout + margin)
+        stored = Conversation.objects.get(pk=batch.conversation.pk)
+        assert stored.claim_token == batch.token
+        assert expected <= stored.due_at <= expected + timedelta(seconds=5)
 
 
 @pytest.mark.django_db
-def test_two_claims_get_different_tokens(make_instance) -> None:
+def test_release_gives_a_chat_and_its_rows_back(make_instance) -> None:
     acme = make_instance()
     queue_in_chat(acme, CHAT_A, "A1")
-    [first] = claim_due_messages(limit=10)
-    queue_in_chat(acme, CHAT_B, "B1")
+    [batch] = claim_conversations(limit=10)
 
-    [second] = claim_due_messages(limit=10)
+    release_batch(batch=batch, error="boom", delay=30.0)
 
-    assert first.claim_token != second.claim_token
-
-
-@pytest.mark.django_db
-def test_release_gives_a_row_back_to_the_queue(make_instance) -> None:
-    queue_in_chat(make_instance(), CHAT_A, "A1")
-    [message] = claim_due_messages(limit=10)
-
-    release(message=message, error="boom", delay=30.0)
-
-    row = InboundMessage.objects.get(pk=message.pk)
+    row = InboundMessage.objects.get(message_id="A1")
     assert (row.status, row.claim_token, row.lease_until) == (Status.QUEUED, "", None)
     assert row.last_error == "boom"
     assert row.next_attempt_at > timezone.now() + timedelta(seconds=25)
+    chat = conversation_of(acme, CHAT_A)
+    assert chat.claim_token == ""
+    assert chat.due_at == row.next_attempt_at
 
 
 @pytest.mark.django_db
 def test_release_fails_a_row_claimed_too_often(make_instance) -> None:
     queue_in_chat(make_instance(), CHAT_A, "A1", attempts=MAX_CLAIMS - 1)
-    [message] = claim_due_messages(limit=10)
+    [batch] = claim_conversations(limit=10)
 
-    release(message=message)
+    release_batch(batch=batch)
 
-    row = InboundMessage.objects.get(pk=message.pk)
+    row = InboundMessage.objects.get(message_id="A1")
     assert row.status == Status.FAILED
     assert row.finished_at is not None
 
@@ -192,12 +204,12 @@ def test_release_fails_a_row_claimed_too_often(make_instance) -> None:
 @pytest.mark.django_db
 def test_release_leaves_a_row_another_worker_claimed(make_instance) -> None:
     queue_in_chat(make_instance(), CHAT_A, "A1")
-    [message] = claim_due_messages(limit=10)
-    InboundMessage.objects.filter(pk=message.pk).update(claim_token="other-worker")
+    [batch] = claim_conversations(limit=10)
+    InboundMessage.objects.filter(message_id="A1").update(claim_token="other-worker")
 
-    release(message=message)
+    release_batch(batch=batch)
 
-    assert InboundMessage.objects.get(pk=message.pk).claim_token == "other-worker"
+    assert InboundMessage.objects.get(message_id="A1").claim_token == "other-worker"
 
 
 # --- Worker.run -----------------------------------------------------------------
@@ -258,7 +270,7 @@ async def test_the_worker_answers_queued_messages_in_chat_order_and_stops(
         await eventually(lambda: all_replied(3))
 
     assert task.done() and task.exception() is None
-    assert not worker._wake_events
+    assert not wakeup.wake_events
     assert not await run_db(WorkerHeartbeat.objects.exists)
     assert sorted(json.loads(r.content)["number"] for r in worker_http.sent) == [
         CHAT_A,
@@ -284,14 +296,14 @@ async def test_wake_up_starts_a_new_message_before_the_next_poll(
     async with running(Worker(concurrency=2, poll_interval=30)):
         await eventually(lambda: _worker_registered())
         await sync_to_async(queue_in_chat)(acme, CHAT_A, "A1")
-        worker.wake_up()
+        wakeup.wake_up()
         await eventually(lambda: all_replied(1), timeout=3)
 
     assert len(worker_http.sent) == 1
 
 
 async def _worker_registered() -> bool:
-    return bool(worker._wake_events)
+    return bool(wakeup.wake_events)
 
 
 @pytest.mark.asyncio
@@ -329,7 +341,7 @@ async def test_a_crash_while_processing_requeues_the_message_with_its_error(
     async def crash(**kwargs: Any) -> None:
         raise RuntimeError("bug in our code")
 
-    monkeypatch.setattr(worker, "process_message", crash)
+    monkeypatch.setattr(worker, "handle_batch", crash)
     acme = await sync_to_async(make_instance)()
     queued = await sync_to_async(queue_in_chat)(acme, CHAT_A, "A1")
 

@@ -1,0 +1,420 @@
+"""Every change of state of a message and of a conversation, in one place.
+
+The webhook (ingest), the worker, the admin's and the API's actions and the
+CLI call these; nothing else writes a message's status or a conversation's
+lease, pause or session. They are synchronous and run inside the caller's
+transaction (on the database thread for the async callers, see webhooks/db.py).
+
+A worker holds a conversation (one chat) by its claim token; while it does,
+`due_at` is the end of its lease. The messages it handles carry the same
+token, so every write to them is conditional on still holding the chat.
+"""
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import uuid4
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Case, F, Q, QuerySet, Value, When
+from django.utils import timezone
+
+from instances.models import InstanceConfig
+from webhooks.chat_rules import OpenMessage, OwnerAction, debounce_limit, due_time
+from webhooks.models import (
+    Conversation,
+    InboundMessage,
+    OutboundMessage,
+    OutboundStatus,
+    PauseReason,
+    Status,
+)
+from webhooks.rows import update_claimed_row
+from webhooks.wakeup import wake_up
+
+MAX_CLAIMS = 100
+OPEN = (Status.QUEUED, Status.PROCESSING)
+# Candidates read per claim, per free slot: room to skip chats of tenants at
+# their max_concurrent without reading the whole due list.
+CANDIDATES_PER_SLOT = 4
+
+
+def new_claim_token() -> str:
+    return uuid4().hex
+
+
+def lease_for(*, agent_timeout: int, now: datetime) -> datetime:
+    seconds = agent_timeout + settings.EVOLUTION_TIMEOUT + settings.WORKER_LEASE_MARGIN
+    return now + timedelta(seconds=seconds)
+
+
+@dataclass
+class Batch:
+    """A conversation a worker holds, with the open messages it took, in order."""
+
+    conversation: Conversation
+    token: str
+    messages: list[InboundMessage] = field(default_factory=list)
+
+    @property
+    def instance(self) -> InstanceConfig:
+        return self.conversation.instance
+
+
+def _chat_messages(conversation: Conversation) -> QuerySet[InboundMessage]:
+    return InboundMessage.objects.filter(
+        instance_id=conversation.instance_id, chat_jid=conversation.chat_jid
+    )
+
+
+def _open_in_order(messages: QuerySet[InboundMessage]) -> QuerySet[InboundMessage]:
+    return messages.filter(status__in=OPEN).order_by(F("queued_at").asc(nulls_first=True), "id")
+
+
+# --- claiming -----------------------------------------------------------------
+def claim_conversations(*, limit: int) -> list[Batch]:
+    """Take up to `limit` due conversations and their due open messages.
+
+    Tenants at their max_concurrent are skipped, and the others share the
+    slots in turn (the tenant whose chat waited longest first), so one tenant's
+    backlog never holds every slot. Reads only due and leased conversations:
+    its cost does not grow with the stored messages.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        # Counted here rather than with GROUP BY, which SQLite serves by walking
+        # an index on instance_id over every conversation.
+        leased = Counter(
+            Conversation.objects.filter(due_at__gt=now)
+            .exclude(claim_token="")
+            .values_list("instance_id", flat=True)
+        )
+        limits = dict(
+            InstanceConfig.objects.filter(pk__in=leased).values_list("pk", "max_concurrent")
+        )
+        full = [pk for pk, count in leased.items() if count >= limits.get(pk, 0)]
+        candidates = list(
+            Conversation.objects.filter(due_at__lte=now)
+            .exclude(instance_id__in=full)
+            .order_by("due_at")
+            .select_for_update(skip_locked=True, of=("self",))
+            .select_related("instance")[: limit * CANDIDATES_PER_SLOT]
+        )
+        chosen = _share_fairly(candidates, leased=leased, limit=limit)
+        token = new_claim_token()
+        batches = [_take(conversation, token=token, now=now) for conversation in chosen]
+    return [batch for batch in batches if batch.messages]
+
+
+def _share_fairly(
+    candidates: list[Conversation], *, leased: Counter[int], limit: int
+) -> list[Conversation]:
+    queues: dict[int, list[Conversation]] = defaultdict(list)
+    for conversation in candidates:
+        queues[conversation.instance_id].append(conversation)
+    room = {
+        pk: queue[0].instance.max_concurrent - leased.get(pk, 0) for pk, queue in queues.items()
+    }
+    chosen: list[Conversation] = []
+    while len(chosen) < limit and queues:
+        for pk in list(queues):
+            if room[pk] <= 0 or not queues[pk]:
+                del queues[pk]
+                continue
+            chosen.append(queues[pk].pop(0))
+            room[pk] -= 1
+            if len(chosen) == limit:
+                break
+    return chosen
+
+
+def _take(conversation: Conversation, *, token: str, now: datetime) -> Batch:
+    """Lease a conversation and mark its due open messages as being handled.
+
+    The open messages are taken in order up to the first one that is not due
+    (waiting for a retry): it holds back the rest of its chat. Messages found
+    `processing` belong to a worker whose lease on the chat ran out.
+    """
+    instance = conversation.instance
+    lease = lease_for(agent_timeout=instance.agent_timeout, now=now)
+    taken: list[InboundMessage] = []
+    for message in _open_in_order(_chat_messages(conversation)):
+        if message.status == Status.QUEUED and (message.next_attempt_at or now) > now:
+            break
+        taken.append(message)
+    Conversation.objects.filter(pk=conversation.pk).update(
+        claim_token=token, due_at=lease, due_limit=None
+    )
+    conversation.claim_token, conversation.due_at = token, lease
+    if not taken:
+        settle_conversation(conversation=conversation, token=token)
+        return Batch(conversation=conversation, token=token)
+    InboundMessage.objects.filter(pk__in=[m.pk for m in taken]).update(
+        status=Status.PROCESSING,
+        claim_token=token,
+        lease_until=lease,
+        attempts=F("attempts") + 1,
+    )
+    for message in taken:
+        message.status, message.claim_token, message.lease_until = Status.PROCESSING, token, lease
+        message.attempts += 1
+        message.instance = instance
+    return Batch(conversation=conversation, token=token, messages=taken)
+
+
+def settle_conversation(*, conversation: Conversation, token: str) -> None:
+    """Let a held conversation go: due again when its next open message is.
+
+    On PostgreSQL the row is locked first, so that a message stored meanwhile
+    by a webhook (which left due_at alone while the chat was held) is either
+    seen here or sees the released chat.
+    """
+    held = (
+        Conversation.objects.select_for_update()
+        .filter(pk=conversation.pk, claim_token=token)
+        .exists()
+    )
+    if not held:
+        return
+    now = timezone.now()
+    debounce = conversation.instance.debounce_seconds
+    open_messages = [
+        OpenMessage(next_attempt_at=next_at, queued_at=queued or received)
+        for next_at, queued, received in _open_in_order(_chat_messages(conversation)).values_list(
+            "next_attempt_at", "queued_at", "received_at"
+        )
+    ]
+    due = due_time(open_messages=open_messages, debounce_seconds=debounce, now=now)
+    limit = None
+    if open_messages and debounce:
+        first = open_messages[0].queued_at
+        limit = debounce_limit(first_queued_at=first, debounce_seconds=debounce)
+    Conversation.objects.filter(pk=conversation.pk, claim_token=token).update(
+        claim_token="", due_at=due, due_limit=limit
+    )
+
+
+def claim_on_insert(*, conversation_id: int, instance: InstanceConfig, now: datetime) -> str:
+    """The claim token when a chat with nothing open was taken for this process."""
+    from webhooks.rows import claim_idle_conversation
+
+    token = new_claim_token()
+    lease = lease_for(agent_timeout=instance.agent_timeout, now=now)
+    if claim_idle_conversation(conversation_id=conversation_id, token=token, lease_until=lease):
+        return token
+    return ""
+
+
+# --- the worker's writes to a message it holds -----------------------------------
+@dataclass(frozen=True)
+class SendStart:
+    """A reply about to go out: recorded before the send, so its echo is known."""
+
+    chat_jid: str
+    text: str
+
+
+@dataclass(frozen=True)
+class SendEnd:
+    outbound_id: int
+    evolution_id: str
+    ok: bool
+    error: str = ""
+
+
+def save_claimed(
+    *,
+    message_pk: int,
+    token: str,
+    fields: dict[str, Any],
+    conversation_id: int,
+    lease_until: datetime | None = None,
+    send_start: SendStart | None = None,
+    send_end: SendEnd | None = None,
+    instance_id: int | None = None,
+) -> tuple[bool, int | None]:
+    """Write fields to a message this worker holds, and what goes with them.
+
+    Returns (whether the claim still held, the new outbound row's id). Runs
+    only database writes: webhooks/db.py may run it twice.
+    """
+    if not update_claimed_row(pk=message_pk, claim_token=token, fields=fields):
+        return False, None
+    if lease_until is not None:
+        # Renew the chat's lease for the next step (an agent call, a send).
+        Conversation.objects.filter(pk=conversation_id, claim_token=token).update(
+            due_at=lease_until
+        )
+    outbound_id = None
+    if send_start is not None:
+        outbound_id = OutboundMessage.objects.create(
+            instance_id=instance_id,
+            chat_jid=send_start.chat_jid,
+            text=send_start.text,
+            in_reply_to_id=message_pk,
+        ).pk
+    if send_end is not None:
+        OutboundMessage.objects.filter(pk=send_end.outbound_id).update(
+            status=OutboundStatus.SENT if send_end.ok else OutboundStatus.FAILED,
+            evolution_id=send_end.evolution_id[:128],
+            error=send_end.error,
+            sent_at=timezone.now() if send_end.ok else None,
+        )
+    return True, outbound_id
+
+
+def fold_into(
+    *, folded_pks: list[int], answering_pk: int, token: str, burst_content: dict[str, Any]
+) -> None:
+    """Messages of a debounced burst: answered by the last one's agent call."""
+    now = timezone.now()
+    InboundMessage.objects.filter(pk__in=folded_pks, claim_token=token).update(
+        status=Status.IGNORED,
+        ignore_reason="debounced",
+        answered_by_id=answering_pk,
+        finished_at=now,
+        claim_token="",
+        lease_until=None,
+        next_attempt_at=None,
+        reply_api_key="",
+    )
+    InboundMessage.objects.filter(pk=answering_pk, claim_token=token).update(content=burst_content)
+
+
+def release_messages(
+    *, messages: Iterable[InboundMessage], error: str = "", delay: float = 0.0
+) -> None:
+    """Give held messages back to the queue (shutdown, or a crash in our code)."""
+    now = timezone.now()
+    for message in messages:
+        fields: dict[str, object] = {
+            "status": Status.QUEUED,
+            "claim_token": "",
+            "lease_until": None,
+            "next_attempt_at": now + timedelta(seconds=delay),
+        }
+        if error:
+            fields["last_error"] = error
+        if message.attempts >= MAX_CLAIMS:
+            fields.update(status=Status.FAILED, finished_at=now, next_attempt_at=None)
+        InboundMessage.objects.filter(
+            pk=message.pk, claim_token=message.claim_token, status=Status.PROCESSING
+        ).update(**fields)
+
+
+def release_batch(*, batch: Batch, error: str = "", delay: float = 0.0) -> None:
+    release_messages(messages=batch.messages, error=error, delay=delay)
+    settle_conversation(conversation=batch.conversation, token=batch.token)
+
+
+def advance_session(*, conversation_id: int) -> int:
+    """A new agent session for the chat (reset); returns its number."""
+    Conversation.objects.filter(pk=conversation_id).update(session_epoch=F("session_epoch") + 1)
+    return Conversation.objects.values_list("session_epoch", flat=True).get(pk=conversation_id)
+
+
+# --- the owner's messages and the operator's actions ------------------------------
+def owner_wrote(
+    *, conversation_id: int, action: OwnerAction, instance: InstanceConfig, now: datetime
+) -> None:
+    """A fromMe message the hub did not send: a keyword, or a human answering."""
+    chat = Conversation.objects.filter(pk=conversation_id)
+    if action is OwnerAction.BOT_OFF:
+        chat.update(pause_reason=PauseReason.BOT_OFF, paused_until=None)
+    elif action is OwnerAction.BOT_ON:
+        chat.update(pause_reason="", paused_until=None)
+    elif instance.handoff_minutes:
+        until = now + timedelta(minutes=instance.handoff_minutes)
+        # A pause until resumed (bot off, or the operator's) stays one; a
+        # takeover's window restarts with each of the human's messages.
+        chat.filter(Q(pause_reason="") | Q(paused_until__isnull=False)).update(
+            pause_reason=Case(
+                When(
+                    Q(pause_reason="") | Q(paused_until__lte=now),
+                    then=Value(PauseReason.HUMAN.value),
+                ),
+                default=F("pause_reason"),
+            ),
+            paused_until=Case(
+                When(paused_until__gt=until, then=F("paused_until")), default=Value(until)
+            ),
+        )
+
+
+def pause_conversation(*, conversation: Conversation, minutes: int | None = None) -> Conversation:
+    """The operator pauses the bot in a chat, for `minutes` or until resumed."""
+    until = timezone.now() + timedelta(minutes=minutes) if minutes else None
+    Conversation.objects.filter(pk=conversation.pk).update(
+        pause_reason=PauseReason.OPERATOR, paused_until=until
+    )
+    conversation.refresh_from_db()
+    return conversation
+
+
+def resume_conversation(*, conversation: Conversation) -> Conversation:
+    Conversation.objects.filter(pk=conversation.pk).update(pause_reason="", paused_until=None)
+    conversation.refresh_from_db()
+    return conversation
+
+
+def reset_conversation(*, conversation: Conversation) -> Conversation:
+    """Start a new agent session: the chat's next message goes to an empty memory."""
+    advance_session(conversation_id=conversation.pk)
+    conversation.refresh_from_db()
+    return conversation
+
+
+# --- retries from the console ------------------------------------------------------
+# Legacy-mode rows send with the delivery's own apikey, which is cleared once
+# the row is finished; while the instance still has no key of its own, a
+# retry could not send (and would ask the agent again for nothing).
+_NO_KEY_TO_SEND = Q(instance__is_default=True, instance__evolution_url="", reply_api_key="")
+
+
+def retry_messages(*, queryset_or_ids: QuerySet[InboundMessage] | Iterable[int]) -> int:
+    """Put the failed messages among these back in their chats' queues; returns how many.
+
+    Other rows are left alone. A message whose agent already answered keeps the
+    reply, so only the send is retried and the agent is never asked twice. A
+    retried message is handled after what is already open in its chat.
+    """
+    if isinstance(queryset_or_ids, QuerySet):
+        ids = list(queryset_or_ids.values_list("pk", flat=True))
+    else:
+        ids = list(queryset_or_ids)
+    now = timezone.now()
+    keep_reply = Q(reply_text__isnull=False, sent_at__isnull=True)
+    retryable = InboundMessage.objects.filter(pk__in=ids, status=Status.FAILED).exclude(
+        _NO_KEY_TO_SEND
+    )
+    chats = set(retryable.values_list("instance_id", "chat_jid"))
+    # One conditional UPDATE: a row another request or the worker changed in
+    # the meantime is not failed any more and is not touched.
+    requeued = retryable.update(
+        status=Status.QUEUED,
+        next_attempt_at=now,
+        queued_at=now,
+        claim_token="",
+        lease_until=None,
+        finished_at=None,
+        first_send_failed_at=None,
+        reply_text=Case(When(keep_reply, then=F("reply_text")), default=Value(None)),
+        # Asked again, the agent gets a new message's retry budget.
+        agent_attempts=Case(When(keep_reply, then=F("agent_attempts")), default=Value(0)),
+    )
+    for instance_id, chat_jid in chats:
+        make_chat_due(instance_id=instance_id, chat_jid=chat_jid, now=now)
+    if requeued:
+        transaction.on_commit(wake_up)
+    return requeued
+
+
+def make_chat_due(*, instance_id: int, chat_jid: str, now: datetime) -> None:
+    """A chat got open work outside a webhook: due now, unless a worker holds it."""
+    conversation, _ = Conversation.objects.get_or_create(instance_id=instance_id, chat_jid=chat_jid)
+    Conversation.objects.filter(pk=conversation.pk, claim_token="").filter(
+        Q(due_at__isnull=True) | Q(due_at__gt=now)
+    ).update(due_at=now)
