@@ -63,6 +63,24 @@ class InstanceConfigAdmin(ProvisioningAdminMixin, admin.ModelAdmin):
                 },
             ),
             ("Behaviour", {"fields": ["fallback_message"]}),
+            (
+                "Human takeover",
+                {"fields": ["handoff_minutes", "bot_off_keyword", "bot_on_keyword"]},
+            ),
+            (
+                "Bursts and sessions",
+                {
+                    "fields": [
+                        "debounce_seconds",
+                        "reset_keyword",
+                        "reset_reply",
+                        "session_idle_minutes",
+                    ]
+                },
+            ),
+            ("Groups", {"fields": ["group_policy", "bot_ids"]}),
+            ("Who is answered", {"fields": ["allow_list", "block_list"]}),
+            ("Capacity", {"fields": ["max_concurrent"]}),
             ("Webhook", {"fields": webhook}),
         ]
         if obj is not None:

@@ -4,7 +4,12 @@ from typing import Any
 
 from django import forms
 
-from instances.models import SECRET_FIELDS, InstanceConfig, generate_webhook_token
+from instances.models import (
+    CONVERSATION_FIELDS,
+    SECRET_FIELDS,
+    InstanceConfig,
+    generate_webhook_token,
+)
 
 KEEP_HELP = "Leave empty to keep the current value."
 TOKEN_HELP = "Deliveries must carry it as header X-Webhook-Token or ?token=."
@@ -62,6 +67,7 @@ class InstanceConfigForm(forms.ModelForm):
             "session_id_prefix",
             "fallback_message",
             "webhook_token",
+            *CONVERSATION_FIELDS,
         ]
         field_classes = dict.fromkeys(SECRET_FIELDS, SecretField)
 

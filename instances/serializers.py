@@ -8,7 +8,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework.settings import api_settings
 
-from instances.models import SECRET_FIELDS, InstanceConfig
+from instances.models import CONVERSATION_FIELDS, SECRET_FIELDS, InstanceConfig
 from instances.services import save_instance
 
 SECRET_HELP = "Write-only. Omit it on update to keep the stored value."
@@ -37,6 +37,21 @@ class InstanceConfigSerializer(serializers.ModelSerializer):
     has_evolution_key = IsSetField(source="evolution_key")
     has_webhook_token = IsSetField(source="webhook_token")
     has_agent_api_key = IsSetField(source="agent_api_key")
+    bot_ids = serializers.ListField(
+        child=serializers.CharField(),
+        required=False,
+        help_text=InstanceConfig._meta.get_field("bot_ids").help_text,
+    )
+    allow_list = serializers.ListField(
+        child=serializers.CharField(),
+        required=False,
+        help_text=InstanceConfig._meta.get_field("allow_list").help_text,
+    )
+    block_list = serializers.ListField(
+        child=serializers.CharField(),
+        required=False,
+        help_text=InstanceConfig._meta.get_field("block_list").help_text,
+    )
 
     class Meta:
         model = InstanceConfig
@@ -58,6 +73,7 @@ class InstanceConfigSerializer(serializers.ModelSerializer):
             "agent_timeout",
             "session_id_prefix",
             "fallback_message",
+            *CONVERSATION_FIELDS,
             "created_at",
             "updated_at",
         ]

@@ -36,6 +36,24 @@ def instance_fields(**overrides: Any) -> dict[str, Any]:
     return fields
 
 
+# What the admin's instance form posts for the conversation settings it shows
+# with their defaults (the JSON lists are text areas).
+CONVERSATION_FORM_DEFAULTS = {
+    "handoff_minutes": "30",
+    "bot_off_keyword": "/bot off",
+    "bot_on_keyword": "/bot on",
+    "debounce_seconds": "0",
+    "group_policy": "ignore",
+    "bot_ids": "[]",
+    "allow_list": "[]",
+    "block_list": "[]",
+    "reset_keyword": "/reset",
+    "reset_reply": "Conversation restarted.",
+    "session_idle_minutes": "0",
+    "max_concurrent": "16",
+}
+
+
 @pytest.fixture
 def make_instance(db):
     """Create a valid non-default instance; keyword arguments override fields."""

@@ -1,8 +1,11 @@
 from datetime import datetime
+from typing import Any
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from webhooks.models import InboundMessage, Status
+from webhooks.models import Conversation, InboundMessage, Status
+from webhooks.selectors import CHAT_PAGE_SIZE, chat_messages
 
 
 def milliseconds(start: datetime | None, end: datetime | None) -> int | None:
@@ -95,4 +98,109 @@ class MessageFilterSerializer(serializers.Serializer):
     search = serializers.CharField(
         required=False,
         help_text="Part of the phone number, push name or text, or the exact message id.",
+    )
+
+
+class ConversationSerializer(serializers.ModelSerializer):
+    """A chat of an instance and the bot's state in it."""
+
+    instance = serializers.SlugRelatedField(
+        slug_field="name", read_only=True, help_text="The instance's name."
+    )
+    name = serializers.CharField(
+        source="push_name", read_only=True, help_text="The user's WhatsApp name."
+    )
+    state = serializers.ChoiceField(
+        choices=["active", "paused"], read_only=True, help_text="Whether the bot answers now."
+    )
+    session_name = serializers.SerializerMethodField(
+        help_text="The agent session the chat's next message goes to."
+    )
+
+    class Meta:
+        model = Conversation
+        fields = [
+            "id",
+            "instance",
+            "chat_jid",
+            "phone",
+            "name",
+            "is_group",
+            "state",
+            "paused_until",
+            "pause_reason",
+            "session_name",
+            "session_epoch",
+            "last_message_at",
+        ]
+        read_only_fields = fields
+        extra_kwargs = {
+            "paused_until": {"help_text": "With a pause: until when; null is until resumed."},
+            "pause_reason": {"help_text": "human takeover, bot off or paused (the operator)."},
+        }
+
+    def get_session_name(self, obj: Conversation) -> str:
+        from webhooks.agent_client import session_name
+
+        return session_name(
+            instance=obj.instance, phone=obj.phone, chat_jid=obj.chat_jid, epoch=obj.session_epoch
+        )
+
+
+class ChatMessageSerializer(serializers.ModelSerializer):
+    """A user's message in a conversation, with the reply sent for it."""
+
+    class Meta:
+        model = InboundMessage
+        fields = [
+            "id",
+            "message_id",
+            "push_name",
+            "text",
+            "status",
+            "ignore_reason",
+            "received_at",
+            "reply_text",
+            "sent_at",
+            "finished_at",
+            "answered_by",
+            "session_name",
+            "last_error",
+        ]
+        read_only_fields = fields
+        extra_kwargs = {
+            "answered_by": {
+                "help_text": "A message folded into a burst: the message whose agent call "
+                "answered it."
+            }
+        }
+
+
+class ConversationDetailSerializer(ConversationSerializer):
+    messages = serializers.SerializerMethodField(
+        help_text=f"The chat's latest {CHAT_PAGE_SIZE} messages, oldest first."
+    )
+
+    class Meta(ConversationSerializer.Meta):
+        fields = [*ConversationSerializer.Meta.fields, "messages"]
+        read_only_fields = fields
+
+    @extend_schema_field(ChatMessageSerializer(many=True))
+    def get_messages(self, obj: Conversation) -> list[dict[str, Any]]:
+        return ChatMessageSerializer(chat_messages(conversation=obj), many=True).data
+
+
+class ConversationFilterSerializer(serializers.Serializer):
+    instance = serializers.CharField(required=False, help_text="The instance's name.")
+    phone = serializers.CharField(required=False, help_text="The phone number's digits.")
+    state = serializers.ChoiceField(choices=["active", "paused"], required=False)
+
+
+class PauseSerializer(serializers.Serializer):
+    minutes = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        min_value=1,
+        max_value=60 * 24 * 365,
+        help_text="How long to pause; omitted or null: until resumed.",
     )

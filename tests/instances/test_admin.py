@@ -3,6 +3,7 @@ from typing import Any
 import pytest
 
 from instances.models import InstanceConfig
+from tests.conftest import CONVERSATION_FORM_DEFAULTS
 
 CHANGELIST = "/admin/instances/instanceconfig/"
 ADD = f"{CHANGELIST}add/"
@@ -33,6 +34,7 @@ def form_data(**overrides: Any) -> dict[str, Any]:
         "session_id_prefix": "",
         "fallback_message": "Try again later.",
         "webhook_token": "",
+        **CONVERSATION_FORM_DEFAULTS,
         "_save": "Save",
     }
     data.update(overrides)

@@ -17,6 +17,7 @@ from django.test import Client
 
 from instances.cli import snapshot
 from instances.models import SECRET_FIELDS, InstanceConfig
+from tests.conftest import CONVERSATION_FORM_DEFAULTS
 
 ADD = "/admin/instances/instanceconfig/add/"
 API = "/api/v1/instances/"
@@ -146,6 +147,7 @@ def admin_form(fields: dict[str, str]) -> dict[str, str]:
         "default_agent": "support",
         "agent_timeout": "60",
         "fallback_message": "Try again later.",
+        **CONVERSATION_FORM_DEFAULTS,
         "_save": "Save",
         **fields,
     }

@@ -233,7 +233,9 @@ async def test_group_messages_are_ignored_by_default(acme, upstream) -> None:
 async def test_with_mentions_a_group_message_is_answered_when_it_mentions_the_bot(
     make_instance, upstream
 ) -> None:
-    acme = await sync_to_async(make_instance)(group_policy="mentions", bot_ids=["123456789012345@lid"])
+    acme = await sync_to_async(make_instance)(
+        group_policy="mentions", bot_ids=["123456789012345@lid"]
+    )
     await ConnectionState.objects.acreate(
         instance=acme, state="open", wuid="5511900000001@s.whatsapp.net"
     )
@@ -314,9 +316,7 @@ async def test_in_a_group_a_blocked_sender_is_not_answered(make_instance) -> Non
 
 
 # --- sessions ---------------------------------------------------------------------
-async def test_reset_starts_a_new_session_and_is_answered_without_the_agent(
-    acme, upstream
-) -> None:
+async def test_reset_starts_a_new_session_and_is_answered_without_the_agent(acme, upstream) -> None:
     await deliver(acme, "oi")
     await work(upstream)
     reset = await deliver(acme, "/Reset ")
@@ -344,9 +344,7 @@ async def test_an_idle_chat_s_next_message_starts_a_new_session(make_instance, u
 
 
 # --- retries from the console ------------------------------------------------------
-async def test_a_retried_message_is_answered_after_what_is_open_in_its_chat(
-    acme, upstream
-) -> None:
+async def test_a_retried_message_is_answered_after_what_is_open_in_its_chat(acme, upstream) -> None:
     failed = await deliver(acme, "antiga")
     await InboundMessage.objects.filter(message_id=failed.message_id).aupdate(
         status=Status.FAILED, next_attempt_at=None, queued_at=None
@@ -354,9 +352,10 @@ async def test_a_retried_message_is_answered_after_what_is_open_in_its_chat(
     await Conversation.objects.aupdate(due_at=None)
     newer = await deliver(acme, "nova")
 
-    assert await sync_to_async(transitions.retry_messages)(
-        queryset_or_ids=[(await row(failed)).pk]
-    ) == 1
+    assert (
+        await sync_to_async(transitions.retry_messages)(queryset_or_ids=[(await row(failed)).pk])
+        == 1
+    )
     await work(upstream)
 
     contents = [b["message_content"] for b in agent_bodies(upstream)]

@@ -18,7 +18,7 @@ from instances.cli import (
     validation_error_lines,
     yes_no,
 )
-from instances.models import MAX_AGENT_TIMEOUT, InstanceConfig
+from instances.models import CONVERSATION_FIELDS, MAX_AGENT_TIMEOUT, InstanceConfig
 
 NameArg = Annotated[str, typer.Argument(help="The instance's name.", show_default=False)]
 Json = Annotated[
@@ -92,6 +92,41 @@ NoWebhookToken = Annotated[
 ]
 
 
+Settings = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="A conversation setting as NAME=VALUE, repeatable: "
+        + ", ".join(CONVERSATION_FIELDS)
+        + ". Lists as JSON or comma-separated, e.g. --set allow_list=5511*,5521*.",
+    ),
+]
+
+
+def parse_settings(values: list[str] | None) -> dict[str, Any]:
+    """--set NAME=VALUE pairs as field values; raises ValidationError naming the field."""
+    fields: dict[str, Any] = {}
+    for item in values or []:
+        name, equals, raw = item.partition("=")
+        name = name.strip()
+        if not equals or name not in CONVERSATION_FIELDS:
+            raise ValidationError(
+                f"--set {item!r}: use NAME=VALUE with NAME one of {', '.join(CONVERSATION_FIELDS)}."
+            )
+        field = InstanceConfig._meta.get_field(name)
+        if field.get_internal_type() == "JSONField":
+            try:
+                value = json.loads(raw) if raw.strip().startswith("[") else None
+            except ValueError as exc:
+                raise ValidationError({name: [f"Not a JSON list: {exc}."]}) from exc
+            if value is None:
+                value = [part.strip() for part in raw.split(",") if part.strip()]
+            fields[name] = value
+        else:
+            fields[name] = raw
+    return fields
+
+
 class Command(TyperCommand):
     help = "Manage the tenants (instances): list, show, create, update, delete, set-default."
 
@@ -150,6 +185,11 @@ class Command(TyperCommand):
         width = max(len(label) for label, _ in rows) + 2
         for label, value in rows:
             self.echo(f"{label + ':':<{width}}{value}")
+        # The names --set takes, in a block of their own.
+        self.echo("conversation settings:")
+        width = max(map(len, CONVERSATION_FIELDS)) + 3
+        for name in CONVERSATION_FIELDS:
+            self.echo(f"  {name + ':':<{width}}{_setting(getattr(instance, name))}")
         if not instance.webhook_token:
             self.echo(f"WARNING: {_no_token_warning(instance)}")
 
@@ -170,6 +210,7 @@ class Command(TyperCommand):
         is_active: IsActive = None,
         webhook_token: WebhookToken = None,
         no_webhook_token: NoWebhookToken = False,
+        set_values: Settings = None,
         as_json: Annotated[
             bool,
             typer.Option(
@@ -184,6 +225,7 @@ class Command(TyperCommand):
         token_generated = webhook_token is None and not no_webhook_token
         self._apply(
             instance,
+            settings=set_values,
             webhook_token=webhook_token,
             no_webhook_token=no_webhook_token,
             name=name,
@@ -241,6 +283,7 @@ class Command(TyperCommand):
         is_active: IsActive = None,
         webhook_token: WebhookToken = None,
         no_webhook_token: NoWebhookToken = False,
+        set_values: Settings = None,
         as_json: Json = False,
     ) -> None:
         """Change the given fields of an instance; the others keep their values."""
@@ -248,6 +291,7 @@ class Command(TyperCommand):
         before = snapshot(instance)
         self._apply(
             instance,
+            settings=set_values,
             webhook_token=webhook_token,
             no_webhook_token=no_webhook_token,
             # Passed through so the model, not the CLI, refuses a rename.
@@ -325,9 +369,14 @@ class Command(TyperCommand):
         *,
         webhook_token: str | None,
         no_webhook_token: bool,
+        settings: list[str] | None = None,
         **fields: Any,
     ) -> None:
         """Set the fields that were given; None means "not given"."""
+        try:
+            fields.update(parse_settings(settings))
+        except ValidationError as exc:
+            fail(self, *validation_error_lines(exc))
         if no_webhook_token:
             if webhook_token is not None:
                 fail(self, "error: give either --webhook-token or --no-webhook-token, not both.")
@@ -363,6 +412,13 @@ class Command(TyperCommand):
 
 def _unknown(name: str) -> str:
     return f"error: no instance named '{name}' (see `manage.py instances list`)."
+
+
+def _setting(value: object) -> str:
+    if isinstance(value, list):
+        return ", ".join(value) or "-"
+    text = str(value)
+    return text.replace("\n", "\\n") if text else "-"
 
 
 def _set_or_not(secret: str) -> str:

@@ -1,0 +1,43 @@
+"""Reads of conversations for the admin, the API and the CLI (no state changes here)."""
+
+from datetime import datetime
+from typing import Any
+
+from django.db.models import Q, QuerySet
+from django.utils import timezone
+
+from webhooks.models import Conversation, InboundMessage
+
+CHAT_PAGE_SIZE = 200
+
+
+def paused_now_q(now: datetime) -> Q:
+    return ~Q(pause_reason="") & (Q(paused_until__isnull=True) | Q(paused_until__gt=now))
+
+
+def filter_conversations(
+    queryset: QuerySet[Conversation], params: dict[str, Any]
+) -> QuerySet[Conversation]:
+    if params.get("instance"):
+        queryset = queryset.filter(instance__name=params["instance"])
+    if params.get("phone"):
+        queryset = queryset.filter(phone=params["phone"])
+    if params.get("state") == "paused":
+        queryset = queryset.filter(paused_now_q(timezone.now()))
+    elif params.get("state") == "active":
+        queryset = queryset.exclude(paused_now_q(timezone.now()))
+    return queryset
+
+
+def chat_messages(
+    *, conversation: Conversation, limit: int = CHAT_PAGE_SIZE
+) -> list[InboundMessage]:
+    """The chat's latest messages, oldest first (the conversation page and API)."""
+    latest = (
+        InboundMessage.objects.filter(
+            instance_id=conversation.instance_id, chat_jid=conversation.chat_jid
+        )
+        .defer("payload", "content", "agent_request", "agent_response", "reply_api_key")
+        .order_by("-id")[:limit]
+    )
+    return list(reversed(latest))
