@@ -30,6 +30,20 @@ class IsSetField(serializers.ReadOnlyField):
         return bool(value)
 
 
+class StringListField(serializers.ListField):
+    """A list of strings whose errors read as one list of messages, as the model's do."""
+
+    child = serializers.CharField(allow_blank=True, trim_whitespace=False)
+
+    def to_internal_value(self, data: Any) -> list[str]:
+        if isinstance(data, str) or not isinstance(data, list):
+            raise serializers.ValidationError("Expected a list of strings.")
+        if not all(isinstance(item, str) for item in data):
+            raise serializers.ValidationError("Each item must be a string.")
+        # The entries' own rules are the model's (instances/validators.py).
+        return list(data)
+
+
 class InstanceConfigSerializer(serializers.ModelSerializer):
     webhook_url = serializers.URLField(
         read_only=True, help_text="Where Evolution must post this instance's events."
@@ -37,18 +51,15 @@ class InstanceConfigSerializer(serializers.ModelSerializer):
     has_evolution_key = IsSetField(source="evolution_key")
     has_webhook_token = IsSetField(source="webhook_token")
     has_agent_api_key = IsSetField(source="agent_api_key")
-    bot_ids = serializers.ListField(
-        child=serializers.CharField(),
+    bot_ids = StringListField(
         required=False,
         help_text=InstanceConfig._meta.get_field("bot_ids").help_text,
     )
-    allow_list = serializers.ListField(
-        child=serializers.CharField(),
+    allow_list = StringListField(
         required=False,
         help_text=InstanceConfig._meta.get_field("allow_list").help_text,
     )
-    block_list = serializers.ListField(
-        child=serializers.CharField(),
+    block_list = StringListField(
         required=False,
         help_text=InstanceConfig._meta.get_field("block_list").help_text,
     )

@@ -30,7 +30,7 @@ from omnihub import errors
 from tests.conftest import load_fixture
 from tests.fakes import FakeAgent, FakeEvolution
 from webhooks.ingest import record_delivery
-from webhooks.models import InboundMessage, Status
+from webhooks.models import Conversation, InboundMessage, Status
 
 API_KEY = "test-api-key"  # OMNIHUB_API_KEY of omnihub.test_settings
 SCHEMA = schemathesis.openapi.from_wsgi("/api/schema/", get_wsgi_application())
@@ -74,9 +74,12 @@ class Existing:
 
     names: list[str]
     message_ids: dict[Status, str] = field(default_factory=dict)
+    conversation_id: str = ""
 
     def values(self, param: str) -> list[str]:
-        return self.names if param == "name" else list(self.message_ids.values())
+        if param == "name":
+            return self.names
+        return [*self.message_ids.values(), self.conversation_id]
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +134,7 @@ def existing(
             last_error="agent unreachable" if status == Status.FAILED else "",
         )
         existing.message_ids[status] = str(row.pk)
+    existing.conversation_id = str(Conversation.objects.get(instance=acme).pk)
     return existing
 
 
@@ -178,6 +182,11 @@ def test_every_operation_of_the_api_is_tested() -> None:
         "GET /api/v1/messages/",
         "GET /api/v1/messages/{id}/",
         "POST /api/v1/messages/{id}/retry/",
+        "GET /api/v1/conversations/",
+        "GET /api/v1/conversations/{id}/",
+        "POST /api/v1/conversations/{id}/pause/",
+        "POST /api/v1/conversations/{id}/resume/",
+        "POST /api/v1/conversations/{id}/reset/",
     }
 
 
@@ -244,11 +253,21 @@ KNOWN_REQUESTS: list[tuple[str, dict[str, str], dict[str, str], Any, int]] = [
     ("GET /api/v1/messages/{id}/", {"id": Status.REPLIED}, {}, None, 200),
     ("POST /api/v1/messages/{id}/retry/", {"id": Status.FAILED}, {}, None, 200),
     ("POST /api/v1/messages/{id}/retry/", {"id": Status.QUEUED}, {}, None, 409),
+    ("GET /api/v1/conversations/", {}, {"state": "paused", "instance": "acme"}, None, 200),
+    ("GET /api/v1/conversations/", {}, {"state": "asleep"}, None, 400),
+    ("GET /api/v1/conversations/", {}, {"page": "99"}, None, 404),
+    ("GET /api/v1/conversations/{id}/", {"id": "conversation"}, {}, None, 200),
+    ("POST /api/v1/conversations/{id}/pause/", {"id": "conversation"}, {}, {"minutes": 5}, 200),
+    ("POST /api/v1/conversations/{id}/pause/", {"id": "conversation"}, {}, {"minutes": 0}, 400),
+    ("POST /api/v1/conversations/{id}/resume/", {"id": "conversation"}, {}, None, 200),
+    ("POST /api/v1/conversations/{id}/reset/", {"id": "conversation"}, {}, None, 200),
 ]
 
 
 def known_case(existing: Existing, label: str, path: dict[str, str], query: dict, body: Any):
-    if "id" in path:
+    if path.get("id") == "conversation":
+        path = {"id": existing.conversation_id}
+    elif "id" in path:
         path = {"id": existing.message_ids[Status(path["id"])]}
     operation = OPERATIONS[label]
     if body is None:

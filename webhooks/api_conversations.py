@@ -10,7 +10,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.serializers import BaseSerializer
 
-from instances.api import PAGE_NOT_FOUND, UNAUTHORIZED, ErrorSerializer
+from instances.api import INVALID, PAGE_NOT_FOUND, UNAUTHORIZED, ErrorSerializer
 from webhooks.api import BAD_FILTER, MessagePagination
 from webhooks.models import Conversation
 from webhooks.selectors import filter_conversations
@@ -67,7 +67,7 @@ class ConversationViewSet(
 
     @extend_schema(
         request=PauseSerializer,
-        responses={**ACTION_RESPONSES, 400: BAD_FILTER},
+        responses={**ACTION_RESPONSES, 400: INVALID},
         description="Pause the bot in this chat, for `minutes` or until resumed.",
     )
     @action(detail=True, methods=["post"])

@@ -4,7 +4,7 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from webhooks.models import Conversation, InboundMessage, Status
+from webhooks.models import Conversation, InboundMessage, PauseReason, Status
 from webhooks.selectors import CHAT_PAGE_SIZE, chat_messages
 
 
@@ -116,6 +116,12 @@ class ConversationSerializer(serializers.ModelSerializer):
     session_name = serializers.SerializerMethodField(
         help_text="The agent session the chat's next message goes to."
     )
+    pause_reason = serializers.ChoiceField(
+        choices=["", *PauseReason.values],
+        read_only=True,
+        help_text="Why the bot is paused (human takeover, bot off, paused by an operator); "
+        "empty when it is not. A pause whose time is over keeps its reason.",
+    )
 
     class Meta:
         model = Conversation
@@ -136,7 +142,6 @@ class ConversationSerializer(serializers.ModelSerializer):
         read_only_fields = fields
         extra_kwargs = {
             "paused_until": {"help_text": "With a pause: until when; null is until resumed."},
-            "pause_reason": {"help_text": "human takeover, bot off or paused (the operator)."},
         }
 
     def get_session_name(self, obj: Conversation) -> str:
