@@ -133,6 +133,12 @@ class Conversation(models.Model):
         ]
         indexes = [
             models.Index(fields=["due_at"], name="webhooks_conversation_due"),
+            # The chats held by workers now, per tenant (max_concurrent): a few rows.
+            models.Index(
+                fields=["instance", "due_at"],
+                condition=~models.Q(claim_token=""),
+                name="webhooks_conversation_held",
+            ),
             models.Index(fields=["instance", "-last_message_at"], name="webhooks_conv_recent"),
         ]
 

@@ -261,17 +261,38 @@ def make_conversation_due(*, conversation_id: int, due: datetime, limit: datetim
 
 @cache
 def _claim_sql() -> str:
-    c = _conv_column
+    t, c = _conv_table(), _conv_column
+    # The held chats are counted with the partial index's own condition, so that
+    # SQLite uses it (webhooks_conversation_held): max_concurrent holds here too.
     return (
-        f"UPDATE {_conv_table()} SET {c('claim_token')} = %s, {c('due_at')} = %s "
-        f"WHERE id = %s AND {c('claim_token')} = '' AND {c('due_at')} IS NULL"
+        f"UPDATE {t} SET {c('claim_token')} = %s, {c('due_at')} = %s "
+        f"WHERE id = %s AND {c('claim_token')} = '' AND {c('due_at')} IS NULL "
+        f"AND (SELECT COUNT(*) FROM {t} AS held WHERE held.{c('instance')} = %s "
+        f"AND NOT (held.{c('claim_token')} = '') AND held.{c('due_at')} > %s) < %s"
     )
 
 
-def claim_idle_conversation(*, conversation_id: int, token: str, lease_until: datetime) -> bool:
-    """Take a chat with nothing open for this process's worker; False when it is busy."""
+def claim_idle_conversation(
+    *,
+    conversation_id: int,
+    token: str,
+    lease_until: datetime,
+    instance_id: int,
+    max_concurrent: int,
+    now: datetime,
+) -> bool:
+    """Take a chat with nothing open for this process's worker; False when it is busy
+    or its tenant already has max_concurrent chats with a worker."""
+    params = [
+        token,
+        _dt(lease_until),
+        conversation_id,
+        instance_id,
+        _dt(now),
+        max_concurrent,
+    ]
     with connection.cursor() as cursor:
-        cursor.execute(_claim_sql(), [token, _dt(lease_until), conversation_id])
+        cursor.execute(_claim_sql(), params)
         return cursor.rowcount == 1
 
 

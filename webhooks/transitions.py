@@ -203,9 +203,15 @@ def claim_on_insert(*, conversation_id: int, instance: InstanceConfig, now: date
 
     token = new_claim_token()
     lease = lease_for(agent_timeout=instance.agent_timeout, now=now)
-    if claim_idle_conversation(conversation_id=conversation_id, token=token, lease_until=lease):
-        return token
-    return ""
+    claimed = claim_idle_conversation(
+        conversation_id=conversation_id,
+        token=token,
+        lease_until=lease,
+        instance_id=instance.pk,
+        max_concurrent=instance.max_concurrent,
+        now=now,
+    )
+    return token if claimed else ""
 
 
 # --- the worker's writes to a message it holds -----------------------------------

@@ -39,6 +39,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -405,7 +406,25 @@ class Hub:
             self._close_pg()
             return self._pg_query(sql, params)
 
-    def _pg_query(self, sql: str, params: Iterable[Any]) -> list[dict[str, Any]]:
+    def execute(self, sql: str, params: Iterable[Any] = ()) -> None:
+        """Change rows straight in the database (a test moving a time forward)."""
+        path = self.sqlite_path
+        if path is not None:
+            with contextlib.closing(sqlite3.connect(path, timeout=20)) as connection:
+                connection.execute(sql, tuple(params))
+                connection.commit()
+            return
+        self._pg_query(sql, params, fetch=False)
+
+    def db_time(self, value: Any) -> Any:
+        """A datetime as this hub's database stores it (SQLite: Django's UTC text)."""
+        if self.sqlite_path is not None:
+            return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+        return value
+
+    def _pg_query(
+        self, sql: str, params: Iterable[Any], *, fetch: bool = True
+    ) -> list[dict[str, Any]]:
         from psycopg.rows import dict_row
         from psycopg.types.string import TextLoader
 
@@ -415,7 +434,7 @@ class Hub:
             for json_type in ("json", "jsonb"):
                 self._pg.adapters.register_loader(json_type, TextLoader)
         cursor = self._pg.execute(sql.replace("?", "%s"), tuple(params))  # type: ignore[arg-type]
-        return list(cursor.fetchall())  # type: ignore[arg-type]
+        return list(cursor.fetchall()) if fetch else []  # type: ignore[arg-type]
 
     def _close_pg(self) -> None:
         if self._pg is not None:

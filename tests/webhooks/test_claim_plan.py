@@ -7,7 +7,8 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from tests.webhooks.conftest import queue_message
+from tests.webhooks.conftest import message_body, queue_message
+from webhooks.ingest import record_message, understand
 from webhooks.transitions import claim_conversations
 
 pytestmark = pytest.mark.django_db
@@ -67,3 +68,23 @@ def test_no_statement_of_the_claim_scans_a_table(make_instance) -> None:
     # The captured SQL has its values inlined: it is planned as it ran.
     for sql in selects:
         assert table_scans(sql) == [], sql
+
+
+@pytest.mark.parametrize("queued_before", [False, True], ids=["new-chat", "open-chat"])
+def test_no_statement_of_storing_a_message_scans_a_table(make_instance, queued_before) -> None:
+    instance = make_instance()
+    if queued_before:
+        queue_message(instance, message_body(message_id="EARLIER"))
+    delivery = understand(message_body(message_id="NOW"))
+
+    with CaptureQueriesContext(connection) as captured:
+        result = record_message(instance=instance, delivery=delivery, claim=True)
+
+    assert result.outcome.value == "queued"
+    statements = [q["sql"] for q in captured.captured_queries]
+    # The tenant lookup is the view's; here: the chat's row, a claim or its due
+    # time, and the message itself.
+    assert len(statements) >= 3, statements
+    for sql in statements:
+        if sql.startswith(("SELECT", "UPDATE", "INSERT", "WITH")):
+            assert table_scans(sql) == [], sql
