@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import time
+import uuid
 from typing import Any
 
 DELAY = float(os.environ.get("FAKE_AGENT_DELAY", "0"))
@@ -66,7 +67,8 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await _answer(send, 200, {"message": f"ok {message_id}"})
     elif path.startswith("/message/sendText/"):
         records.append(("send", body["text"].split()[-1], t_in, time.time()))
-        await _answer(send, 201, {"key": {"id": "3EB0"}, "status": "PENDING"})
+        # Each message its own id, as WhatsApp gives it (the hub stores it).
+        await _answer(send, 201, {"key": {"id": f"3EB0{uuid.uuid4().hex[:18].upper()}"}})
     elif path.startswith("/chat/sendPresence/"):
         await _answer(send, 201, {})
     else:

@@ -114,7 +114,7 @@ end
 """
 
 
-def ingest_script(prefix: str = "W") -> Path:
+def ingest_script(prefix: str = "W", per_chat: int = 1) -> Path:
     body = json.dumps(delivery(tenant="TENANT", message_id="MSGID", phone=5500000000000))
     body = body.replace('"MSGID"', '"__ID__"').replace("5500000000000@", "__PHONE__@")
     lua = (
@@ -125,9 +125,10 @@ setup = function(thread) thread:set("tid", threads); threads = threads + 1 end
 local counter = 0
 request = function()
   counter = counter + 1
-  local t = counter % {TENANTS}
+  local chat = math.floor((counter - 1) / {per_chat})
+  local t = chat % {TENANTS}
   local id = string.format("{prefix}%d-%d", tid, counter)
-  local phone = string.format("55%d%09d", tid + 1, counter)
+  local phone = string.format("55%d%09d", tid + 1, chat)
   local b = template:gsub("__ID__", id):gsub("__PHONE__", phone)
   return wrk.format("POST", "/webhook/evolution/ingest-" .. t,
     {{["Content-Type"] = "application/json", ["X-Webhook-Token"] = "token-" .. t}}, b)
@@ -195,13 +196,15 @@ async def send_e2e(hub: str, *, prefix: str, rate: float | None = None) -> dict[
     return sent
 
 
-def send_sequential(hub: str, fake_url: str, count: int) -> dict[str, float]:
+def send_sequential(
+    hub: str, fake_url: str, count: int, prefix: str = "IDLE"
+) -> dict[str, float]:
     """POST messages one at a time to an otherwise idle hub; return each id's send time."""
     sent: dict[str, float] = {}
     with httpx.Client(base_url=hub, timeout=30.0) as client:
         for n in range(count):
             t = n % TENANTS
-            message_id = f"IDLE-{n}"
+            message_id = f"{prefix}-{n}"
             body = delivery(tenant=f"ingest-{t}", message_id=message_id, phone=5598000000000 + n)
             data = json.dumps(body).encode()
             path = f"/webhook/evolution/ingest-{t}?token=token-{t}"

@@ -46,6 +46,9 @@ class Result:
     instance_name: str = ""
     # The chat, with the stored row, when it was claimed for this process's worker.
     claimed: "transitions.Batch | None" = None
+    # Whether workers should look now: a queued message in a chat nobody holds
+    # (a held chat's worker finds it; a debounced one is due later).
+    wake: bool = False
 
 
 def find_instance(*, segment: str | None, event: str | None) -> InstanceConfig | None:
@@ -207,7 +210,8 @@ def record_message(*, instance: InstanceConfig, delivery: Delivery, claim: bool 
         transitions.owner_wrote(conversation_id=owned.id, action=owner, instance=instance, now=now)
         if owner is chat_rules.OwnerAction.HUMAN and instance.handoff_minutes:
             metrics.takeovers.labels(instance.name).inc()
-    elif chat is not None and not reason and not token:
+    wake = False
+    if chat is not None and not reason and not token:
         debounce = instance.debounce_seconds
         rows.make_conversation_due(
             conversation_id=chat.id,
@@ -216,7 +220,9 @@ def record_message(*, instance: InstanceConfig, delivery: Delivery, claim: bool 
             if debounce
             else None,
         )
-        notify_new_message()
+        wake = not chat.claim_token and not debounce
+        if wake:
+            notify_new_message()
     logger.info(
         "message instance=%s id=%s status=%s%s",
         instance.name,
@@ -239,7 +245,7 @@ def record_message(*, instance: InstanceConfig, delivery: Delivery, claim: bool 
             token=token,
             messages=[row],
         )
-    return Result(outcome, reason or "", message.message_id, instance.name, batch)
+    return Result(outcome, reason or "", message.message_id, instance.name, batch, wake)
 
 
 def _from_me_reason(

@@ -34,9 +34,11 @@ from webhooks.transitions import (
     SendStart,
     advance_session,
     fold_into,
-    lease_for,
+    release_messages,
+    renew_lease,
     save_claimed,
     settle_conversation,
+    take_more_or_settle,
 )
 
 logger = logging.getLogger(__name__)
@@ -103,10 +105,15 @@ def quote_of(*, message: InboundMessage) -> dict[str, Any] | None:
 
 
 class Step:
-    """The writes of one batch: each conditional on its claim, each renewing its lease."""
+    """The writes of one batch, each conditional on its claim.
+
+    The chat's lease covers one message's agent call and send; the worker
+    renews it each time it takes the chat's next messages (take_more_or_settle).
+    """
 
     def __init__(self, batch: Batch) -> None:
         self.batch = batch
+        self.lost = False
 
     async def update(
         self,
@@ -129,13 +136,13 @@ class Step:
             token=self.batch.token,
             fields=fields,
             conversation_id=self.batch.conversation.pk,
-            lease_until=lease_for(agent_timeout=instance.agent_timeout, now=timezone.now()),
             send_start=send_start,
             send_end=send_end,
             instance_id=instance.pk,
         )
         for key, value in fields.items():
             setattr(message, key, value)
+        self.lost = self.lost or not held
         return held, outbound_id
 
     async def finish(self, message: InboundMessage, status: str, **fields: Any) -> None:
@@ -217,22 +224,50 @@ def plan(batch: Batch) -> list[tuple[str, list[InboundMessage]]]:
 
 
 async def handle_batch(*, batch: Batch, http: httpx.AsyncClient) -> None:
-    """Handle a held conversation's messages, then let the conversation go."""
+    """Handle a held conversation's messages, then those that came meanwhile; let it go."""
+    while batch.messages:
+        handled, lost = await _handle_units(batch, http=http)
+        if lost:
+            # Another worker holds the chat now (this one's lease ran out).
+            return
+        left = [m for m in batch.messages[handled:] if m.status == Status.PROCESSING]
+        if left:
+            # Held back by a message waiting for its retry: they wait with it.
+            await run_db(release_messages, messages=left)
+            await run_db(settle_conversation, conversation=batch.conversation, token=batch.token)
+            return
+        batch.messages = await run_db(
+            take_more_or_settle, conversation=batch.conversation, token=batch.token
+        )
+
+
+async def _handle_units(batch: Batch, *, http: httpx.AsyncClient) -> tuple[int, bool]:
+    """Handle the batch's units in order: (how many messages were handled, whether
+    the claim was lost on the way)."""
     step = Step(batch)
-    for kind, messages in plan(batch):
+    handled = 0
+    for index, (kind, messages) in enumerate(plan(batch)):
+        if index:
+            await run_db(
+                renew_lease,
+                conversation_id=batch.conversation.pk,
+                token=batch.token,
+                agent_timeout=batch.instance.agent_timeout,
+            )
         if kind == "paused":
             reason = batch.conversation.pause_reason or "paused"
             for message in messages:
                 await step.finish(message, Status.IGNORED, ignore_reason=reason)
-            continue
-        if kind == "reset":
+        elif kind == "reset":
             if not await _reset(step, message=messages[0], http=http):
-                break
-            continue
-        if not await _answer(step, messages=messages, http=http):
+                return handled + 1, step.lost
+        elif not await _answer(step, messages=messages, http=http):
             # Requeued for a retry (it holds back the rest of its chat) or lost.
-            break
-    await run_db(settle_conversation, conversation=batch.conversation, token=batch.token)
+            return handled + len(messages), step.lost
+        handled += len(messages)
+        if step.lost:
+            return handled, True
+    return handled, step.lost
 
 
 async def _reset(step: Step, *, message: InboundMessage, http: httpx.AsyncClient) -> bool:

@@ -132,26 +132,56 @@ def _share_fairly(
 
 
 def _take(conversation: Conversation, *, token: str, now: datetime) -> Batch:
-    """Lease a conversation and mark its due open messages as being handled.
-
-    The open messages are taken in order up to the first one that is not due
-    (waiting for a retry): it holds back the rest of its chat. Messages found
-    `processing` belong to a worker whose lease on the chat ran out.
-    """
-    instance = conversation.instance
-    lease = lease_for(agent_timeout=instance.agent_timeout, now=now)
-    taken: list[InboundMessage] = []
-    for message in _open_in_order(_chat_messages(conversation)):
-        if message.status == Status.QUEUED and (message.next_attempt_at or now) > now:
-            break
-        taken.append(message)
+    """Lease a claimed conversation and take its due open messages (see _take_due)."""
+    lease = lease_for(agent_timeout=conversation.instance.agent_timeout, now=now)
     Conversation.objects.filter(pk=conversation.pk).update(
         claim_token=token, due_at=lease, due_limit=None
     )
     conversation.claim_token, conversation.due_at = token, lease
-    if not taken:
-        settle_conversation(conversation=conversation, token=token)
-        return Batch(conversation=conversation, token=token)
+    taken = _take_due(conversation, token=token, now=now)
+    return Batch(conversation=conversation, token=token, messages=taken)
+
+
+def _take_due(conversation: Conversation, *, token: str, now: datetime) -> list[InboundMessage]:
+    """Mark a held chat's due open messages as being handled, or let the chat go.
+
+    The open messages are taken in order up to the first one that is not due
+    (waiting for a retry): it holds back the rest of its chat. With debounce
+    on, none is due before the burst's window has closed. Messages found
+    `processing` belong to a worker whose lease on the chat ran out. With
+    nothing due, the chat is released, due again when its next message is.
+    """
+    instance = conversation.instance
+    debounce = instance.debounce_seconds
+    opens = list(_open_in_order(_chat_messages(conversation)))
+    waiting = [
+        OpenMessage(
+            next_attempt_at=m.next_attempt_at if m.status == Status.QUEUED else None,
+            queued_at=m.queued_at or m.received_at,
+        )
+        for m in opens
+    ]
+    due = due_time(open_messages=waiting, debounce_seconds=debounce, now=now)
+    if due is None or due > now:
+        limit = None
+        if waiting and debounce:
+            limit = debounce_limit(first_queued_at=waiting[0].queued_at, debounce_seconds=debounce)
+        Conversation.objects.filter(pk=conversation.pk, claim_token=token).update(
+            claim_token="", due_at=due, due_limit=limit
+        )
+        return []
+    taken: list[InboundMessage] = []
+    for message in opens:
+        if message.status == Status.QUEUED and (message.next_attempt_at or now) > now:
+            break
+        taken.append(message)
+        if not debounce:
+            # One message, one answer, one lease: the next is taken after it.
+            break
+    lease = lease_for(agent_timeout=instance.agent_timeout, now=now)
+    if conversation.due_at != lease:
+        Conversation.objects.filter(pk=conversation.pk, claim_token=token).update(due_at=lease)
+        conversation.due_at = lease
     InboundMessage.objects.filter(pk__in=[m.pk for m in taken]).update(
         status=Status.PROCESSING,
         claim_token=token,
@@ -162,16 +192,28 @@ def _take(conversation: Conversation, *, token: str, now: datetime) -> Batch:
         message.status, message.claim_token, message.lease_until = Status.PROCESSING, token, lease
         message.attempts += 1
         message.instance = instance
-    return Batch(conversation=conversation, token=token, messages=taken)
+    return taken
+
+
+def take_more_or_settle(*, conversation: Conversation, token: str) -> list[InboundMessage]:
+    """A worker done with its messages: the chat's next due ones, or the chat let go.
+
+    Messages stored while the chat was held left its due time alone; they are
+    found here. On PostgreSQL the row is locked first, so that such a message
+    is either seen here or sees the released chat.
+    """
+    held = (
+        Conversation.objects.select_for_update()
+        .filter(pk=conversation.pk, claim_token=token)
+        .exists()
+    )
+    if not held:
+        return []
+    return _take_due(conversation, token=token, now=timezone.now())
 
 
 def settle_conversation(*, conversation: Conversation, token: str) -> None:
-    """Let a held conversation go: due again when its next open message is.
-
-    On PostgreSQL the row is locked first, so that a message stored meanwhile
-    by a webhook (which left due_at alone while the chat was held) is either
-    seen here or sees the released chat.
-    """
+    """Let a held conversation go, due again when its next open message is."""
     held = (
         Conversation.objects.select_for_update()
         .filter(pk=conversation.pk, claim_token=token)
@@ -181,17 +223,20 @@ def settle_conversation(*, conversation: Conversation, token: str) -> None:
         return
     now = timezone.now()
     debounce = conversation.instance.debounce_seconds
-    open_messages = [
-        OpenMessage(next_attempt_at=next_at, queued_at=queued or received)
-        for next_at, queued, received in _open_in_order(_chat_messages(conversation)).values_list(
-            "next_attempt_at", "queued_at", "received_at"
+    opens = _open_in_order(_chat_messages(conversation)).values_list(
+        "status", "next_attempt_at", "queued_at", "received_at"
+    )
+    waiting = [
+        OpenMessage(
+            next_attempt_at=next_at if status == Status.QUEUED else None,
+            queued_at=queued or received,
         )
+        for status, next_at, queued, received in opens
     ]
-    due = due_time(open_messages=open_messages, debounce_seconds=debounce, now=now)
+    due = due_time(open_messages=waiting, debounce_seconds=debounce, now=now)
     limit = None
-    if open_messages and debounce:
-        first = open_messages[0].queued_at
-        limit = debounce_limit(first_queued_at=first, debounce_seconds=debounce)
+    if waiting and debounce:
+        limit = debounce_limit(first_queued_at=waiting[0].queued_at, debounce_seconds=debounce)
     Conversation.objects.filter(pk=conversation.pk, claim_token=token).update(
         claim_token="", due_at=due, due_limit=limit
     )
@@ -237,7 +282,6 @@ def save_claimed(
     token: str,
     fields: dict[str, Any],
     conversation_id: int,
-    lease_until: datetime | None = None,
     send_start: SendStart | None = None,
     send_end: SendEnd | None = None,
     instance_id: int | None = None,
@@ -249,11 +293,6 @@ def save_claimed(
     """
     if not update_claimed_row(pk=message_pk, claim_token=token, fields=fields):
         return False, None
-    if lease_until is not None:
-        # Renew the chat's lease for the next step (an agent call, a send).
-        Conversation.objects.filter(pk=conversation_id, claim_token=token).update(
-            due_at=lease_until
-        )
     outbound_id = None
     if send_start is not None:
         outbound_id = OutboundMessage.objects.create(
@@ -314,6 +353,12 @@ def release_messages(
 def release_batch(*, batch: Batch, error: str = "", delay: float = 0.0) -> None:
     release_messages(messages=batch.messages, error=error, delay=delay)
     settle_conversation(conversation=batch.conversation, token=batch.token)
+
+
+def renew_lease(*, conversation_id: int, token: str, agent_timeout: int) -> None:
+    """Another agent call and send ahead: the chat's lease covers them too."""
+    lease = lease_for(agent_timeout=agent_timeout, now=timezone.now())
+    Conversation.objects.filter(pk=conversation_id, claim_token=token).update(due_at=lease)
 
 
 def advance_session(*, conversation_id: int) -> int:

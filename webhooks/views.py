@@ -81,7 +81,7 @@ async def evolution_webhook(
         # 503 makes Evolution deliver it again later; nothing was stored.
         logger.exception("webhook could not be stored segment=%s", segment)
         return JsonResponse({"detail": "The delivery could not be stored."}, status=503)
-    if result.outcome is Outcome.QUEUED and result.claimed is None:
+    if result.wake:
         wakeup.wake_up()
     metrics.deliveries.labels(result.instance_name or "(unknown)", result.outcome.value).inc()
     status = STATUS_CODES[result.outcome]

@@ -49,6 +49,9 @@ async def work(upstream: Upstream, *, now_due: bool = False) -> int:
     async with upstream.client() as http:
         while True:
             if now_due:
+                # Time passes: every debounce window has closed.
+                past = timezone.now() - timedelta(hours=1)
+                await InboundMessage.objects.filter(status=Status.QUEUED).aupdate(queued_at=past)
                 await Conversation.objects.exclude(due_at=None).aupdate(due_at=timezone.now())
             claimed = await sync_to_async(transitions.claim_conversations)(limit=10)
             if not claimed:

@@ -277,6 +277,7 @@ async def test_a_worker_that_lost_its_claim_cannot_overwrite_the_row(acme, upstr
     [message] = batch.messages
     # Another worker took the chat over after this one's lease expired.
     await InboundMessage.objects.filter(pk=message.pk).aupdate(claim_token="other-worker")
+    await Conversation.objects.aupdate(claim_token="other-worker")
 
     async with upstream.client() as http:
         await handle_batch(batch=batch, http=http)

@@ -18,7 +18,12 @@ from tests.webhooks.conftest import Upstream, message_body, queue_message, secon
 from webhooks import wakeup, worker
 from webhooks.db import run_db
 from webhooks.models import Conversation, InboundMessage, Status, WorkerHeartbeat
-from webhooks.transitions import MAX_CLAIMS, claim_conversations, release_batch
+from webhooks.transitions import (
+    MAX_CLAIMS,
+    claim_conversations,
+    release_batch,
+    take_more_or_settle,
+)
 from webhooks.worker import Worker
 
 CHAT_A = "5511911110001"
@@ -42,16 +47,49 @@ def conversation_of(instance: InstanceConfig, phone: str) -> Conversation:
 
 
 @pytest.mark.django_db
-def test_a_chat_s_due_messages_are_claimed_together_in_order_and_once(make_instance) -> None:
+def test_a_chat_is_claimed_once_with_its_oldest_message(make_instance) -> None:
     acme = make_instance()
     queue_in_chat(acme, CHAT_A, "A1")
     queue_in_chat(acme, CHAT_A, "A2")
     queue_in_chat(acme, CHAT_B, "B1")
 
-    assert claimed_ids() == [["A1", "A2"], ["B1"]]
-    # Held: a message arriving now waits for the holder to let the chat go.
+    [chat_a, chat_b] = claim_conversations(limit=10)
+
+    assert ([m.message_id for m in chat_a.messages], [m.message_id for m in chat_b.messages]) == (
+        ["A1"],
+        ["B1"],
+    )
+    # Held: nothing of it is claimed again, not even a message arriving now.
     queue_in_chat(acme, CHAT_A, "A3")
     assert claimed_ids() == []
+    # Its holder takes the next ones, in order, when done with the first.
+    InboundMessage.objects.filter(message_id="A1").update(status=Status.REPLIED)
+    more = take_more_or_settle(conversation=chat_a.conversation, token=chat_a.token)
+    assert [m.message_id for m in more] == ["A2"]
+
+
+@pytest.mark.django_db
+def test_with_debounce_a_chat_s_burst_is_claimed_together(make_instance) -> None:
+    acme = make_instance(debounce_seconds=5)
+    queue_in_chat(acme, CHAT_A, "A1")
+    queue_in_chat(acme, CHAT_A, "A2")
+    assert claimed_ids() == []  # the window is open
+
+    Conversation.objects.update(due_at=timezone.now())
+    InboundMessage.objects.update(queued_at=timezone.now() - timedelta(seconds=6))
+    assert claimed_ids() == [["A1", "A2"]]
+
+
+@pytest.mark.django_db
+def test_a_holder_done_with_a_chat_lets_it_go_due_when_its_next_message_is(make_instance) -> None:
+    acme = make_instance()
+    queue_in_chat(acme, CHAT_A, "A1")
+    [batch] = claim_conversations(limit=10)
+    InboundMessage.objects.filter(message_id="A1").update(status=Status.REPLIED)
+
+    assert take_more_or_settle(conversation=batch.conversation, token=batch.token) == []
+    chat = conversation_of(acme, CHAT_A)
+    assert (chat.claim_token, chat.due_at) == ("", None)
 
 
 @pytest.mark.django_db
