@@ -177,7 +177,10 @@ class InstanceConfig(models.Model):
         (whatsapp_instance or name) and URLs that differ only in a trailing
         slash or the host's case are one server.
         """
-        if not self.evolution_url or not self.evolution_instance_name:
+        name = self.evolution_instance_name
+        if not self.evolution_url or not name or "\x00" in name + self.evolution_url:
+            # A NUL is refused by the field's own validator, and PostgreSQL
+            # refuses it even in a query.
             return None
         own = normalized_url(self.evolution_url)
         candidates = InstanceConfig.objects.filter(
