@@ -157,7 +157,10 @@ class ProvisioningAdminMixin(admin.ModelAdmin):
         title = f"Provision {obj.name} on Evolution"
         if request.method == "POST" or not provisioning.is_configured(obj):
             # Unconfigured: provision() answers at once with the reason, no call made.
-            report = provision(instance=obj)
+            # "force" comes from the page's second button, shown only after a
+            # run refused to take another tenant's webhook.
+            force = request.method == "POST" and request.POST.get("force") == "1"
+            report = provision(instance=obj, force=force)
             return self._render(
                 request,
                 "provisioning_report.html",
@@ -166,6 +169,11 @@ class ProvisioningAdminMixin(admin.ModelAdmin):
                 report=report,
                 again_label="Provision again" if provisioning.is_configured(obj) else "",
                 again_method="post",
+                force_label=(
+                    "Provision anyway: take the webhook over"
+                    if provisioning.needs_force(report)
+                    else ""
+                ),
             )
         return self._render(
             request,

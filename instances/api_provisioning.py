@@ -8,7 +8,8 @@ test is a diagnostic: it answers 200 with `ok: false` and the failing steps.
 
 from typing import Any
 
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers
 from rest_framework.decorators import action
 from rest_framework.request import Request
@@ -26,7 +27,8 @@ class StepSerializer(serializers.Serializer):
     ok = serializers.BooleanField()
     outcome = serializers.CharField(
         help_text="created, exists, set, unchanged, reachable, open, connecting, close, "
-        "bad_key, failed or not_configured."
+        "bad_key, claimed (the webhook delivers to another tenant: see `force`), failed "
+        "or not_configured."
     )
     message = serializers.CharField()
 
@@ -145,6 +147,14 @@ class ProvisioningActions:
 
     @extend_schema(
         request=None,
+        parameters=[
+            OpenApiParameter(
+                "force",
+                OpenApiTypes.BOOL,
+                description="Take the Evolution instance's webhook over even when it delivers "
+                "to another tenant of this hub (otherwise that step fails, outcome `claimed`).",
+            )
+        ],
         responses={
             200: ProvisionSerializer,
             401: FAILURES[401],
@@ -162,7 +172,8 @@ class ProvisioningActions:
     )
     @action(detail=True, methods=["post"])
     def provision(self, request: Request, **kwargs: Any) -> Response:
-        report = provisioning.provision(instance=self.get_object())
+        force = request.query_params.get("force", "").lower() in ("1", "true", "yes")
+        report = provisioning.provision(instance=self.get_object(), force=force)
         return Response(
             ProvisionSerializer(report).data,
             status=failure_status(ok=report.ok, configured=report.configured),

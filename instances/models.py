@@ -1,6 +1,6 @@
 import secrets
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -52,6 +52,18 @@ class GroupPolicy(models.TextChoices):
     ALL = "all", "Answer every group message"
 
 
+def normalized_url(url: str) -> str:
+    """A URL as a server: scheme and host lower-cased, no trailing slash."""
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        # An invalid URL (its field says why) is compared as it is.
+        return url
+    return urlunsplit(
+        (parts.scheme.lower(), parts.netloc.lower(), parts.path.rstrip("/"), parts.query, "")
+    )
+
+
 def generate_webhook_token() -> str:
     return secrets.token_urlsafe(32)
 
@@ -67,7 +79,9 @@ class InstanceConfig(models.Model):
         "It cannot be changed once created (Evolution posts to a URL holding it).",
     )
     is_active = models.BooleanField(
-        default=True, help_text="Webhooks of an inactive instance answer 404."
+        default=True,
+        help_text="Off: the bot does not answer. Deliveries are still checked and stored "
+        "(as ignored, reason 'instance inactive') and answered 200, so none is lost.",
     )
     is_default = models.BooleanField(
         default=False,
@@ -261,8 +275,45 @@ class InstanceConfig(models.Model):
             and keywords["bot_off_keyword"] == keywords["bot_on_keyword"]
         ):
             errors["bot_on_keyword"] = "Must differ from the 'bot off' keyword."
+        if "whatsapp_instance" not in errors:
+            other = self.evolution_instance_owner()
+            if other is not None:
+                errors["whatsapp_instance"] = (
+                    f'Instance "{other}" already uses the Evolution instance '
+                    f'"{self.evolution_instance_name}" on {self.evolution_url}: both would '
+                    "receive and answer the same messages. Set another WhatsApp instance."
+                )
         if errors:
             raise ValidationError(errors)
+
+    @property
+    def evolution_instance_name(self) -> str:
+        """The instance's name inside Evolution: whatsapp_instance, or else its name."""
+        return self.whatsapp_instance or self.name
+
+    def evolution_instance_owner(self) -> str | None:
+        """Another tenant on the same Evolution URL with the same Evolution instance.
+
+        Checked here rather than by a database constraint: the name is derived
+        (whatsapp_instance or name) and URLs that differ only in a trailing
+        slash or the host's case are one server.
+        """
+        name = self.evolution_instance_name
+        if not self.evolution_url or not name or "\x00" in name + self.evolution_url:
+            # A NUL is refused by the field's own validator, and PostgreSQL
+            # refuses it even in a query.
+            return None
+        own = normalized_url(self.evolution_url)
+        candidates = InstanceConfig.objects.filter(
+            models.Q(whatsapp_instance=self.evolution_instance_name)
+            | models.Q(whatsapp_instance="", name=self.evolution_instance_name)
+        ).exclude(evolution_url="")
+        if self.pk is not None:
+            candidates = candidates.exclude(pk=self.pk)
+        for name, url in candidates.values_list("name", "evolution_url"):
+            if normalized_url(url) == own:
+                return str(name)
+        return None
 
     # --- derived values used by the pipeline and the interfaces ---
     @property

@@ -9,13 +9,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
+from urllib.parse import unquote
 
 import httpx
 from asgiref.sync import async_to_sync
+from django.conf import settings
 from django.db.models import OuterRef, QuerySet, Subquery
 
 from instances.models import SECRET_FIELDS, InstanceConfig
+from instances.validators import EVENT_SLUGS
 from webhooks.evolution_client import (
+    CREATE_TIMEOUT,
     PROVISION_TIMEOUT,
     EvolutionClient,
     EvolutionTarget,
@@ -28,6 +32,9 @@ from webhooks.models import ConnectionState, InboundMessage
 T = TypeVar("T")
 
 TIMEOUT = PROVISION_TIMEOUT
+# Read at call time, like TIMEOUT, so tests can shorten both.
+CREATE_TIMEOUT_SECONDS = CREATE_TIMEOUT
+KEY_REFUSED = (401, 403)
 WEBHOOK_EVENTS = ("MESSAGES_UPSERT", "CONNECTION_UPDATE")
 NOT_CONFIGURED = (
     "Provisioning needs an Evolution URL and key: this instance has none (the legacy "
@@ -187,16 +194,55 @@ def _missing_instance_hint(instance: InstanceConfig, error: OutboundError) -> st
     return message
 
 
+def _wrong_key_message(instance: InstanceConfig, error: OutboundError) -> str:
+    return (
+        f"Evolution at {instance.evolution_url} refuses the instance's Evolution API key "
+        f"(GET /instance/fetchInstances answered {error.status}): check the key."
+    )
+
+
+async def _explain(client: EvolutionClient, instance: InstanceConfig, error: OutboundError) -> str:
+    """Why an instance's route failed, in words.
+
+    Evolution answers 404 for a missing instance before it looks at the key:
+    a wrong key would read "provision it first". A call that checks the key
+    first (fetchInstances) tells the two apart.
+    """
+    if error.status == 404:
+        try:
+            await client.fetch_instance(timeout=TIMEOUT)
+        except OutboundError as key_error:
+            if key_error.status in KEY_REFUSED:
+                return _wrong_key_message(instance, key_error)
+    return _missing_instance_hint(instance, error)
+
+
+class ExplainedError(OutboundError):
+    """An OutboundError whose text is already the operator's explanation."""
+
+
+async def _explained(
+    client: EvolutionClient, instance: InstanceConfig, call: Callable[[], Awaitable[T]]
+) -> T:
+    try:
+        return await call()
+    except OutboundError as exc:
+        raise ExplainedError(
+            await _explain(client, instance, exc), retryable=exc.retryable, status=exc.status
+        ) from exc
+
+
 # --- connection test ---
 
 
 async def _check_evolution(instance: InstanceConfig, http: httpx.AsyncClient) -> Step:
     if not is_configured(instance):
         return Step("Evolution API", False, "not_configured", NOT_CONFIGURED)
+    client = _evolution(instance, http)
     try:
-        state = await _evolution(instance, http).connection_state(timeout=TIMEOUT)
+        state = await _explained(client, instance, lambda: client.connection_state(timeout=TIMEOUT))
     except OutboundError as exc:
-        return Step("Evolution API", False, "failed", _missing_instance_hint(instance, exc))
+        return Step("Evolution API", False, "failed", str(exc))
     return Step(
         "Evolution API",
         True,
@@ -258,28 +304,97 @@ test_connections.__test__ = False  # type: ignore[attr-defined]
 # --- provisioning ---
 
 
-async def _provision_steps(client: EvolutionClient, instance: InstanceConfig) -> list[Step]:
-    name = whatsapp_name(instance)
-    steps: list[Step] = []
-    try:
-        created = await client.create_instance(timeout=TIMEOUT)
-    except OutboundError as exc:
-        return [Step("Evolution instance", False, "failed", scrub(str(exc), instance))]
-    if created:
-        steps.append(
-            Step("Evolution instance", True, "created", f'Created instance "{name}" on Evolution.')
-        )
-    else:
-        steps.append(
-            Step(
-                "Evolution instance",
-                True,
-                "exists",
-                f'Instance "{name}" already exists on Evolution; left as it is.',
-            )
-        )
+def webhook_owner(url: object, *, tenants: dict[str, bool], base: str, own: str) -> str | None:
+    """The other tenant of this hub a stored webhook URL delivers to, if any.
 
+    `tenants` maps every tenant's name to whether it is the default (the
+    legacy route /webhook/evolution[/<event>] delivers to it).
+    """
+    prefix = f"{base}/webhook/evolution"
+    if not isinstance(url, str) or not (
+        url == prefix or url.startswith((f"{prefix}/", f"{prefix}?"))
+    ):
+        return None
+    path = url[len(prefix) :].split("?", 1)[0].strip("/")
+    segment = unquote(path.split("/")[0])
+    if not segment or segment.lower() in EVENT_SLUGS:
+        owner = next((name for name, default in tenants.items() if default), None)
+    else:
+        owner = segment if segment in tenants else None
+    return owner if owner != own else None
+
+
+async def _existing(client: EvolutionClient, instance: InstanceConfig) -> tuple[Step | None, bool]:
+    """(a failed step, or None; whether the Evolution instance exists), key checked first."""
+    try:
+        return None, await client.fetch_instance(timeout=TIMEOUT) is not None
+    except OutboundError as exc:
+        if exc.status in KEY_REFUSED:
+            return Step(
+                "Evolution instance", False, "bad_key", _wrong_key_message(instance, exc)
+            ), False
+        return Step("Evolution instance", False, "failed", scrub(str(exc), instance)), False
+
+
+async def _instance_step(
+    client: EvolutionClient, instance: InstanceConfig, desired: dict[str, Any]
+) -> Step:
+    name = whatsapp_name(instance)
+    failed, exists = await _existing(client, instance)
+    if failed is not None:
+        return failed
+    if exists:
+        return Step(
+            "Evolution instance",
+            True,
+            "exists",
+            f'Instance "{name}" already exists on Evolution; left as it is.',
+        )
+    webhook = {key: desired[key] for key in ("url", "headers", "events", "byEvents", "base64")}
+    try:
+        created = await client.create_instance(webhook=webhook, timeout=CREATE_TIMEOUT_SECONDS)
+    except OutboundError as exc:
+        if exc.status is not None:
+            return Step("Evolution instance", False, "failed", scrub(str(exc), instance))
+        # No answer (a timeout, a dropped connection): Evolution may have
+        # created it all the same. Look, and carry on if it did.
+        _, exists = await _existing(client, instance)
+        if not exists:
+            return Step(
+                "Evolution instance",
+                False,
+                "failed",
+                f"{scrub(str(exc), instance)}. Provision again: it completes what this run left.",
+            )
+        return Step(
+            "Evolution instance",
+            True,
+            "created",
+            f'Created instance "{name}" on Evolution (its answer did not arrive in time).',
+        )
+    if not created:
+        return Step(
+            "Evolution instance",
+            True,
+            "exists",
+            f'Instance "{name}" already exists on Evolution; left as it is.',
+        )
+    return Step("Evolution instance", True, "created", f'Created instance "{name}" on Evolution.')
+
+
+async def _provision_steps(
+    client: EvolutionClient,
+    instance: InstanceConfig,
+    *,
+    tenants: dict[str, bool],
+    force: bool,
+) -> list[Step]:
     desired = desired_webhook(instance)
+    first = await _instance_step(client, instance, desired)
+    steps = [first]
+    if not first.ok:
+        return steps
+
     described = f"{desired['url']}, events {', '.join(WEBHOOK_EVENTS)}, " + (
         f"with the {TOKEN_HEADER} header" if desired["headers"] else "without a token header"
     )
@@ -289,30 +404,62 @@ async def _provision_steps(client: EvolutionClient, instance: InstanceConfig) ->
         # Setting it anyway is harmless; a real problem shows in the set call.
         stored = None
     if webhook_matches(stored, desired):
-        steps.append(Step("Webhook", True, "unchanged", f"Webhook already set: {described}."))
+        # Created this run: Evolution stored the webhook given with the create.
+        outcome = "set" if first.outcome == "created" else "unchanged"
+        verb = "Webhook set" if outcome == "set" else "Webhook already set"
+        steps.append(Step("Webhook", True, outcome, f"{verb}: {described}."))
+        return steps
+    owner = webhook_owner(
+        (stored or {}).get("url"), tenants=tenants, base=settings.PUBLIC_BASE_URL, own=instance.name
+    )
+    if owner is not None and not force:
+        steps.append(
+            Step(
+                "Webhook",
+                False,
+                "claimed",
+                f'The Evolution instance "{whatsapp_name(instance)}" delivers to this hub\'s '
+                f'tenant "{owner}" ({stored["url"]}); pointing it here would take that '
+                "tenant's messages. Left as it is: provision with force to move it.",
+            )
+        )
         return steps
     try:
         await client.set_webhook(webhook=desired, timeout=TIMEOUT)
     except OutboundError as exc:
         steps.append(Step("Webhook", False, "failed", scrub(str(exc), instance)))
         return steps
-    steps.append(Step("Webhook", True, "set", f"Webhook set: {described}."))
+    taken = f" (taken over from tenant {owner})" if owner is not None else ""
+    steps.append(Step("Webhook", True, "set", f"Webhook set{taken}: {described}."))
     return steps
 
 
-def provision(*, instance: InstanceConfig) -> ProvisionReport:
-    """Create the Evolution instance when missing, then point its webhook at this hub.
+def provision(*, instance: InstanceConfig, force: bool = False) -> ProvisionReport:
+    """Make sure the Evolution instance exists, then point its webhook at this hub.
 
-    Running it again changes nothing once Evolution holds the right config.
+    The key is checked first (fetchInstances), the instance is created with
+    its webhook, and a create whose answer is lost is looked up again: running
+    it again completes what a run left, and changes nothing once Evolution
+    holds the right config. A webhook that delivers to another tenant of this
+    hub is left alone unless `force`.
     """
     if not is_configured(instance):
         return ProvisionReport(
             steps=[Step("Evolution instance", False, "not_configured", NOT_CONFIGURED)],
             configured=False,
         )
+    tenants = dict(InstanceConfig.objects.values_list("name", "is_default"))
     return ProvisionReport(
-        steps=_with_evolution(instance, lambda client: _provision_steps(client, instance))
+        steps=_with_evolution(
+            instance,
+            lambda client: _provision_steps(client, instance, tenants=tenants, force=force),
+        )
     )
+
+
+def needs_force(report: ProvisionReport) -> bool:
+    """Whether the report refused to take another tenant's webhook."""
+    return any(step.outcome == "claimed" for step in report.steps)
 
 
 # --- state and QR code ---
@@ -323,9 +470,14 @@ def connection_state(*, instance: InstanceConfig) -> StateReport:
     if not is_configured(instance):
         return StateReport(ok=False, message=NOT_CONFIGURED, configured=False)
     try:
-        state = _with_evolution(instance, lambda client: client.connection_state(timeout=TIMEOUT))
-    except OutboundError as exc:
-        return StateReport(ok=False, message=_missing_instance_hint(instance, exc))
+        state = _with_evolution(
+            instance,
+            lambda client: _explained(
+                client, instance, lambda: client.connection_state(timeout=TIMEOUT)
+            ),
+        )
+    except ExplainedError as exc:
+        return StateReport(ok=False, message=str(exc))
     return StateReport(ok=True, message=f'The WhatsApp session is in state "{state}".', state=state)
 
 
@@ -340,8 +492,8 @@ def qr_data_url(value: Any) -> str | None:
     return f"data:image/png;base64,{value}"
 
 
-async def _qr(client: EvolutionClient) -> tuple[str, dict[str, Any]]:
-    state = await client.connection_state(timeout=TIMEOUT)
+async def _qr(client: EvolutionClient, instance: InstanceConfig) -> tuple[str, dict[str, Any]]:
+    state = await _explained(client, instance, lambda: client.connection_state(timeout=TIMEOUT))
     if state == "open":
         return state, {}
     # Connect starts a session when there is none; while one is starting it
@@ -354,7 +506,9 @@ def fetch_qr(*, instance: InstanceConfig) -> QrReport:
     if not is_configured(instance):
         return QrReport(ok=False, message=NOT_CONFIGURED, configured=False)
     try:
-        state, body = _with_evolution(instance, _qr)
+        state, body = _with_evolution(instance, lambda client: _qr(client, instance))
+    except ExplainedError as exc:
+        return QrReport(ok=False, message=str(exc))
     except OutboundError as exc:
         return QrReport(ok=False, message=_missing_instance_hint(instance, exc))
     connect_instance = body.get("instance")

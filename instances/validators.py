@@ -7,43 +7,74 @@ from django.core.exceptions import ValidationError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
-# Evolution's "webhook by events" appends one of these to the webhook URL.
-# `/webhook/evolution/<segment>` means "the default instance, event <segment>"
-# when the segment is one of them, so no instance may take such a name.
-EVENT_SLUGS = frozenset(
-    {
-        "application-startup",
-        "call",
-        "chats-delete",
-        "chats-set",
-        "chats-update",
-        "chats-upsert",
-        "connection-update",
-        "contacts-set",
-        "contacts-update",
-        "contacts-upsert",
-        "errors",
-        "group-participants-update",
-        "groups-update",
-        "groups-upsert",
-        "instance-create",
-        "instance-delete",
-        "labels-association",
-        "labels-edit",
-        "logout-instance",
-        "messages-delete",
-        "messages-edited",
-        "messages-set",
-        "messages-update",
-        "messages-upsert",
-        "presence-update",
-        "qrcode-updated",
-        "remove-instance",
-        "send-message",
-        "typebot-change-status",
-        "typebot-start",
-    }
+# Every event name Evolution has emitted (the `Events` enum of
+# src/api/types/wa.types.ts and EventController.events, v1.8 to 2.4), as it
+# names them in webhook bodies. "Webhook by events" appends the slug of the
+# event to the webhook URL (webhook.controller.ts: "." and "-" become "_",
+# upper-cased, then "_" becomes "-", lower-cased): `send.message.update` ->
+# `/send-message-update`.
+EVOLUTION_EVENTS = (
+    "application.startup",
+    "call",
+    "chama-ai.action",
+    "chats.delete",
+    "chats.set",
+    "chats.update",
+    "chats.upsert",
+    "connection.update",
+    "contacts.set",
+    "contacts.update",
+    "contacts.upsert",
+    "creds.update",
+    "errors",
+    "group-participants.update",
+    "group.participants.update",
+    "group.update",
+    "groups.update",
+    "groups.upsert",
+    "instance.create",
+    "instance.delete",
+    "labels.association",
+    "labels.edit",
+    "logout.instance",
+    "messages.delete",
+    "messages.edited",
+    "messages.set",
+    "messages.update",
+    "messages.upsert",
+    "messaging-history.set",
+    "new.jwt",
+    "new.jwt.token",
+    "presence.update",
+    "qrcode.updated",
+    "remove.instance",
+    "send.message",
+    "send.message.update",
+    "status.instance",
+    "typebot.change-status",
+    "typebot.change.status",
+    "typebot.start",
 )
+
+
+def event_slug(event: str) -> str:
+    """The URL suffix Evolution's "webhook by events" gives this event."""
+    return re.sub(r"[._-]", "-", event).lower()
+
+
+# `/webhook/evolution/<segment>` means "the default instance, event <segment>"
+# when the segment is one of these, so no instance may take such a name.
+EVENT_SLUGS = frozenset(event_slug(event) for event in EVOLUTION_EVENTS)
+
+# What an event suffix looks like. A well-formed suffix that is not in
+# EVENT_SLUGS is an event newer than this list: it is answered 200 like any
+# event, never 404, which Evolution would take as "drop it for good".
+EVENT_SLUG_RE = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*", re.IGNORECASE)
+MAX_EVENT_SLUG_LENGTH = 64
+
+
+def is_event_slug(value: str) -> bool:
+    return len(value) <= MAX_EVENT_SLUG_LENGTH and EVENT_SLUG_RE.fullmatch(value) is not None
 
 
 def validate_instance_name(value: str) -> None:

@@ -27,12 +27,13 @@ def instance_fields(**overrides: Any) -> dict[str, Any]:
         "name": "acme",
         "evolution_url": "http://evolution.acme.test",
         "evolution_key": "acme-evolution-key",
-        "whatsapp_instance": "acme-wa",
         "agent_api_url": "http://agent.acme.test",
         "agent_api_key": "acme-agent-key",
         "default_agent": "acme_agent",
     }
     fields.update(overrides)
+    # One Evolution instance per tenant (two on one URL are refused): acme-wa, ...
+    fields.setdefault("whatsapp_instance", f"{fields['name']}-wa")
     return fields
 
 

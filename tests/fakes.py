@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -235,6 +235,9 @@ class FakeEvolution(FakeServer):
         self.failure: Answer | None = None
         self.api_key = api_key
         self.license_required = False
+        # Seconds a create with qrcode: true waits before answering (the real
+        # server waits 5 s for the first QR code), after the instance exists.
+        self.create_delay = 0.0
         # Instance name -> {"state", "webhook", "connects"}.
         self.instances: dict[str, dict[str, Any]] = {}
         super().__init__(self._answer, port=port)
@@ -244,11 +247,16 @@ class FakeEvolution(FakeServer):
         with self.lock:
             self.instances[name]["state"] = "open"
 
+    def _key_refused(self, record: Recorded) -> bool:
+        return self.api_key is not None and record.headers.get("apikey") != self.api_key
+
     def _answer(self, record: Recorded) -> Answer:
-        if self.api_key is not None and record.headers.get("apikey") != self.api_key:
-            return _evolution_error(401, "Unauthorized", "Unauthorized")
         if record.path.startswith(("/instance/", "/webhook/")):
+            # Evolution's guards run in this order: the instance exists (404;
+            # create: 403 "already in use"), then the key (401).
             return self._provisioning(record)
+        if self._key_refused(record):
+            return _evolution_error(401, "Unauthorized", "Unauthorized")
         if self.failure is not None and "/message/sendText/" in record.path:
             return self.failure
         if "/message/sendText/" in record.path:
@@ -274,9 +282,19 @@ class FakeEvolution(FakeServer):
         if self.license_required:
             body = json.loads((_EVOLUTION_API / "error-503-license-required-v2.4.json").read_text())
             return 503, body
-        parts = [unquote(p) for p in urlsplit(record.path).path.strip("/").split("/")]
+        split = urlsplit(record.path)
+        parts = [unquote(p) for p in split.path.strip("/").split("/")]
+        unauthorized = _evolution_error(401, "Unauthorized", "Unauthorized")
         if parts == ["instance", "create"] and record.method == "POST":
-            return self._create(record.body if isinstance(record.body, dict) else {})
+            body = record.body if isinstance(record.body, dict) else {}
+            with self.lock:
+                taken = body.get("instanceName") in self.instances
+            if taken:
+                message = f'This name "{body.get("instanceName")}" is already in use.'
+                return _evolution_error(403, "Forbidden", [message])
+            return unauthorized if self._key_refused(record) else self._create(body)
+        if parts == ["instance", "fetchInstances"] and record.method == "GET":
+            return unauthorized if self._key_refused(record) else self._fetch(split.query)
         if len(parts) != 3:
             return _evolution_error(404, "Not Found", [f"Cannot {record.method} {record.path}"])
         group, route, name = parts
@@ -284,7 +302,20 @@ class FakeEvolution(FakeServer):
             instance = self.instances.get(name)
             if instance is None:
                 return _evolution_error(404, "Not Found", [f'The "{name}" instance does not exist'])
+            if self._key_refused(record):
+                return unauthorized
             return self._instance_route(record, f"{group}/{route}", name, instance)
+
+    def _fetch(self, query: str) -> Answer:
+        wanted = parse_qs(query).get("instanceName", [None])[0]
+        with self.lock:
+            if wanted is not None and wanted not in self.instances:
+                return _evolution_error(404, "Not Found", [f'Instance "{wanted}" not found'])
+            names = [wanted] if wanted is not None else list(self.instances)
+            return 200, [
+                {"id": f"id-{n}", "name": n, "connectionStatus": self.instances[n]["state"]}
+                for n in names
+            ]
 
     def _create(self, body: dict[str, Any]) -> Answer:
         name = body.get("instanceName")
@@ -292,12 +323,23 @@ class FakeEvolution(FakeServer):
             return _evolution_error(
                 400, "Bad Request", ['instance requires property "instanceName"']
             )
+        given = body.get("webhook")
         with self.lock:
-            if name in self.instances:
-                return _evolution_error(
-                    403, "Forbidden", [f'This name "{name}" is already in use.']
-                )
             self.instances[name] = {"state": "close", "webhook": None, "connects": 0}
+            if isinstance(given, dict) and given.get("url"):
+                # As 2.3.7 does with a webhook in the create request.
+                self.instances[name]["webhook"] = {
+                    "id": f"webhook-{name}",
+                    "url": given["url"],
+                    "headers": given.get("headers") or {},
+                    "enabled": True,
+                    "events": list(given.get("events") or []),
+                    "webhookByEvents": bool(given.get("byEvents")),
+                    "webhookBase64": bool(given.get("base64")),
+                    "instanceId": f"id-{name}",
+                }
+        if body.get("qrcode") and self.create_delay:
+            time.sleep(self.create_delay)
         return 201, {
             "instance": {
                 "instanceName": name,

@@ -14,6 +14,9 @@ from webhooks.http import OutboundError, describe_body
 
 # Provisioning calls are made while an operator waits on a page.
 PROVISION_TIMEOUT = 10.0
+# Evolution's create waits 5 s for the first QR code before it answers (with
+# qrcode: true), and longer on a busy server: 10 s would cut it off half-way.
+CREATE_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -127,14 +130,49 @@ class EvolutionClient:
                 status=response.status_code,
             ) from exc
 
-    async def create_instance(self, *, timeout: float = PROVISION_TIMEOUT) -> bool:
-        """POST /instance/create; True when created, False when the name is taken already."""
+    async def fetch_instance(self, *, timeout: float = PROVISION_TIMEOUT) -> dict[str, Any] | None:
+        """GET /instance/fetchInstances?instanceName=: the instance, None when there is none.
+
+        Evolution checks the key of this call before anything else (unlike the
+        routes of one instance, which answer 404 for a missing instance, or
+        create, which answers 403 "already in use", whatever the key): a 401
+        here means the key is wrong.
+        """
         response = await self._request(
-            "POST",
-            "/instance/create",
-            {"instanceName": self.instance_name, "integration": "WHATSAPP-BAILEYS", "qrcode": True},
-            timeout=timeout,
+            "GET", f"/instance/fetchInstances?instanceName={self.instance_path}", timeout=timeout
         )
+        if response.status_code == 404:
+            return None
+        body = self._read_json(response)
+        for item in body if isinstance(body, list) else [body]:
+            if not isinstance(item, dict):
+                continue
+            # 2.x answers {"name": ...}; 1.8 {"instance": {"instanceName": ...}}.
+            inner = item.get("instance")
+            names = (
+                item.get("name"),
+                inner.get("instanceName") if isinstance(inner, dict) else None,
+            )
+            if self.instance_name in names:
+                return item
+        return None
+
+    async def create_instance(
+        self, *, webhook: dict[str, Any] | None = None, timeout: float = CREATE_TIMEOUT
+    ) -> bool:
+        """POST /instance/create; True when created, False when the name is taken already.
+
+        With `webhook`, Evolution stores it with the instance, so that a create
+        whose answer never arrives still leaves the instance delivering to us.
+        """
+        body: dict[str, Any] = {
+            "instanceName": self.instance_name,
+            "integration": "WHATSAPP-BAILEYS",
+            "qrcode": True,
+        }
+        if webhook is not None:
+            body["webhook"] = webhook
+        response = await self._request("POST", "/instance/create", body, timeout=timeout)
         if response.status_code in (400, 403, 409) and "already in use" in response.text:
             # Evolution 2.3.7: 403 'This name "x" is already in use.'
             return False

@@ -17,7 +17,7 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from instances.models import InstanceConfig
-from instances.validators import EVENT_SLUGS
+from instances.validators import EVENT_SLUGS, is_event_slug
 from webhooks import chat_rules, metrics, parsing, rows, transitions
 from webhooks.models import ConnectionState, Conversation, InboundMessage, Status
 from webhooks.notify import notify_new_message
@@ -36,6 +36,9 @@ class Outcome(StrEnum):
     UNKNOWN_INSTANCE = "unknown_instance"
     BAD_TOKEN = "bad_token"
     BAD_BODY = "bad_body"
+    # Not an answer: the delivery is authenticated and its body is too large
+    # to parse on the database thread; the view parses it and calls store_delivery.
+    AUTHENTICATED = "authenticated"
 
 
 @dataclass(frozen=True)
@@ -49,20 +52,45 @@ class Result:
     # Whether workers should look now: a queued message in a chat nobody holds
     # (a held chat's worker finds it; a debounced one is due later).
     wake: bool = False
+    # With AUTHENTICATED: the instance the delivery is for.
+    instance: InstanceConfig | None = None
+    legacy_route: bool = False
+    # One result per message when the body held several (a list-shaped data).
+    messages: tuple["Result", ...] = ()
+
+
+# Bodies up to this size are parsed on the database thread, in the call that
+# authenticated them (one round trip); larger ones leave it free meanwhile.
+INLINE_PARSE_BYTES = 64 * 1024
+TOO_LARGE = "too large"
+INACTIVE = "instance inactive"
+
+
+@dataclass(frozen=True)
+class Route:
+    """What a webhook path names: an instance (None: the default) and an event suffix."""
+
+    name: str | None
+    event: str | None
+
+
+def route_of(*, segment: str | None, event: str | None) -> Route | None:
+    """`/webhook/evolution` and `/webhook/evolution/<event-slug>` are the default
+    instance (no instance may be named like an event); `/webhook/evolution/<name>`
+    and `/webhook/evolution/<name>/<event-slug>` are that instance. None: no
+    instance can be meant (the suffix is not shaped like an event).
+    """
+    if segment is not None and segment.lower() in EVENT_SLUGS and event is None:
+        return Route(name=None, event=segment.lower())
+    if event is not None and not is_event_slug(event):
+        return None
+    return Route(name=segment, event=event.lower() if event else None)
 
 
 def find_instance(*, segment: str | None, event: str | None) -> InstanceConfig | None:
-    """Which active tenant a webhook path names.
-
-    `/webhook/evolution` and `/webhook/evolution/<event-slug>` are the default
-    instance (no instance may be named like an event); `/webhook/evolution/<name>`
-    and `/webhook/evolution/<name>/<event-slug>` are that instance.
-    """
-    if segment is not None and segment.lower() in EVENT_SLUGS and event is None:
-        segment = None
-    elif event is not None and event.lower() not in EVENT_SLUGS:
-        return None
-    return rows.find_active_instance(name=segment)
+    """Which tenant (active or not) a webhook path names: one indexed SELECT."""
+    route = route_of(segment=segment, event=event)
+    return None if route is None else rows.find_instance(name=route.name)
 
 
 def token_is_valid(*, instance: InstanceConfig, given: str | None) -> bool:
@@ -82,6 +110,8 @@ class Delivery:
     message: parsing.ParsedMessage | None = None
     ignore_reason: str | None = None
     problem: str = ""
+    # A list-shaped data: one Delivery per message, each with its own body.
+    parts: tuple["Delivery", ...] = ()
 
 
 def read_delivery(raw: bytes) -> Delivery:
@@ -103,6 +133,13 @@ def understand(body: Any) -> Delivery:
     event = parsing.event_name(body)
     if event != "messages.upsert":
         return Delivery(body=body, event=event)
+    if isinstance(body.get("data"), list) and body["data"]:
+        parts = tuple(_one_message(part, event) for part in parsing.message_bodies(body))
+        return Delivery(body=body, event=event, parts=parts)
+    return _one_message(body, event)
+
+
+def _one_message(body: dict[str, Any], event: str) -> Delivery:
     try:
         message = parsing.parse_message(body)
     except parsing.ParseError as exc:
@@ -113,23 +150,113 @@ def understand(body: Any) -> Delivery:
     return Delivery(body=body, event=event, message=message, ignore_reason=reason)
 
 
+def too_large_delivery(*, prefix: bytes, size: int) -> Delivery:
+    """A body over WEBHOOK_MAX_BODY_BYTES, from what its first bytes say.
+
+    A message whose key is found there is stored as ignored ("too large"), so
+    that the message log shows it was received; nothing else of it is kept.
+    """
+    stub = parsing.peek_envelope(prefix)
+    if stub is None:
+        return Delivery(body={}, problem=f"{TOO_LARGE} ({size} bytes); no event found")
+    stub["omnihub"] = {"too_large_bytes": size}
+    event = parsing.event_name(stub)
+    if event != "messages.upsert":
+        return Delivery(body=stub, event=event, problem=f"{TOO_LARGE} ({size} bytes)")
+    try:
+        message = parsing.parse_message(stub)
+    except parsing.ParseError as exc:
+        return Delivery(
+            body=stub, event=event, problem=f"{TOO_LARGE} ({size} bytes); no message key: {exc}"
+        )
+    return Delivery(body=stub, event=event, message=message, ignore_reason=TOO_LARGE)
+
+
 def accept_delivery(
     *,
     segment: str | None,
     event: str | None,
     token: str | None,
-    delivery: Delivery,
+    raw: bytes,
+    size: int | None = None,
     claim: bool = False,
 ) -> Result:
-    instance = find_instance(segment=segment, event=event)
-    if instance is None:
-        return Result(Outcome.UNKNOWN_INSTANCE, "Unknown or inactive instance.")
+    """Authenticate a delivery, then read and store it.
+
+    The path and the token are checked before the body is looked at, so an
+    unknown or unauthenticated delivery costs one indexed SELECT and no parse.
+    `size` is the body's full length when `raw` is only its beginning (over
+    WEBHOOK_MAX_BODY_BYTES).
+    """
+    route = route_of(segment=segment, event=event)
+    instance = None if route is None else rows.find_instance(name=route.name)
+    if route is None or instance is None:
+        return Result(Outcome.UNKNOWN_INSTANCE, "Unknown instance.")
     if not token_is_valid(instance=instance, given=token):
         return Result(Outcome.BAD_TOKEN, "Missing or wrong webhook token.", "", instance.name)
+    if size is not None and size > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
+        delivery = too_large_delivery(prefix=raw, size=size)
+        logger.warning("webhook too large instance=%s bytes=%d", instance.name, size)
+    elif len(raw) > INLINE_PARSE_BYTES:
+        return Result(
+            Outcome.AUTHENTICATED,
+            instance_name=instance.name,
+            instance=instance,
+            legacy_route=route.name is None,
+        )
+    else:
+        delivery = read_delivery(raw)
+    return store_delivery(
+        instance=instance, legacy_route=route.name is None, delivery=delivery, claim=claim
+    )
+
+
+def store_delivery(
+    *, instance: InstanceConfig, legacy_route: bool, delivery: Delivery, claim: bool = False
+) -> Result:
+    """Store an authenticated delivery for its instance."""
     if delivery.body is None:
         return Result(Outcome.BAD_BODY, "The body must be a JSON object.", "", instance.name)
+    if legacy_route:
+        foreign = foreign_instance_reason(default=instance, body=delivery.body)
+        if foreign is not None:
+            logger.info("webhook of another instance on the legacy route: %s", foreign)
+            return Result(Outcome.IGNORED, foreign, "", instance.name)
+    if not instance.is_active:
+        # "The bot is off": keep the message in the log, answer nothing.
+        delivery = _switched_off(delivery)
     result = record(instance=instance, delivery=delivery, claim=claim)
     return replace(result, instance_name=instance.name)
+
+
+def foreign_instance_reason(*, default: InstanceConfig, body: dict[str, Any]) -> str | None:
+    """Why a delivery on the legacy route is not the default instance's, if it is not.
+
+    With Evolution's global webhook (WEBHOOK_GLOBAL_URL) every instance's
+    events arrive on /webhook/evolution; only the default's own may be
+    answered or change its connection state. Its own is its whatsapp_instance;
+    blank, its name, except in legacy mode, where any instance that is no
+    other tenant's is its own, as in the single-tenant service. A body without
+    an instance cannot be told apart and is taken.
+    """
+    evolution_name = body.get("instance")
+    if not isinstance(evolution_name, str) or not evolution_name:
+        return None
+    own = default.whatsapp_instance or ("" if default.is_legacy else default.name)
+    if evolution_name == own:
+        return None
+    other = rows.instance_named_in_evolution(evolution_name=evolution_name, excluding=default.pk)
+    if other is not None:
+        return f"instance belongs to {other}"
+    return "unknown instance" if own else None
+
+
+def _switched_off(delivery: Delivery) -> Delivery:
+    if delivery.parts:
+        return replace(delivery, parts=tuple(_switched_off(part) for part in delivery.parts))
+    if delivery.message is None:
+        return delivery
+    return replace(delivery, ignore_reason=INACTIVE)
 
 
 def record_delivery(*, instance: InstanceConfig, body: dict[str, Any]) -> Result:
@@ -139,6 +266,10 @@ def record_delivery(*, instance: InstanceConfig, body: dict[str, Any]) -> Result
 
 def record(*, instance: InstanceConfig, delivery: Delivery, claim: bool = False) -> Result:
     assert delivery.body is not None
+    if delivery.parts:
+        return record_messages(instance=instance, delivery=delivery, claim=claim)
+    if delivery.message is None and delivery.problem:
+        return Result(Outcome.IGNORED, delivery.problem)
     if delivery.event == "connection.update":
         return record_connection_state(instance=instance, body=delivery.body)
     if delivery.event != "messages.upsert":
@@ -146,6 +277,36 @@ def record(*, instance: InstanceConfig, delivery: Delivery, claim: bool = False)
     if delivery.message is None:
         return Result(Outcome.IGNORED, delivery.problem)
     return record_message(instance=instance, delivery=delivery, claim=claim)
+
+
+def record_messages(*, instance: InstanceConfig, delivery: Delivery, claim: bool = False) -> Result:
+    """Store each message of a list-shaped data as its own row.
+
+    The answer is the first message's, with `messages` listing every one; it
+    says "queued" when any was. At most one row is claimed for the worker: the
+    view reserved one slot.
+    """
+    results: list[Result] = []
+    claimed: transitions.Batch | None = None
+    for part in delivery.parts:
+        result = record(instance=instance, delivery=part, claim=claim and claimed is None)
+        claimed = claimed or result.claimed
+        results.append(replace(result, claimed=None))
+    outcomes = {result.outcome for result in results}
+    outcome = next(
+        (o for o in (Outcome.QUEUED, Outcome.IGNORED, Outcome.DUPLICATE) if o in outcomes),
+        Outcome.IGNORED,
+    )
+    first = results[0]
+    return Result(
+        outcome,
+        first.detail if len(results) == 1 else "",
+        first.message_id,
+        instance.name,
+        claimed,
+        wake=any(result.wake for result in results),
+        messages=tuple(results),
+    )
 
 
 def can_claim_on_insert() -> bool:

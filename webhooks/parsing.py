@@ -6,6 +6,7 @@ wrong type reads as missing, and only ParseError ever leaves parse_message.
 """
 
 import dataclasses
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -130,12 +131,23 @@ def strip_secrets(body: dict) -> dict:
     return {key: value for key, value in body.items() if key != "apikey"}
 
 
+def message_bodies(body: dict) -> list[dict]:
+    """One body per message: a list-shaped `data` holds several, each its own message.
+
+    Each keeps the envelope (event, instance, server_url...) with its own
+    element as `data`, so that it is parsed and stored like a single delivery.
+    """
+    data = body.get("data") if isinstance(body, dict) else None
+    if isinstance(data, list) and data:
+        return [{**body, "data": element} for element in data]
+    return [body]
+
+
 def parse_message(body: dict) -> ParsedMessage:
+    """The message of a body whose `data` is one message (see message_bodies)."""
     if not isinstance(body, dict):
         raise ParseError("body is not an object")
     data = body.get("data")
-    if isinstance(data, list) and data:
-        data = data[0]
     if not isinstance(data, dict):
         raise ParseError("data is not an object")
     key = data.get("key")
@@ -198,6 +210,61 @@ def parse_message(body: dict) -> ParsedMessage:
         is_newsletter=is_newsletter,
         evolution_instance=_str(body.get("instance")) or _str(data.get("owner")),
     )
+
+
+# How much of an over-size body is searched for its message key. Evolution
+# writes "event", "instance" and then data.key before data.message (whose
+# base64 is what makes a body large), so the key is in the first bytes.
+PEEK_BYTES = 64 * 1024
+_PEEK_STRING = r'"((?:[^"\\]|\\.){0,256})"'
+_PEEK_EVENT = re.compile(rb'"event"\s*:\s*' + _PEEK_STRING.encode())
+_PEEK_INSTANCE = re.compile(rb'"instance"\s*:\s*' + _PEEK_STRING.encode())
+_PEEK_KEY = re.compile(rb'"key"\s*:\s*\{([^{}]{0,4096})\}')
+_PEEK_FIELD = {
+    name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*' + _PEEK_STRING.encode())
+    for name in ("id", "remoteJid", "remoteJidAlt", "participant", "participantAlt")
+}
+_PEEK_FROM_ME = re.compile(rb'"fromMe"\s*:\s*(true|false)')
+
+
+def peek_envelope(prefix: bytes) -> dict[str, Any] | None:
+    """A stand-in body from the first bytes of a body too large to parse.
+
+    It holds the event, the instance and data.key, found with bounded regular
+    expressions (no JSON parse of megabytes); None when the event is not
+    there. Values with escapes are decoded as JSON strings; one that does not
+    decode is left out.
+    """
+    head = prefix[:PEEK_BYTES]
+    event = _peek_string(_PEEK_EVENT.search(head))
+    if event is None:
+        return None
+    body: dict[str, Any] = {"event": event}
+    instance = _peek_string(_PEEK_INSTANCE.search(head))
+    if instance is not None:
+        body["instance"] = instance
+    found = _PEEK_KEY.search(head)
+    if found is not None:
+        key: dict[str, Any] = {}
+        for name, pattern in _PEEK_FIELD.items():
+            value = _peek_string(pattern.search(found.group(1)))
+            if value is not None:
+                key[name] = value
+        from_me = _PEEK_FROM_ME.search(found.group(1))
+        if from_me is not None:
+            key["fromMe"] = from_me.group(1) == b"true"
+        body["data"] = {"key": key}
+    return body
+
+
+def _peek_string(found: "re.Match[bytes] | None") -> str | None:
+    if found is None:
+        return None
+    try:
+        value = json.loads(b'"' + found.group(1) + b'"')
+    except ValueError:
+        return None
+    return value if isinstance(value, str) and not _UNSTORABLE.search(value) else None
 
 
 def ignore_reason(message: ParsedMessage, *, now: float, max_age_seconds: int) -> str | None:

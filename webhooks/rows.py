@@ -105,11 +105,15 @@ def _instance_reading(vendor: str) -> tuple[str, list[tuple[Field, list[Converte
         (f, connection.ops.get_db_converters(f.get_col(table)) + f.get_db_converters(connection))
         for f in _INSTANCE_FIELDS
     ]
-    return f"SELECT {columns} FROM {table} WHERE is_active AND ", converters
+    return f"SELECT {columns} FROM {table} WHERE ", converters
 
 
-def find_active_instance(*, name: str | None) -> InstanceConfig | None:
-    """The active instance of that name, or the active default one for None."""
+def find_instance(*, name: str | None) -> InstanceConfig | None:
+    """The instance of that name, or the default one for None, active or not.
+
+    An inactive instance still authenticates and stores its deliveries (as
+    ignored): answering 404 would make Evolution drop them for good.
+    """
     select, fields = _instance_reading(connection.vendor)
     sql, params = (select + "is_default", []) if name is None else (select + "name = %s", [name])
     with connection.cursor() as cursor:
@@ -350,3 +354,20 @@ def is_own_message(*, instance_id: int, chat_jid: str, message_id: str, text: st
 def hub_sent(*, instance_id: int, message_id: str) -> bool:
     """Whether the hub sent the message with this Evolution id (a quote of it)."""
     return OutboundMessage.objects.filter(instance_id=instance_id, evolution_id=message_id).exists()
+
+
+def instance_named_in_evolution(*, evolution_name: str, excluding: int) -> str | None:
+    """The name of another tenant whose Evolution instance is called `evolution_name`.
+
+    Only asked for a delivery on the legacy route that is not the default's
+    own (a global webhook's), so it is not on the hot path.
+    """
+    table = connection.ops.quote_name(InstanceConfig._meta.db_table)
+    sql = (
+        f"SELECT name FROM {table} WHERE id <> %s AND (whatsapp_instance = %s "
+        "OR (whatsapp_instance = '' AND name = %s)) ORDER BY name LIMIT 1"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [excluding, evolution_name, evolution_name])
+        found = cursor.fetchone()
+    return None if found is None else str(found[0])

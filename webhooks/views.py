@@ -2,13 +2,16 @@
 
 import asyncio
 import logging
+from collections.abc import Callable
 from functools import partial
+from typing import Any
 
+from django.conf import settings
 from django.db import DatabaseError
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from webhooks import metrics, wakeup, worker
+from webhooks import metrics, parsing, wakeup, worker
 from webhooks.db import run_db
 from webhooks.ingest import (
     TOKEN_HEADER,
@@ -17,13 +20,15 @@ from webhooks.ingest import (
     accept_delivery,
     can_claim_on_insert,
     read_delivery,
+    store_delivery,
 )
 
 logger = logging.getLogger(__name__)
 
 LARGE_BODY = 256 * 1024
 
-# Evolution drops a delivery for good on 400/401/403/404/422 and retries the rest.
+# Evolution drops a delivery for good on 400/401/403/404/422 and retries the
+# rest up to 10 times: only what is never worth delivering again gets a 4xx.
 STATUS_CODES = {
     Outcome.QUEUED: 200,
     Outcome.IGNORED: 200,
@@ -45,6 +50,36 @@ def _hand_over(local: worker.Worker | None, stored: "asyncio.Future[Result]") ->
         local.adopt(stored.result().claimed if done else None)
 
 
+def read_body(request: HttpRequest) -> tuple[bytes, int | None]:
+    """The body, or only its first bytes and its size when it is over the limit.
+
+    Django's request.body would raise (a 400, which Evolution drops silently)
+    for a body over DATA_UPLOAD_MAX_MEMORY_SIZE; such a body is answered
+    from its beginning instead.
+    """
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    declared = int(request.META.get("CONTENT_LENGTH") or 0)
+    if declared > limit:
+        return request.read(parsing.PEEK_BYTES), declared
+    # Content-Length can be absent (chunked): read one byte past the limit to tell.
+    raw = request.read(limit + 1)
+    if len(raw) > limit:
+        return raw[: parsing.PEEK_BYTES], len(raw) + len(request.read())
+    return raw, None
+
+
+async def _store(fn: Callable[..., Result], /, **kwargs: Any) -> Result:
+    # A slot of this process's worker, so that a new message can be claimed as
+    # it is stored and started at once, without a claim query of its own.
+    local = worker.local_worker() if can_claim_on_insert() else None
+    stored = asyncio.ensure_future(run_db(fn, claim=local is not None, **kwargs))
+    stored.add_done_callback(partial(_hand_over, local))
+    # Shielded: should Evolution hang up meanwhile (Django then cancels the
+    # view), the row is still stored, and a row claimed for the worker still
+    # reaches it instead of waiting out its lease.
+    return await asyncio.shield(stored)
+
+
 @csrf_exempt
 async def evolution_webhook(
     request: HttpRequest, segment: str | None = None, event: str | None = None
@@ -52,31 +87,26 @@ async def evolution_webhook(
     if request.method != "POST":
         return JsonResponse({"detail": "Use POST."}, status=405, headers={"Allow": "POST"})
     token = request.headers.get(TOKEN_HEADER) or request.GET.get("token")
-    raw = request.body
-    if len(raw) > LARGE_BODY:
-        # Parsing megabytes of base64 would stall every other request on this loop.
-        delivery = await asyncio.to_thread(read_delivery, raw)
-    else:
-        delivery = read_delivery(raw)
-    # A slot of this process's worker, so that a new message can be claimed as
-    # it is stored and started at once, without a claim query of its own.
-    local = worker.local_worker() if can_claim_on_insert() else None
-    stored = asyncio.ensure_future(
-        run_db(
-            accept_delivery,
-            segment=segment,
-            event=event,
-            token=token,
-            delivery=delivery,
-            claim=local is not None,
-        )
-    )
-    stored.add_done_callback(partial(_hand_over, local))
+    raw, size = read_body(request)
     try:
-        # Shielded: should Evolution hang up meanwhile (Django then cancels the
-        # view), the row is still stored, and a row claimed for the worker
-        # still reaches it instead of waiting out its lease.
-        result = await asyncio.shield(stored)
+        # The path and token are checked first: the body is parsed only for an
+        # authenticated delivery (small ones in the same database call).
+        result = await _store(
+            accept_delivery, segment=segment, event=event, token=token, raw=raw, size=size
+        )
+        if result.outcome is Outcome.AUTHENTICATED:
+            assert result.instance is not None
+            if len(raw) > LARGE_BODY:
+                # Parsing megabytes of base64 would stall every other request on this loop.
+                delivery = await asyncio.to_thread(read_delivery, raw)
+            else:
+                delivery = read_delivery(raw)
+            result = await _store(
+                store_delivery,
+                instance=result.instance,
+                legacy_route=result.legacy_route,
+                delivery=delivery,
+            )
     except DatabaseError:
         # 503 makes Evolution deliver it again later; nothing was stored.
         logger.exception("webhook could not be stored segment=%s", segment)
@@ -87,9 +117,14 @@ async def evolution_webhook(
     status = STATUS_CODES[result.outcome]
     if status != 200:
         return JsonResponse({"detail": result.detail}, status=status)
-    body = {"status": result.outcome.value}
+    body: dict[str, Any] = {"status": result.outcome.value}
     if result.message_id:
         body["message_id"] = result.message_id
     if result.detail:
         body["detail"] = result.detail
+    if len(result.messages) > 1:
+        body["messages"] = [
+            {"status": part.outcome.value, "message_id": part.message_id, "detail": part.detail}
+            for part in result.messages
+        ]
     return JsonResponse(body)

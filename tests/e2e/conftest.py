@@ -175,6 +175,8 @@ class Tenant:
     def delivery(self, *, text: str = "hello", **fields: Any) -> dict[str, Any]:
         message_id = fields.pop("message_id", None) or unique("msg").upper()
         self.sent_ids.append(message_id)
+        # Evolution names the instance that delivers it; the legacy route checks it.
+        fields.setdefault("instance", self.fields.get("whatsapp_instance") or self.name)
         return text_delivery(message_id=message_id, text=text, **fields)
 
     def send_text(self, text: str = "hello", **fields: Any) -> tuple[str, httpx.Response]:

@@ -138,11 +138,16 @@ def test_an_unknown_instance_is_404_and_nothing_is_called(
     assert tenant.row(body["data"]["key"]["id"]) is None
 
 
-def test_an_inactive_instance_is_404(make_tenant: Callable[..., Tenant]) -> None:
+def test_an_inactive_instance_stores_its_messages_unanswered(
+    make_tenant: Callable[..., Tenant],
+) -> None:
     tenant = make_tenant(is_active=False)
     message_id, response = tenant.send_text()
-    assert response.status_code == 404
-    assert tenant.row(message_id) is None
+    assert response.status_code == 200
+    assert response.json()["detail"] == "instance inactive"
+    row = tenant.row(message_id)
+    assert row is not None and row["status"] == "ignored"
+    assert tenant.agent.received() == []
 
 
 def test_a_bad_token_is_401_in_the_header_and_in_the_query(

@@ -20,7 +20,7 @@ def break_evolution_cases() -> list[object]:
     return [
         pytest.param(
             lambda acme, evolution: setattr(acme, "evolution_key", "wrong-key-0000"),
-            "Evolution answered 401 Unauthorized (check the instance's Evolution API key)",
+            "refuses the instance's Evolution API key",
             id="401",
         ),
         pytest.param(

@@ -497,3 +497,35 @@ def test_the_command_line_exits_with_clear_codes_and_no_traceback(tmp_path):
 
     listing = manage(db_url, "instances", "list", "--json")
     assert json.loads(listing.stdout) == []
+
+
+def test_provision_refuses_another_tenants_webhook_and_force_takes_it(make_instance):
+    from django.conf import settings
+
+    from tests.fakes import FakeEvolution
+
+    evolution = FakeEvolution().start()
+    try:
+        make_instance(name="globex", evolution_url=evolution.url)
+        make_instance(name="shop", evolution_url=evolution.url, whatsapp_instance="shop-wa")
+        evolution.instances["shop-wa"] = {
+            "state": "open",
+            "connects": 0,
+            "webhook": {
+                "url": f"{settings.PUBLIC_BASE_URL}/webhook/evolution/globex",
+                "enabled": True,
+                "events": [],
+            },
+        }
+
+        refused = run("provision", "shop")
+        forced = run("provision", "shop", "--force")
+    finally:
+        evolution.stop()
+
+    assert refused[0] == 1
+    assert "Webhook: Claimed." in refused[2]
+    assert "--force" in refused[2]
+    assert forced[0] == 0, forced
+    assert "taken over from tenant globex" in forced[1]
+    assert evolution.instances["shop-wa"]["webhook"]["url"].endswith("/webhook/evolution/shop")

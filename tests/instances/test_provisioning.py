@@ -33,6 +33,12 @@ def test_provision_creates_the_instance_then_sets_the_webhook(acme, evolution):
         ("Evolution instance", True, "created"),
         ("Webhook", True, "set"),
     ]
+    # The key first (a call Evolution authenticates before anything else),
+    # then the create, which carries the webhook: no separate set is needed.
+    assert [r.path for r in evolution.requests][:2] == [
+        "/instance/fetchInstances?instanceName=acme-wa",
+        "/instance/create",
+    ]
     [create] = evolution.received("/instance/create")
     assert create.method == "POST"
     assert create.headers["apikey"] == SECRETS["evolution_key"]
@@ -40,19 +46,15 @@ def test_provision_creates_the_instance_then_sets_the_webhook(acme, evolution):
         "instanceName": "acme-wa",
         "integration": "WHATSAPP-BAILEYS",
         "qrcode": True,
-    }
-    [webhook] = evolution.received("/webhook/set/")
-    assert webhook.path == "/webhook/set/acme-wa"
-    assert webhook.body == {
         "webhook": {
-            "enabled": True,
             "url": f"{settings.PUBLIC_BASE_URL}/webhook/evolution/acme",
             "headers": {"X-Webhook-Token": SECRETS["webhook_token"]},
             "events": ["MESSAGES_UPSERT", "CONNECTION_UPDATE"],
             "byEvents": False,
             "base64": True,
-        }
+        },
     }
+    assert evolution.received("/webhook/set/") == []
     assert evolution.instances["acme-wa"]["webhook"]["url"].endswith("/webhook/evolution/acme")
     assert_no_secret(report.detail)
 
@@ -67,12 +69,25 @@ def test_a_second_provision_changes_nothing(acme, evolution):
         ("Evolution instance", True, "exists"),
         ("Webhook", True, "unchanged"),
     ]
-    assert len(evolution.received("/webhook/set/")) == 1
+    assert evolution.received("/webhook/set/") == []
+    assert len(evolution.received("/instance/create")) == 1
     assert len(evolution.received("/webhook/find/")) == 2
 
 
-def test_a_name_already_in_use_on_evolution_counts_as_existing(acme, evolution):
+def test_an_instance_already_on_evolution_counts_as_existing(acme, evolution):
     evolution.instances["acme-wa"] = {"state": "open", "webhook": None, "connects": 0}
+
+    report = provisioning.provision(instance=acme)
+
+    assert report.ok
+    assert outcomes(report) == [("Evolution instance", True, "exists"), ("Webhook", True, "set")]
+    assert evolution.received("/instance/create") == []
+    assert len(evolution.received("/webhook/set/")) == 1
+
+
+def test_a_name_taken_between_the_check_and_the_create_counts_as_existing(acme, evolution):
+    evolution.instances["acme-wa"] = {"state": "open", "webhook": None, "connects": 0}
+    evolution.answer_next("/instance/fetchInstances", (404, {"status": 404}))
 
     report = provisioning.provision(instance=acme)
 
@@ -118,7 +133,7 @@ def test_an_instance_without_a_token_gets_a_webhook_without_the_header(
 
     assert report.ok
     assert "without a token header" in report.detail
-    assert evolution.received("/webhook/set/")[0].body["webhook"]["headers"] == {}
+    assert evolution.received("/instance/create")[0].body["webhook"]["headers"] == {}
 
 
 def test_the_whatsapp_name_defaults_to_the_instance_name_and_is_quoted(
@@ -143,8 +158,11 @@ def test_the_whatsapp_name_defaults_to_the_instance_name_and_is_quoted(
     assert provisioning.provision(instance=spaced).ok
 
     assert set(evolution.instances) == {"globex", "loja acme/1"}
-    paths = [r.path for r in evolution.received("/webhook/set/")]
-    assert paths == ["/webhook/set/globex", "/webhook/set/loja%20acme%2F1"]
+    paths = [r.path for r in evolution.received("/instance/fetchInstances")]
+    assert paths == [
+        "/instance/fetchInstances?instanceName=globex",
+        "/instance/fetchInstances?instanceName=loja%20acme/1",
+    ]
 
 
 def test_the_legacy_default_instance_is_told_it_needs_evolution_credentials(
@@ -183,7 +201,7 @@ def error_body(name: str) -> dict[str, Any]:
     [
         pytest.param(
             lambda acme, evolution: setattr(acme, "evolution_key", "wrong-key-0000"),
-            "Evolution answered 401 Unauthorized (check the instance's Evolution API key)",
+            "refuses the instance's Evolution API key (GET /instance/fetchInstances answered 401)",
             id="401-wrong-key",
         ),
         pytest.param(
@@ -227,13 +245,15 @@ def test_every_evolution_failure_becomes_a_readable_message(acme, evolution, set
 
     assert not report.ok
     assert report.configured
-    assert outcomes(report) == [("Evolution instance", False, "failed")]
+    outcome = "bad_key" if "refuses" in expected else "failed"
+    assert outcomes(report) == [("Evolution instance", False, outcome)]
     assert expected in report.detail
     assert_no_secret(report.detail)
 
 
 def test_a_silent_evolution_times_out_with_a_message(acme, evolution, monkeypatch):
     monkeypatch.setattr(provisioning, "TIMEOUT", 0.2)
+    monkeypatch.setattr(provisioning, "CREATE_TIMEOUT_SECONDS", 0.2)
     evolution.on("/instance/create", slow(2.0, (201, {})))
 
     started = time.monotonic()
@@ -243,19 +263,21 @@ def test_a_silent_evolution_times_out_with_a_message(acme, evolution, monkeypatc
     assert f"Evolution at {evolution.url} did not answer within 0.2 s" in report.detail
 
 
-def test_a_failed_webhook_set_keeps_the_created_step(acme, evolution):
+def test_a_failed_webhook_set_keeps_the_first_step(acme, evolution):
+    evolution.instances["acme-wa"] = {"state": "close", "webhook": None, "connects": 0}
     evolution.answer_next("/webhook/set/", (500, {"status": 500, "error": "Internal Server Error"}))
 
     report = provisioning.provision(instance=acme)
 
     assert outcomes(report) == [
-        ("Evolution instance", True, "created"),
+        ("Evolution instance", True, "exists"),
         ("Webhook", False, "failed"),
     ]
     assert report.detail == "Evolution answered 500 Internal Server Error"
 
 
 def test_an_error_echoing_a_secret_is_scrubbed(acme, evolution):
+    evolution.instances["acme-wa"] = {"state": "close", "webhook": None, "connects": 0}
     echo = {"status": 400, "response": {"message": [f"bad header {SECRETS['webhook_token']}"]}}
     evolution.answer_next("/webhook/set/", (400, echo))
 
@@ -402,3 +424,145 @@ def test_the_activity_annotation_gives_the_last_message_time(acme):
 
     assert annotated.last_message_at == received
     assert provisioning.last_message_at(acme) == received
+
+
+# --- Evolution's own timing, and provisioning that resumes ---
+
+
+def test_a_create_slower_than_the_other_calls_still_succeeds(acme, evolution, monkeypatch):
+    # The real create waits 5 s before answering, half of the 10 s the other
+    # calls get; scaled down here: 0.4 s against 0.2 s.
+    monkeypatch.setattr(provisioning, "TIMEOUT", 0.2)
+    evolution.create_delay = 0.4
+
+    report = provisioning.provision(instance=acme)
+
+    assert report.ok, report.detail
+    assert outcomes(report) == [("Evolution instance", True, "created"), ("Webhook", True, "set")]
+
+
+def test_a_create_whose_answer_never_comes_still_leaves_the_webhook_set(
+    acme, evolution, monkeypatch
+):
+    monkeypatch.setattr(provisioning, "CREATE_TIMEOUT_SECONDS", 0.2)
+    evolution.create_delay = 1.0
+
+    report = provisioning.provision(instance=acme)
+
+    assert report.ok, report.detail
+    assert outcomes(report) == [("Evolution instance", True, "created"), ("Webhook", True, "set")]
+    assert "did not arrive in time" in report.steps[0].message
+    webhook = evolution.instances["acme-wa"]["webhook"]
+    assert webhook["url"] == f"{settings.PUBLIC_BASE_URL}/webhook/evolution/acme"
+    assert webhook["headers"] == {"X-Webhook-Token": SECRETS["webhook_token"]}
+
+
+def test_a_run_cut_off_in_the_create_is_completed_by_the_next_run(acme, evolution, monkeypatch):
+    monkeypatch.setattr(provisioning, "CREATE_TIMEOUT_SECONDS", 0.2)
+    evolution.create_delay = 1.0
+    # Evolution does not list the instance yet when the first run looks again,
+    # and ignored the webhook of the create (as a server before 2.x would).
+    evolution.answer_next("/instance/fetchInstances", (404, {}), (404, {}))
+    evolution.on("/instance/create", slow(1.0, (201, {})))
+    evolution.instances["acme-wa"] = {"state": "close", "webhook": None, "connects": 0}
+
+    first = provisioning.provision(instance=acme)
+    evolution.on("/instance/create", None)
+    second = provisioning.provision(instance=acme)
+
+    assert not first.ok
+    assert "Provision again: it completes what this run left." in first.detail
+    assert second.ok, second.detail
+    assert outcomes(second) == [("Evolution instance", True, "exists"), ("Webhook", True, "set")]
+    assert evolution.instances["acme-wa"]["webhook"]["url"].endswith("/webhook/evolution/acme")
+
+
+# --- a wrong key reads "wrong key", whatever Evolution checks first ---
+
+
+def test_provision_with_a_wrong_key_on_an_existing_instance_says_the_key_is_wrong(
+    acme, evolution
+):
+    evolution.instances["acme-wa"] = {"state": "close", "webhook": None, "connects": 0}
+    acme.evolution_key = "wrong-key-0000"
+
+    report = provisioning.provision(instance=acme)
+
+    # Evolution answers the create 403 "already in use" before it checks the key.
+    assert outcomes(report) == [("Evolution instance", False, "bad_key")]
+    assert "refuses the instance's Evolution API key" in report.detail
+    assert evolution.received("/instance/create") == []
+
+
+def test_the_state_of_a_missing_instance_with_a_wrong_key_says_the_key_is_wrong(
+    acme, evolution
+):
+    acme.evolution_key = "wrong-key-0000"
+
+    reports = [
+        provisioning.connection_state(instance=acme).message,
+        provisioning.fetch_qr(instance=acme).message,
+        provisioning.test_connections(instance=acme).steps[0].message,
+    ]
+
+    for message in reports:
+        assert "refuses the instance's Evolution API key" in message
+        assert "provision it first" not in message
+    # With the right key, a missing instance still says what to do.
+    acme.evolution_key = SECRETS["evolution_key"]
+    assert "provision it first" in provisioning.connection_state(instance=acme).message
+
+
+# --- a webhook that delivers to another tenant of this hub ---
+
+
+def point_at(evolution, path: str) -> None:
+    evolution.instances["acme-wa"] = {
+        "state": "open",
+        "connects": 0,
+        "webhook": {
+            "url": f"{settings.PUBLIC_BASE_URL}{path}",
+            "headers": {},
+            "enabled": True,
+            "events": ["MESSAGES_UPSERT"],
+            "webhookByEvents": False,
+            "webhookBase64": True,
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("path", "owner"),
+    [("/webhook/evolution/globex", "globex"), ("/webhook/evolution?token=x", "main")],
+)
+def test_provision_refuses_to_take_another_tenants_webhook_unless_forced(
+    acme, evolution, make_instance, path, owner
+):
+    make_instance(name="globex")
+    make_instance(name="main", is_default=True)
+    point_at(evolution, path)
+
+    refused = provisioning.provision(instance=acme)
+
+    assert outcomes(refused) == [
+        ("Evolution instance", True, "exists"),
+        ("Webhook", False, "claimed"),
+    ]
+    assert f'tenant "{owner}"' in refused.detail
+    assert provisioning.needs_force(refused)
+    assert evolution.received("/webhook/set/") == []
+
+    forced = provisioning.provision(instance=acme, force=True)
+
+    assert forced.ok
+    assert f"taken over from tenant {owner}" in forced.steps[1].message
+    assert evolution.instances["acme-wa"]["webhook"]["url"].endswith("/webhook/evolution/acme")
+
+
+def test_a_webhook_to_a_tenant_this_hub_does_not_have_is_replaced(acme, evolution):
+    point_at(evolution, "/webhook/evolution/deleted-long-ago")
+
+    report = provisioning.provision(instance=acme)
+
+    assert report.ok
+    assert outcomes(report)[1] == ("Webhook", True, "set")

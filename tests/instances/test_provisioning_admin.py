@@ -280,3 +280,28 @@ def test_a_delete_still_works_with_the_annotated_list(admin_client: Client, acme
 
     assert response.status_code == 302
     assert not InstanceConfig.objects.exists()
+
+
+def test_the_provision_page_offers_to_take_another_tenants_webhook_over(
+    admin_client: Client, acme, evolution, make_instance
+):
+    from django.conf import settings
+
+    make_instance(name="globex")
+    evolution.instances["acme-wa"] = {
+        "state": "open",
+        "connects": 0,
+        "webhook": {
+            "url": f"{settings.PUBLIC_BASE_URL}/webhook/evolution/globex",
+            "enabled": True,
+            "events": [],
+        },
+    }
+
+    refused = text(admin_client.post(page(acme, "provision/")))
+    forced = text(admin_client.post(page(acme, "provision/"), {"force": "1"}))
+
+    assert "Provision anyway: take the webhook over" in refused
+    assert escape('tenant "globex"') in refused
+    assert "Provision anyway" not in forced
+    assert evolution.instances["acme-wa"]["webhook"]["url"].endswith("/webhook/evolution/acme")

@@ -38,10 +38,10 @@ def test_provision_creates_and_sets_the_webhook_then_changes_nothing(api, acme, 
         ("Evolution instance", "created"),
         ("Webhook", "set"),
     ]
-    [webhook] = evolution.received("/webhook/set/")
-    assert webhook.body["webhook"]["url"] == f"{settings.PUBLIC_BASE_URL}/webhook/evolution/acme"
-    assert webhook.body["webhook"]["events"] == ["MESSAGES_UPSERT", "CONNECTION_UPDATE"]
-    assert webhook.body["webhook"]["headers"] == {"X-Webhook-Token": SECRETS["webhook_token"]}
+    [create] = evolution.received("/instance/create")
+    assert create.body["webhook"]["url"] == f"{settings.PUBLIC_BASE_URL}/webhook/evolution/acme"
+    assert create.body["webhook"]["events"] == ["MESSAGES_UPSERT", "CONNECTION_UPDATE"]
+    assert create.body["webhook"]["headers"] == {"X-Webhook-Token": SECRETS["webhook_token"]}
     assert second.status_code == 200
     assert [s["outcome"] for s in second.json()["steps"]] == ["exists", "unchanged"]
 
@@ -61,13 +61,14 @@ def test_a_failed_provision_answers_502_with_the_reason(api, acme, evolution, br
 
 
 def test_a_partial_provision_shows_what_was_done(api, acme, evolution):
+    evolution.instances["acme-wa"] = {"state": "close", "webhook": None, "connects": 0}
     evolution.answer_next("/webhook/set/", (500, {"status": 500, "error": "Internal Server Error"}))
 
     response = call(api, "post", "provision")
 
     assert response.status_code == 502
     assert [(s["outcome"], s["ok"]) for s in response.json()["steps"]] == [
-        ("created", True),
+        ("exists", True),
         ("failed", False),
     ]
 
@@ -188,3 +189,23 @@ def test_the_schema_documents_the_provisioning_operations(client, db):
         assert "requestBody" not in operation
     qr = paths["/api/v1/instances/{name}/qr/"]["get"]["responses"]["200"]
     assert qr["content"]["application/json"]["schema"]["$ref"].endswith("/Qr")
+
+
+def test_provision_takes_another_tenants_webhook_only_with_force(
+    api, acme, evolution, make_instance
+):
+    make_instance(name="globex")
+    provisioning_url = f"{settings.PUBLIC_BASE_URL}/webhook/evolution/globex"
+    evolution.instances["acme-wa"] = {
+        "state": "open",
+        "connects": 0,
+        "webhook": {"url": provisioning_url, "enabled": True, "events": []},
+    }
+
+    refused = call(api, "post", "provision")
+    forced = api.post("/api/v1/instances/acme/provision/?force=true")
+
+    assert refused.status_code == 502
+    assert refused.json()["steps"][-1]["outcome"] == "claimed"
+    assert forced.status_code == 200
+    assert evolution.instances["acme-wa"]["webhook"]["url"].endswith("/webhook/evolution/acme")

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import pytest
 from django.db import transaction
-from django.test import Client, override_settings
+from django.test import Client
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -394,20 +394,6 @@ def test_the_body_decides_not_the_content_type(
     deliver: Deliver, content_type: str, raw: bytes, status: int
 ) -> None:
     assert deliver(raw, content_type=content_type).status == status
-
-
-def test_a_body_over_the_size_limit_answers_json_400(client: Client, make_instance) -> None:
-    make_instance(webhook_token=TOKEN)
-    raw = encode(load_fixture("messages-upsert-text.json"))
-
-    with override_settings(DATA_UPLOAD_MAX_MEMORY_SIZE=len(raw) - 1):
-        response = client.post(
-            URL, data=raw, content_type="application/json", headers={"X-Webhook-Token": TOKEN}
-        )
-
-    assert response.status_code == 400
-    assert response.json() == {"detail": "Bad request."}
-    assert not InboundMessage.objects.exists()
 
 
 def test_the_fixtures_are_all_here() -> None:

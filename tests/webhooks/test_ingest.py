@@ -8,7 +8,7 @@ from django.db import connection
 
 from tests.conftest import load_fixture
 from tests.webhooks.conftest import message_body
-from webhooks.ingest import Outcome, Result, accept_delivery, read_delivery, record_delivery
+from webhooks.ingest import Outcome, Result, accept_delivery, record_delivery
 from webhooks.models import ConnectionState, Conversation, InboundMessage, Status
 
 pytestmark = pytest.mark.django_db
@@ -180,8 +180,7 @@ def test_accept_delivery_checks_the_instance_then_the_token_then_the_body(make_i
     make_instance(webhook_token="right-token")
 
     def accept(segment: str, token: str) -> Outcome:
-        delivery = read_delivery(b"[]")
-        return accept_delivery(segment=segment, event=None, token=token, delivery=delivery).outcome
+        return accept_delivery(segment=segment, event=None, token=token, raw=b"[]").outcome
 
     assert accept("nobody", "right-token") is Outcome.UNKNOWN_INSTANCE
     assert accept("acme", "wrong") is Outcome.BAD_TOKEN
@@ -189,9 +188,8 @@ def test_accept_delivery_checks_the_instance_then_the_token_then_the_body(make_i
 
 
 def accept(body: dict[str, Any], *, claim: bool) -> Result:
-    delivery = read_delivery(json.dumps(body).encode())
     return accept_delivery(
-        segment="acme", event=None, token="acme-token", delivery=delivery, claim=claim
+        segment="acme", event=None, token="acme-token", raw=json.dumps(body).encode(), claim=claim
     )
 
 

@@ -10,12 +10,15 @@ import pytest
 
 from tests.conftest import EVOLUTION_FIXTURES, load_fixture
 from webhooks.parsing import (
+    PEEK_BYTES,
     ParsedMessage,
     ParseError,
     event_name,
     ignore_reason,
+    message_bodies,
     parse_connection_update,
     parse_message,
+    peek_envelope,
     strip_secrets,
 )
 
@@ -531,11 +534,53 @@ def test_message_timestamp_is_decoded_from_every_encoding(
     assert parse_message(body).timestamp == timestamp
 
 
-def test_data_as_a_list_uses_its_first_message() -> None:
+def test_a_list_shaped_data_is_one_body_per_message() -> None:
     body = load_fixture("messages-upsert-text.json")
-    body["data"] = [body["data"], {"key": {}}]
+    second = {**body["data"], "key": {**body["data"]["key"], "id": "SECOND"}}
+    body["data"] = [body["data"], second, {"key": {}}]
 
-    assert parse_message(body).text == "Olá! Qual o horário de atendimento?"
+    bodies = message_bodies(body)
+
+    assert [part["data"] for part in bodies] == body["data"]
+    assert all(part["instance"] == body["instance"] for part in bodies)
+    assert [parse_message(part).message_id for part in bodies[:2]] == [
+        body["data"][0]["key"]["id"],
+        "SECOND",
+    ]
+    with pytest.raises(ParseError, match="id"):
+        parse_message(bodies[2])
+
+
+def test_an_object_shaped_data_is_one_body() -> None:
+    body = load_fixture("messages-upsert-text.json")
+
+    assert message_bodies(body) == [body]
+
+
+def test_peek_envelope_finds_the_key_of_a_body_too_large_to_parse() -> None:
+    body = load_fixture("messages-upsert-image-base64.json")
+    raw = json.dumps(body).encode()
+
+    stub = peek_envelope(raw[:PEEK_BYTES])
+
+    assert stub is not None
+    assert stub["event"] == "messages.upsert"
+    assert stub["instance"] == body["instance"]
+    message = parse_message(stub)
+    full = parse_message(body)
+    assert (message.message_id, message.chat_jid, message.from_me) == (
+        full.message_id,
+        full.chat_jid,
+        full.from_me,
+    )
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"[1, 2]", b'{"data": {"key": {"id": "X"}}}', b"\xff" * 100, b'{"event": "a\\'],
+)
+def test_peek_envelope_of_a_body_without_an_event_is_none(raw: bytes) -> None:
+    assert peek_envelope(raw) is None
 
 
 @pytest.mark.parametrize(

@@ -157,7 +157,8 @@ def test_an_instance_without_a_token_accepts_any_delivery(client: Client, make_i
     [
         "/webhook/evolution/nobody",
         "/webhook/evolution/nobody/messages-upsert",
-        "/webhook/evolution/acme/not-an-event",
+        "/webhook/evolution/acme/not_an.event",
+        "/webhook/evolution/acme/%20",
         "/webhook/evolution/messages-upsert/messages-upsert",
     ],
 )
@@ -165,17 +166,7 @@ def test_it_answers_404_to_an_unknown_instance(client: Client, acme, path: str) 
     response = post(client, path)
 
     assert response.status_code == 404
-    assert response.json() == {"detail": "Unknown or inactive instance."}
-    assert not InboundMessage.objects.exists()
-
-
-def test_it_answers_404_to_an_inactive_instance(client: Client, make_instance) -> None:
-    make_instance(webhook_token=TOKEN, is_active=False)
-
-    response = post(client, "/webhook/evolution/acme")
-
-    assert response.status_code == 404
-    assert "detail" in response.json()
+    assert response.json() == {"detail": "Unknown instance."}
     assert not InboundMessage.objects.exists()
 
 
@@ -183,7 +174,7 @@ def test_the_default_route_answers_404_when_there_is_no_default(client: Client, 
     response = post(client, "/webhook/evolution")
 
     assert response.status_code == 404
-    assert response.json() == {"detail": "Unknown or inactive instance."}
+    assert response.json() == {"detail": "Unknown instance."}
 
 
 @pytest.mark.parametrize(
@@ -198,7 +189,9 @@ def test_the_default_route_answers_404_when_there_is_no_default(client: Client, 
 def test_the_default_route_and_its_event_routes_reach_the_default_instance(
     client: Client, acme, make_instance, path: str
 ) -> None:
-    default = make_instance(name="main", is_default=True, webhook_token=TOKEN)
+    default = make_instance(
+        name="main", is_default=True, webhook_token=TOKEN, whatsapp_instance="tenant-acme-01"
+    )
 
     response = post(client, path)
 
@@ -261,7 +254,12 @@ def test_it_stores_the_delivery_without_its_apikey(client: Client, acme) -> None
 
 def test_the_legacy_default_instance_keeps_where_to_reply(client: Client, make_instance) -> None:
     make_instance(
-        name="default", is_default=True, evolution_url="", evolution_key="", webhook_token=""
+        name="default",
+        is_default=True,
+        evolution_url="",
+        evolution_key="",
+        webhook_token="",
+        whatsapp_instance="",
     )
 
     response = post(client, "/webhook/evolution", token=None)
@@ -284,3 +282,292 @@ def test_it_accepts_a_31_mb_delivery(client: Client, acme) -> None:
     row = InboundMessage.objects.get()
     assert row.content["media"]["has_base64"] is True
     assert len(row.payload["data"]["message"]["base64"]) == 31 * 1024 * 1024
+
+
+# --- the body is looked at only once the path and the token are right ---
+
+
+def forbid_parsing(monkeypatch) -> None:
+    """From now on any JSON parse of a body raises."""
+
+    def explode(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the body was parsed")
+
+    # The body's one way in (webhooks.ingest's json is the json module itself,
+    # which the tenant's own JSON columns need).
+    monkeypatch.setattr("webhooks.ingest.read_delivery", explode)
+    monkeypatch.setattr("webhooks.parsing.make_storable", explode)
+    monkeypatch.setattr("webhooks.parsing.peek_envelope", explode)
+
+
+@pytest.mark.parametrize(
+    ("path", "token", "status"),
+    [
+        ("/webhook/evolution/acme", "wrong-token", 401),
+        ("/webhook/evolution/acme", None, 401),
+        ("/webhook/evolution/nobody", TOKEN, 404),
+        ("/webhook/evolution", TOKEN, 404),
+    ],
+)
+def test_an_unauthenticated_delivery_is_answered_without_parsing_its_body(
+    client: Client, acme, monkeypatch, path: str, token: str | None, status: int
+) -> None:
+    raw = json.dumps(message_body()).encode()
+    forbid_parsing(monkeypatch)
+
+    response = post(client, path, raw=raw, token=token)
+
+    assert response.status_code == status
+
+
+def test_a_large_authenticated_delivery_is_parsed_after_the_token_check(
+    client: Client, acme, monkeypatch
+) -> None:
+    body = message_body("messages-upsert-image-base64.json")
+    body["data"]["message"]["base64"] = "A" * (300 * 1024)
+
+    wrong = post(client, "/webhook/evolution/acme", body, token="wrong")
+    right = post(client, "/webhook/evolution/acme", body)
+
+    assert wrong.status_code == 401
+    assert right.status_code == 200
+    assert right.json()["status"] == "queued"
+
+
+# --- a body over WEBHOOK_MAX_BODY_BYTES ---
+
+
+def over_the_limit(client: Client, body: Any, *, limit: int = 1000, **kwargs: Any) -> Any:
+    from django.test import override_settings
+
+    raw = json.dumps(body).encode()
+    assert len(raw) > limit
+    with override_settings(DATA_UPLOAD_MAX_MEMORY_SIZE=limit):
+        return post(client, "/webhook/evolution/acme", raw=raw, **kwargs)
+
+
+def test_a_message_over_the_size_limit_is_stored_as_ignored_too_large_and_answered_200(
+    client: Client, acme
+) -> None:
+    body = message_body("messages-upsert-image-base64.json")
+    body["data"]["message"]["base64"] = "A" * 5000
+
+    response = over_the_limit(client, body)
+
+    # 200, not Django's 400: Evolution would drop it for good, and the log
+    # would never show that the message came.
+    assert response.status_code == 200
+    assert response.json() == {
+        "status": "ignored",
+        "message_id": body["data"]["key"]["id"],
+        "detail": "too large",
+    }
+    row = InboundMessage.objects.get()
+    assert (row.status, row.ignore_reason) == (Status.IGNORED, "too large")
+    assert row.chat_jid == parse_chat(body)
+    assert "base64" not in json.dumps(row.payload)
+    assert row.payload["omnihub"]["too_large_bytes"] > 1000
+
+
+def parse_chat(body: dict[str, Any]) -> str:
+    from webhooks.parsing import parse_message
+
+    return parse_message(body).chat_jid
+
+
+def test_an_over_size_delivery_without_a_message_key_is_answered_200_ignored(
+    client: Client, acme
+) -> None:
+    body = {"event": "messages.upsert", "instance": "x", "data": {"message": "A" * 5000}}
+
+    response = over_the_limit(client, body)
+
+    assert response.status_code == 200
+    assert response.json()["status"] == "ignored"
+    assert response.json()["detail"].startswith("too large")
+    assert not InboundMessage.objects.exists()
+
+
+def test_an_over_size_delivery_with_a_wrong_token_answers_401(client: Client, acme) -> None:
+    body = message_body()
+    body["data"]["message"]["conversation"] = "A" * 5000
+
+    response = over_the_limit(client, body, token="wrong")
+
+    assert response.status_code == 401
+    assert not InboundMessage.objects.exists()
+
+
+# --- a deactivated instance: the bot is off, the messages are kept ---
+
+
+def test_a_deactivated_instance_stores_its_messages_as_ignored_and_answers_200(
+    client: Client, make_instance, monkeypatch
+) -> None:
+    make_instance(webhook_token=TOKEN, is_active=False)
+    woken: list[bool] = []
+    monkeypatch.setattr("webhooks.views.wakeup.wake_up", lambda: woken.append(True))
+
+    response = post(client, "/webhook/evolution/acme")
+
+    assert response.status_code == 200
+    assert response.json() == {
+        "status": "ignored",
+        "message_id": TEXT_ID,
+        "detail": "instance inactive",
+    }
+    row = InboundMessage.objects.get()
+    assert (row.status, row.ignore_reason) == (Status.IGNORED, "instance inactive")
+    assert woken == []
+
+
+def test_a_deactivated_instance_still_checks_the_token(client: Client, make_instance) -> None:
+    make_instance(webhook_token=TOKEN, is_active=False)
+
+    response = post(client, "/webhook/evolution/acme", token="wrong")
+
+    assert response.status_code == 401
+    assert not InboundMessage.objects.exists()
+
+
+# --- a list-shaped data: every message is stored ---
+
+
+def test_every_message_of_a_list_shaped_data_is_stored_and_reported(client: Client, acme) -> None:
+    body = message_body()
+    first = body["data"]
+    second = message_body(message_id="SECOND", phone="5521999990000")["data"]
+    from_me = load_fixture("messages-upsert-fromme.json")["data"]
+    body["data"] = [first, second, from_me]
+
+    response = post(client, "/webhook/evolution/acme", body)
+
+    assert response.status_code == 200
+    assert response.json() == {
+        "status": "queued",
+        "message_id": TEXT_ID,
+        "messages": [
+            {"status": "queued", "message_id": TEXT_ID, "detail": ""},
+            {"status": "queued", "message_id": "SECOND", "detail": ""},
+            {"status": "ignored", "message_id": from_me["key"]["id"], "detail": "human takeover"},
+        ],
+    }
+    stored = {row.message_id: row for row in InboundMessage.objects.all()}
+    assert set(stored) == {TEXT_ID, "SECOND", from_me["key"]["id"]}
+    assert stored["SECOND"].chat_jid == "5521999990000@s.whatsapp.net"
+    # Each row keeps its own message, not the whole list.
+    assert stored["SECOND"].payload["data"]["key"]["id"] == "SECOND"
+
+
+# --- the legacy route and Evolution's global webhook ---
+
+
+@pytest.fixture
+def main(make_instance):
+    return make_instance(
+        name="main", is_default=True, webhook_token=TOKEN, whatsapp_instance="main-wa"
+    )
+
+
+def from_instance(evolution_name: str, name: str = "messages-upsert-text.json") -> dict[str, Any]:
+    body = message_body(name) if name.startswith("messages-") else load_fixture(name)
+    body["instance"] = evolution_name
+    return body
+
+
+def test_the_legacy_route_ignores_a_message_of_another_tenants_instance(
+    client: Client, acme, main
+) -> None:
+    response = post(client, "/webhook/evolution", from_instance(acme.whatsapp_instance))
+
+    assert response.status_code == 200
+    assert response.json() == {"status": "ignored", "detail": "instance belongs to acme"}
+    assert not InboundMessage.objects.exists()
+
+
+def test_the_legacy_route_ignores_a_message_of_an_unknown_instance(
+    client: Client, acme, main
+) -> None:
+    response = post(client, "/webhook/evolution/messages-upsert", from_instance("stranger"))
+
+    assert response.status_code == 200
+    assert response.json() == {"status": "ignored", "detail": "unknown instance"}
+    assert not InboundMessage.objects.exists()
+
+
+def test_the_legacy_route_keeps_the_default_state_from_another_tenants_connection_update(
+    client: Client, acme, main
+) -> None:
+    response = post(
+        client, "/webhook/evolution", from_instance("acme-wa", "connection-update-open.json")
+    )
+
+    assert response.status_code == 200
+    assert response.json()["detail"] == "instance belongs to acme"
+    assert not ConnectionState.objects.exists()
+
+
+def test_the_legacy_route_handles_the_default_instances_own_messages(
+    client: Client, acme, main
+) -> None:
+    response = post(client, "/webhook/evolution", from_instance("main-wa"))
+
+    assert response.json()["status"] == "queued"
+    assert InboundMessage.objects.get().instance == main
+
+
+def test_a_legacy_default_without_a_whatsapp_instance_takes_all_but_other_tenants(
+    client: Client, acme, make_instance
+) -> None:
+    make_instance(
+        name="default",
+        is_default=True,
+        evolution_url="",
+        evolution_key="",
+        webhook_token="",
+        whatsapp_instance="",
+    )
+
+    own = post(client, "/webhook/evolution", from_instance("anything"), token=None)
+    other = post(client, "/webhook/evolution", from_instance("acme-wa"), token=None)
+
+    assert own.json()["status"] == "queued"
+    assert other.json() == {"status": "ignored", "detail": "instance belongs to acme"}
+    assert InboundMessage.objects.count() == 1
+
+
+def test_a_tenant_route_is_not_filtered_by_the_bodys_instance(client: Client, acme) -> None:
+    response = post(client, "/webhook/evolution/acme", from_instance("renamed-in-evolution"))
+
+    assert response.json()["status"] == "queued"
+
+
+# --- event suffixes ---
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/webhook/evolution/acme/send-message-update", "/webhook/evolution/acme/some-future-event"],
+)
+def test_it_answers_an_unknown_event_200_ignored(client: Client, acme, path: str) -> None:
+    body = {"event": "send.message.update", "instance": "acme-wa", "data": {"key": {"id": "X"}}}
+
+    response = post(client, path, body)
+
+    # 404 would make Evolution drop the event for good (and log an error for each).
+    assert response.status_code == 200
+    assert response.json() == {
+        "status": "ignored",
+        "detail": "event send.message.update is not handled",
+    }
+
+
+def test_the_default_instance_takes_send_message_update_on_the_legacy_route(
+    client: Client, main
+) -> None:
+    body = {"event": "send.message.update", "instance": "main-wa", "data": {}}
+
+    response = post(client, "/webhook/evolution/send-message-update", body)
+
+    assert response.status_code == 200
+    assert response.json()["status"] == "ignored"

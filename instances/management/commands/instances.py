@@ -7,7 +7,7 @@ import typer
 from django.core.exceptions import ValidationError
 from django_typer.management import TyperCommand, command
 
-from instances import services
+from instances import provisioning, services
 from instances.cli import (
     changed_fields,
     fail,
@@ -71,7 +71,7 @@ IsActive = Annotated[
     bool | None,
     typer.Option(
         "--active/--inactive",
-        help="Webhooks of an inactive instance answer 404.",
+        help="Inactive: the bot does not answer; deliveries are still stored (as ignored).",
         show_default=False,
     ),
 ]
@@ -128,7 +128,10 @@ def parse_settings(values: list[str] | None) -> dict[str, Any]:
 
 
 class Command(TyperCommand):
-    help = "Manage the tenants (instances): list, show, create, update, delete, set-default."
+    help = (
+        "Manage the tenants (instances): list, show, create, update, delete, set-default, "
+        "provision."
+    )
 
     @command(name="list")
     def list_instances(self, as_json: Json = False) -> None:
@@ -355,6 +358,41 @@ class Command(TyperCommand):
         else:
             self.echo(f"Instance '{name}' is now the default.")
         self._warn_if_no_token(instance)
+
+    @command()
+    def provision(
+        self,
+        name: NameArg,
+        force: Annotated[
+            bool,
+            typer.Option(
+                "--force",
+                help="Take the Evolution instance's webhook over even when it delivers to "
+                "another tenant of this hub.",
+            ),
+        ] = False,
+        as_json: Json = False,
+    ) -> None:
+        """Create the instance on Evolution unless it exists, and point its webhook here."""
+        report = provisioning.provision(instance=self._get(name), force=force)
+        if as_json:
+            self._print_json(
+                {
+                    "ok": report.ok,
+                    "detail": report.detail,
+                    "steps": [
+                        {"name": s.name, "ok": s.ok, "outcome": s.outcome, "message": s.message}
+                        for s in report.steps
+                    ],
+                }
+            )
+        else:
+            for step in report.steps:
+                self.echo(f"{step.name}: {step.label}. {step.message}", err=not step.ok)
+        if provisioning.needs_force(report) and not as_json:
+            self.echo("Run again with --force to move the webhook to this tenant.", err=True)
+        if not report.ok:
+            raise typer.Exit(1)
 
     # --- helpers (not subcommands) ---
     def _get(self, name: str) -> InstanceConfig:
