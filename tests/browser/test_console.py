@@ -241,3 +241,53 @@ def test_a_failed_send_shows_its_error_and_the_retry_action_replies_it(
     # The agent had answered: only the send was done again.
     assert len(fakes.agent.received()) == agent_calls
     assert len(sent_to(fakes, phone)) == 1
+
+
+CONVERSATIONS = "/admin/webhooks/conversation/"
+
+
+def open_conversation(console: Console, phone: str) -> None:
+    console.open(f"{CONVERSATIONS}?q={phone}")
+    console.page.locator("#result_list th.field-chat a").click()
+    expect(console.page).to_have_url(re.compile(rf"{CONVERSATIONS}\d+/change/"))
+
+
+def press(console: Console, action: str) -> None:
+    console.page.locator(f"button[data-action={action}]").click()
+    expect(console.page.locator(".messagelist li.success")).to_be_visible()
+
+
+def test_pausing_a_conversation_keeps_the_bot_quiet_there_until_it_is_resumed(
+    console: Console, acme: Tenant, hub: Hub, fakes: Fakes
+) -> None:
+    console.secrets.append(DELIVERY_APIKEY)
+    phone = "5511955554444"
+    first = post_text(
+        hub, acme, text="Oi, vocês têm bolo de cenoura?", phone=phone, push_name="Ana Costa"
+    )
+    wait_for_status(console, first, "Replied")
+
+    open_conversation(console, phone)
+    page = console.page
+    expect(page.locator(".field-state_badge .readonly")).to_have_text("active")
+    press(console, "pause")
+    expect(page.locator(".field-state_badge .readonly")).to_contain_text("paused")
+
+    quiet = post_text(hub, acme, text="Alô?", phone=phone, push_name="Ana Costa")
+    wait_for_status(console, quiet, "Ignored")
+    open_conversation(console, phone)
+    bubbles = page.locator(".field-chat_display .user-message")
+    expect(bubbles.last).to_contain_text("Alô?")
+    expect(bubbles.last).to_contain_text("ignored: paused")
+    press(console, "resume")
+    expect(page.locator(".field-state_badge .readonly")).to_have_text("active")
+
+    answered = post_text(hub, acme, text="E de chocolate?", phone=phone, push_name="Ana Costa")
+    wait_for_status(console, answered, "Replied")
+    open_conversation(console, phone)
+    replies = page.locator(".field-chat_display .bot-message")
+    expect(replies).to_have_count(2)
+    expect(replies.last).to_contain_text("E de chocolate?")
+    console.shot("conversation", readme=True)
+    texts = [body["text"] for body in sent_to(fakes, phone)]
+    assert len(texts) == 2 and "Alô?" not in " ".join(texts)
