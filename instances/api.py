@@ -71,6 +71,16 @@ class InstanceViewSet(ProvisioningActions, viewsets.ModelViewSet):
     serializer_class = InstanceConfigSerializer
     lookup_field = "name"
     lookup_value_regex = r"[A-Za-z0-9_-]{1,64}"
+    # For staff users (instances/permissions.py); the CRUD actions need the model's own.
+    action_permissions = {
+        "set_default": ["instances.change_instanceconfig"],
+        "connection_status": ["instances.view_instanceconfig"],
+        # A diagnostic: it sends the stored keys only to the stored URLs.
+        "connection_test": ["instances.view_instanceconfig"],
+        "provision": ["instances.provision_instance"],
+        # Whoever scans the QR code links their phone to the tenant's number.
+        "qr": ["instances.provision_instance"],
+    }
 
     @extend_schema(
         request=None,

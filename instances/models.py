@@ -101,6 +101,10 @@ class InstanceConfig(models.Model):
     class Meta:
         ordering = ["name"]
         verbose_name = "instance"
+        # Checked by the REST API (instances/permissions.py), besides the model's own.
+        permissions = [
+            ("provision_instance", "Can provision an instance on Evolution and link a phone"),
+        ]
         constraints = [
             models.UniqueConstraint(
                 fields=["is_default"],

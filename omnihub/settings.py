@@ -158,10 +158,10 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["instances.authentication.IsStaffOrApiKey"],
+    "DEFAULT_PERMISSION_CLASSES": ["instances.permissions.HubPermission"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "instances.schema.HubAutoSchema",
     "EXCEPTION_HANDLER": "instances.api_errors.exception_handler",
 }
 

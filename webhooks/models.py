@@ -61,6 +61,13 @@ class InboundMessage(models.Model):
 
     class Meta:
         ordering = ["-id"]
+        # Checked by the REST API (instances/permissions.py), besides the model's own.
+        # manage_conversation is for the conversation actions (hand over to a
+        # human, give back): they act on a chat, whose rows are these messages.
+        permissions = [
+            ("retry_message", "Can put a failed message back in the queue"),
+            ("manage_conversation", "Can take over or give back a conversation"),
+        ]
         constraints = [
             models.UniqueConstraint(
                 fields=["instance", "message_id"], name="webhooks_unique_delivery"

@@ -2,6 +2,7 @@ from typing import Any
 
 import pytest
 from django.conf import settings
+from django.contrib.auth.models import Permission
 from django.core.exceptions import ValidationError
 from django.test import Client, override_settings
 from rest_framework.authtoken.models import Token
@@ -43,7 +44,10 @@ def call(client: Client, method: str, path: str, body: dict[str, Any] | None = N
 
 @pytest.fixture
 def staff(django_user_model):
-    return django_user_model.objects.create_user("ops", password="pw", is_staff=True)
+    """A staff user holding every permission on instances (see test_api_permissions.py)."""
+    user = django_user_model.objects.create_user("ops", password="pw", is_staff=True)
+    user.user_permissions.set(Permission.objects.filter(content_type__app_label="instances"))
+    return user
 
 
 @pytest.fixture
