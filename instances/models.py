@@ -11,7 +11,12 @@ from django.core.validators import (
 )
 from django.db import models
 
-from instances.validators import validate_http_url, validate_instance_name, validate_secret
+from instances.validators import (
+    url_origin,
+    validate_http_url,
+    validate_instance_name,
+    validate_secret,
+)
 
 DEFAULT_FALLBACK_MESSAGE = (
     "Sorry, we could not answer your message right now. Please try again in a few minutes."
@@ -19,6 +24,9 @@ DEFAULT_FALLBACK_MESSAGE = (
 MAX_AGENT_TIMEOUT = 600
 NO_NUL = ProhibitNullCharactersValidator()
 SECRET_FIELDS = ("evolution_key", "agent_api_key", "webhook_token")
+# Each URL and the key the hub sends to it.
+KEY_OF_URL = {"evolution_url": "evolution_key", "agent_api_url": "agent_api_key"}
+_TRACKED_SECRETS = frozenset(SECRET_FIELDS)
 
 
 def generate_webhook_token() -> str:
@@ -116,7 +124,13 @@ class InstanceConfig(models.Model):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._stored_name = self.name if self.pk else None
+        self._remember_stored()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Tracked only once __init__ is done: loading a row assigns every field.
+        if name in _TRACKED_SECRETS and "_secrets_given" in self.__dict__:
+            self._secrets_given.add(name)
+        super().__setattr__(name, value)
 
     def __str__(self) -> str:
         return self.name
@@ -127,10 +141,38 @@ class InstanceConfig(models.Model):
 
     def save(self, *args: Any, **kwargs: Any) -> None:
         super().save(*args, **kwargs)
-        self._stored_name = self.name
+        self._remember_stored()
+
+    def _remember_stored(self) -> None:
+        """The values as stored, which clean() and save() compare the new ones with."""
+        self._stored_name = self.name if self.pk else None
+        self._stored_urls = {url: getattr(self, url) for url in KEY_OF_URL} if self.pk else {}
+        # The secrets assigned since: a key "given" in this change, even if unchanged.
+        self._secrets_given: set[str] = set()
+
+    def refresh_from_db(self, *args: Any, **kwargs: Any) -> None:
+        super().refresh_from_db(*args, **kwargs)
+        self._remember_stored()
+
+    def clean_fields(self, *args: Any, **kwargs: Any) -> None:
+        # It assigns every field its cleaned value: that gives no key anew.
+        given = set(self._secrets_given)
+        try:
+            super().clean_fields(*args, **kwargs)
+        finally:
+            self._secrets_given = given
 
     def clean(self) -> None:
         errors: dict[str, str] = {}
+        for url_field, key_field in KEY_OF_URL.items():
+            if self._moves_key_to_another_host(url_field=url_field, key_field=key_field):
+                errors[key_field] = (
+                    f"The {self._meta.get_field(url_field).verbose_name} now points at "
+                    f"another host ({url_origin(getattr(self, url_field))}): give the "
+                    f"{self._meta.get_field(key_field).verbose_name} again in the same "
+                    "change, so that the stored key is never sent to a host it was not "
+                    "meant for."
+                )
         if self._stored_name and self.name != self._stored_name:
             errors["name"] = (
                 "An instance cannot be renamed: Evolution posts to a URL holding its name. "
@@ -146,6 +188,18 @@ class InstanceConfig(models.Model):
             )
         if errors:
             raise ValidationError(errors)
+
+    def _moves_key_to_another_host(self, *, url_field: str, key_field: str) -> bool:
+        stored_url = self._stored_urls.get(url_field)
+        new_url = getattr(self, url_field)
+        if not stored_url or not new_url or not getattr(self, key_field):
+            # Nothing stored to leak, or no URL/key (the other rules speak then).
+            return False
+        if key_field in self._secrets_given:
+            return False
+        new_origin = url_origin(new_url)
+        # An unreadable URL gets its own field's error.
+        return new_origin is not None and new_origin != url_origin(stored_url)
 
     # --- derived values used by the pipeline and the interfaces ---
     @property

@@ -91,3 +91,21 @@ def validate_secret(value: str) -> None:
             "Use printable ASCII characters without spaces (at most 512).",
             code="invalid_secret",
         )
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def url_origin(value: str) -> str | None:
+    """scheme://host:port of a URL, with the default port made explicit; None if unreadable."""
+    try:
+        parts = urlsplit(value.strip())
+        port = parts.port or DEFAULT_PORTS.get(parts.scheme.lower())
+    except ValueError:
+        return None
+    host = parts.hostname
+    if not host:
+        return None
+    if ":" in host:
+        host = f"[{host}]"  # IPv6
+    return f"{parts.scheme.lower()}://{host.lower()}:{port}"

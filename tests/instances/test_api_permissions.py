@@ -28,7 +28,7 @@ CHANGES: list[tuple[str, str, dict[str, Any] | None, str]] = [
     (
         "put",
         ACME,
-        {"name": "acme", "agent_api_url": "https://a.test"},
+        {"name": "acme", "agent_api_url": "https://a.test", "agent_api_key": "new-key"},
         "instances.change_instanceconfig",
     ),
     ("patch", ACME, {"default_agent": "other"}, "instances.change_instanceconfig"),
