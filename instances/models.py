@@ -1,4 +1,6 @@
+import hmac
 import secrets
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
@@ -10,6 +12,7 @@ from django.core.validators import (
     ProhibitNullCharactersValidator,
 )
 from django.db import models
+from django.utils import timezone
 
 from instances.validators import (
     url_origin,
@@ -103,6 +106,12 @@ class InstanceConfig(models.Model):
         help_text="Sent to the user when the agent fails for good. Blank sends nothing.",
     )
 
+    # The token before the last change: Evolution keeps retrying deliveries with
+    # it, and drops one for good on 401. Accepted for WEBHOOK_TOKEN_GRACE_HOURS
+    # after token_rotated_at. Set by save(), never shown anywhere.
+    previous_webhook_token = models.CharField(max_length=512, blank=True, editable=False)
+    token_rotated_at = models.DateTimeField(null=True, blank=True, editable=False)
+
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -140,6 +149,14 @@ class InstanceConfig(models.Model):
         return f"<InstanceConfig {self.name!r}>"
 
     def save(self, *args: Any, **kwargs: Any) -> None:
+        if self._record_token_rotation(now=timezone.now()):
+            update_fields = kwargs.get("update_fields")
+            if update_fields is not None:
+                kwargs["update_fields"] = {
+                    *update_fields,
+                    "previous_webhook_token",
+                    "token_rotated_at",
+                }
         super().save(*args, **kwargs)
         self._remember_stored()
 
@@ -147,12 +164,39 @@ class InstanceConfig(models.Model):
         """The values as stored, which clean() and save() compare the new ones with."""
         self._stored_name = self.name if self.pk else None
         self._stored_urls = {url: getattr(self, url) for url in KEY_OF_URL} if self.pk else {}
+        self._stored_webhook_token = self.webhook_token if self.pk else ""
         # The secrets assigned since: a key "given" in this change, even if unchanged.
         self._secrets_given: set[str] = set()
 
     def refresh_from_db(self, *args: Any, **kwargs: Any) -> None:
         super().refresh_from_db(*args, **kwargs)
         self._remember_stored()
+
+    def _record_token_rotation(self, *, now: datetime) -> bool:
+        """Keep the stored token as the previous one when a new one replaces it."""
+        old = self._stored_webhook_token
+        if self.pk is None or self.webhook_token == old:
+            return False
+        # From no token to one: no previous token, not even one of an older rotation.
+        self.previous_webhook_token = old
+        self.token_rotated_at = now if old else None
+        return True
+
+    def accepted_webhook_tokens(self, *, now: datetime | None = None) -> list[str]:
+        """The current token, and the previous one during the grace period after a rotation."""
+        tokens = [self.webhook_token]
+        if self.previous_webhook_token and self.token_rotated_at is not None:
+            grace = timedelta(hours=settings.WEBHOOK_TOKEN_GRACE_HOURS)
+            if (now or timezone.now()) < self.token_rotated_at + grace:
+                tokens.append(self.previous_webhook_token)
+        return tokens
+
+    def accepts_webhook_token(self, given: str) -> bool:
+        # Each comparison in constant time; which one matched may show, not the tokens.
+        return any(
+            hmac.compare_digest(given.encode(), token.encode())
+            for token in self.accepted_webhook_tokens()
+        )
 
     def clean_fields(self, *args: Any, **kwargs: Any) -> None:
         # It assigns every field its cleaned value: that gives no key anew.

@@ -187,6 +187,9 @@ SESSION_ID_PREFIX = env.str("SESSION_ID_PREFIX", default="")
 EVOLUTION_API_URL = env.str("EVOLUTION_API_URL", default="")
 EVOLUTION_API_KEY = env.str("EVOLUTION_API_KEY", default="")
 WEBHOOK_TOKEN = env.str("WEBHOOK_TOKEN", default="")
+# Hours a replaced webhook token is still accepted: Evolution's retries carry
+# the old one, and it drops a delivery for good on 401.
+WEBHOOK_TOKEN_GRACE_HOURS = env.float("WEBHOOK_TOKEN_GRACE_HOURS", default=24.0)
 
 # --- Pipeline ----------------------------------------------------------------
 OMNIHUB_EMBEDDED_WORKER = env.bool("OMNIHUB_EMBEDDED_WORKER", default=True)

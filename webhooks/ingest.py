@@ -4,7 +4,6 @@ This runs inside the webhook request and must stay fast: no outbound call,
 one read and one write. The worker does everything else.
 """
 
-import hmac
 import json
 import logging
 from dataclasses import dataclass, replace
@@ -68,7 +67,8 @@ def token_is_valid(*, instance: InstanceConfig, given: str | None) -> bool:
         return True
     if not given:
         return False
-    return hmac.compare_digest(given.encode(), instance.webhook_token.encode())
+    # The previous token too, for a while after a rotation (Evolution's retries).
+    return instance.accepts_webhook_token(given)
 
 
 @dataclass(frozen=True)
