@@ -67,7 +67,8 @@ ERRORS = {401: UNAUTHORIZED, 404: NOT_FOUND}
     destroy=extend_schema(responses={204: None, **ERRORS}),
 )
 class InstanceViewSet(ProvisioningActions, viewsets.ModelViewSet):
-    queryset = InstanceConfig.objects.all()
+    # The connection state is in each item: one join, not a query per row.
+    queryset = InstanceConfig.objects.select_related("connection")
     serializer_class = InstanceConfigSerializer
     lookup_field = "name"
     lookup_value_regex = r"[A-Za-z0-9_-]{1,64}"
