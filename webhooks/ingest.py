@@ -17,6 +17,7 @@ from django.utils import timezone
 
 from instances.models import InstanceConfig
 from instances.validators import EVENT_SLUGS
+from omnihub.logging import kv
 from webhooks import parsing, rows
 from webhooks.models import ConnectionState, InboundMessage, Status
 from webhooks.notify import notify_new_message
@@ -204,11 +205,8 @@ def record_message(*, instance: InstanceConfig, delivery: Delivery, claim: bool 
     if not reason and not claimed:
         notify_new_message()
     logger.info(
-        "message instance=%s id=%s status=%s%s",
-        instance.name,
-        message.message_id,
-        row.status,
-        f" reason={reason}" if reason else "",
+        "message %s",
+        kv(instance=instance.name, id=message.message_id, status=row.status, reason=reason or None),
     )
     outcome = Outcome.IGNORED if reason else Outcome.QUEUED
     return Result(

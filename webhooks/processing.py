@@ -16,6 +16,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from instances.models import InstanceConfig
+from omnihub.logging import kv
 from webhooks import metrics
 from webhooks.agent_client import AgentClient, build_agent_request
 from webhooks.db import run_db
@@ -88,14 +89,8 @@ async def _update(message: InboundMessage, **fields: Any) -> bool:
 
 
 def _log(message: InboundMessage, status: str, **extra: Any) -> None:
-    details = " ".join(f"{k}={v}" for k, v in extra.items())
-    logger.info(
-        "message instance=%s id=%s status=%s %s",
-        message.instance.name,
-        message.message_id,
-        status,
-        details,
-    )
+    fields = kv(instance=message.instance.name, id=message.message_id, status=status, **extra)
+    logger.info("message %s", fields)
 
 
 async def _finish(message: InboundMessage, status: str, **fields: Any) -> None:
