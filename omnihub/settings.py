@@ -211,7 +211,11 @@ EVOLUTION_TIMEOUT = env.float("EVOLUTION_TIMEOUT", default=15.0)
 TYPING_AFTER = env.float("TYPING_AFTER", default=0.5)
 # /health/ready answers 503 when no worker has been heard from for this long.
 HEALTH_WORKER_MAX_SILENCE = env.int("HEALTH_WORKER_MAX_SILENCE", default=30)
-# /metrics answers these networks without an API key.
+# /metrics: when METRICS_TOKEN is set, only a request with "Authorization:
+# Bearer <METRICS_TOKEN>" (METRICS_ALLOW and the API key no longer count: behind
+# a local proxy every client is loopback). Unset: clients in METRICS_ALLOW, or
+# with header x-api-key.
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 METRICS_ALLOW = env.list("METRICS_ALLOW", default=["127.0.0.1/32", "::1/128"])
 RETRY_BASE_DELAY = env.float("RETRY_BASE_DELAY", default=2.0)
 RETRY_MAX_DELAY = env.float("RETRY_MAX_DELAY", default=60.0)
