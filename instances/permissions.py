@@ -8,9 +8,10 @@
 - Anyone else, a logged-in user who is not staff included, gets 401.
 
 A custom action (``@action``) declares its permissions in the viewset's
-``action_permissions``, keyed by the action's name (the method's name).
-An action it does not list is refused to staff users, so a new action
-cannot be open by mistake. The schema (instances/schema.py) documents each
+``action_permissions``, keyed by the action's name (the method's name); a
+view that is not a viewset keys it by HTTP method ("get", "post"...). An
+action it does not list is refused to staff users, so a new action cannot
+be open by mistake. The schema (instances/schema.py) documents each
 operation's 403 with the permissions it needs. E.g. a conversations API in webhooks/:
 
     class ConversationViewSet(viewsets.GenericViewSet):
@@ -54,6 +55,9 @@ class MissingPermission(exceptions.PermissionDenied):
 def required_permissions(*, view: Any) -> list[str] | None:
     """The permissions a staff user needs for the view's current action; None: refused."""
     action = getattr(view, "action", None)
+    request = getattr(view, "request", None)
+    if action is None and request is not None:
+        action = request.method.lower()  # an APIView: no action, one method each
     declared: Mapping[str, Sequence[str]] = getattr(view, "action_permissions", {})
     if action in declared:
         return list(declared[action])
@@ -83,6 +87,9 @@ class HubPermission(permissions.BasePermission):
         if not (user and user.is_authenticated and user.is_active and user.is_staff):
             # DRF raises PermissionDenied, which api_errors turns into 401.
             return False
+        if not hasattr(view, request.method.lower()):
+            # What DRF would answer next; not "no permission" for a method that is not there.
+            raise exceptions.MethodNotAllowed(request.method)
         perms = required_permissions(view=view)
         if perms is None or not user.has_perms(perms):
             raise MissingPermission(missing_permission_message(perms))

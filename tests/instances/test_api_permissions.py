@@ -161,3 +161,25 @@ def test_the_schema_documents_each_operations_403_and_its_permission(client, db)
     assert "instances.provision_instance" in provision["description"]
     assert "webhooks.retry_message" in retry["description"]
     assert "instances.view_instanceconfig" in listing["description"]
+
+
+class PlainView:
+    """An APIView (not a viewset): its actions are the HTTP methods."""
+
+    action_permissions = {"post": ["webhooks.manage_conversation"]}
+
+    def __init__(self, method: str) -> None:
+        self.request = type("Request", (), {"method": method})()
+
+
+def test_a_plain_view_declares_its_permissions_by_http_method():
+    from instances.permissions import required_permissions
+
+    assert required_permissions(view=PlainView("POST")) == ["webhooks.manage_conversation"]
+    assert required_permissions(view=PlainView("GET")) is None
+
+
+def test_a_method_the_endpoint_lacks_answers_405_not_403(staff_with, failed_message):
+    client = staff_with("webhooks.view_inboundmessage")
+
+    assert client.put(f"/api/v1/messages/{failed_message.pk}/").status_code == 405
