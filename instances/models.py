@@ -149,19 +149,24 @@ class InstanceConfig(models.Model):
         return f"<InstanceConfig {self.name!r}>"
 
     def save(self, *args: Any, **kwargs: Any) -> None:
-        if self._record_token_rotation(now=timezone.now()):
-            update_fields = kwargs.get("update_fields")
-            if update_fields is not None:
-                kwargs["update_fields"] = {
-                    *update_fields,
-                    "previous_webhook_token",
-                    "token_rotated_at",
-                }
+        update_fields = kwargs.get("update_fields")
+        saves_token = update_fields is None or "webhook_token" in update_fields
+        rotated = saves_token and self._record_token_rotation(now=timezone.now())
+        if rotated and update_fields is not None:
+            kwargs["update_fields"] = {*update_fields, "previous_webhook_token", "token_rotated_at"}
         super().save(*args, **kwargs)
-        self._remember_stored()
+        self._remember_stored(fields=None if update_fields is None else set(update_fields))
 
-    def _remember_stored(self) -> None:
-        """The values as stored, which clean() and save() compare the new ones with."""
+    def _remember_stored(self, *, fields: set[str] | None = None) -> None:
+        """The values as stored (of `fields` only, after a partial save), which
+        clean() and save() compare the new ones with."""
+        if fields is not None:
+            saved_urls = KEY_OF_URL.keys() & fields
+            self._stored_urls.update({url: getattr(self, url) for url in saved_urls})
+            if "webhook_token" in fields:
+                self._stored_webhook_token = self.webhook_token
+            self._secrets_given -= fields
+            return
         self._stored_name = self.name if self.pk else None
         self._stored_urls = {url: getattr(self, url) for url in KEY_OF_URL} if self.pk else {}
         self._stored_webhook_token = self.webhook_token if self.pk else ""

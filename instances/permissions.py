@@ -65,7 +65,7 @@ def required_permissions(*, view: Any) -> list[str] | None:
         return None
     # The class attribute, not get_queryset(): that may validate the request's
     # filters, which must not run (or fail) before the caller is authorised.
-    queryset = view.queryset if getattr(view, "queryset", None) is not None else None
+    queryset = getattr(view, "queryset", None)
     model = queryset.model if queryset is not None else view.get_queryset().model
     opts = model._meta
     return [f"{opts.app_label}.{MODEL_ACTIONS[action]}_{opts.model_name}"]

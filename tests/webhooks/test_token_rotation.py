@@ -152,3 +152,16 @@ def test_the_previous_token_is_shown_nowhere(admin_client, acme):
     for text in [*pages, out.getvalue(), repr(stored), str(stored)]:
         assert OLD not in text
     assert "previous_webhook_token" not in pages[0] + pages[1] + pages[2] + out.getvalue()
+
+
+def test_a_save_of_other_fields_only_records_no_rotation(acme):
+    acme.webhook_token = NEW
+    acme.default_agent = "other"
+    acme.save(update_fields=["default_agent"])
+
+    acme.webhook_token = NEW
+    acme.save(update_fields=["webhook_token"])
+
+    acme.refresh_from_db()
+    assert (acme.webhook_token, acme.previous_webhook_token) == (NEW, OLD)
+    assert acme.token_rotated_at is not None
