@@ -96,13 +96,19 @@ class ProvisioningAdminMixin(admin.ModelAdmin):
 
     # --- pages ---
 
-    def _instance(self, request: HttpRequest, object_id: str, *, change: bool) -> InstanceConfig:
+    def has_provision_permission(self, request: HttpRequest) -> bool:
+        # The permission the REST API's provision and qr actions need too.
+        return bool(request.user.has_perm(f"{self.opts.app_label}.provision_instance"))
+
+    def _instance(
+        self, request: HttpRequest, object_id: str, *, provision: bool
+    ) -> InstanceConfig:
         obj = self.get_object(request, unquote(object_id))
         if obj is None:
             raise InstanceConfig.DoesNotExist
         allowed = (
-            self.has_change_permission(request, obj)
-            if change
+            self.has_provision_permission(request)
+            if provision
             else self.has_view_or_change_permission(request, obj)
         )
         if not allowed:
@@ -134,7 +140,7 @@ class ProvisioningAdminMixin(admin.ModelAdmin):
     def test_connections_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
         # Read-only calls (connection state, the agent's /health): a GET may run them.
         try:
-            obj = self._instance(request, object_id, change=False)
+            obj = self._instance(request, object_id, provision=False)
         except InstanceConfig.DoesNotExist:
             return self._missing(request, object_id)
         report = provisioning.test_connections(instance=obj)
@@ -151,7 +157,7 @@ class ProvisioningAdminMixin(admin.ModelAdmin):
     @method_decorator(require_http_methods(["GET", "POST"]))
     def provision_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
         try:
-            obj = self._instance(request, object_id, change=True)
+            obj = self._instance(request, object_id, provision=True)
         except InstanceConfig.DoesNotExist:
             return self._missing(request, object_id)
         title = f"Provision {obj.name} on Evolution"
@@ -188,7 +194,7 @@ class ProvisioningAdminMixin(admin.ModelAdmin):
     @method_decorator(require_GET)
     def qr_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
         try:
-            obj = self._instance(request, object_id, change=True)
+            obj = self._instance(request, object_id, provision=True)
         except InstanceConfig.DoesNotExist:
             return self._missing(request, object_id)
         return self._render(
@@ -204,7 +210,7 @@ class ProvisioningAdminMixin(admin.ModelAdmin):
     @method_decorator(require_GET)
     def qr_status_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
         try:
-            obj = self._instance(request, object_id, change=True)
+            obj = self._instance(request, object_id, provision=True)
         except InstanceConfig.DoesNotExist:
             return JsonResponse({"ok": False, "message": "No such instance."}, status=404)
         response = JsonResponse(qr_json(fetch_qr(instance=obj)))
@@ -225,7 +231,7 @@ class ProvisioningAdminMixin(admin.ModelAdmin):
             )
 
     @admin.action(
-        description="Provision the selected instances on Evolution", permissions=["change"]
+        description="Provision the selected instances on Evolution", permissions=["provision"]
     )
     def provision_selected(self, request: HttpRequest, queryset: QuerySet[InstanceConfig]) -> None:
         for instance in queryset:

@@ -67,10 +67,21 @@ ERRORS = {401: UNAUTHORIZED, 404: NOT_FOUND}
     destroy=extend_schema(responses={204: None, **ERRORS}),
 )
 class InstanceViewSet(ProvisioningActions, viewsets.ModelViewSet):
-    queryset = InstanceConfig.objects.all()
+    # The connection state is in each item: one join, not a query per row.
+    queryset = InstanceConfig.objects.select_related("connection")
     serializer_class = InstanceConfigSerializer
     lookup_field = "name"
     lookup_value_regex = r"[A-Za-z0-9_-]{1,64}"
+    # For staff users (instances/permissions.py); the CRUD actions need the model's own.
+    action_permissions = {
+        "set_default": ["instances.change_instanceconfig"],
+        "connection_status": ["instances.view_instanceconfig"],
+        # A diagnostic: it sends the stored keys only to the stored URLs.
+        "connection_test": ["instances.view_instanceconfig"],
+        "provision": ["instances.provision_instance"],
+        # Whoever scans the QR code links their phone to the tenant's number.
+        "qr": ["instances.provision_instance"],
+    }
 
     @extend_schema(
         request=None,

@@ -1,11 +1,13 @@
-"""API authentication: the operator's API key, a staff token, or a staff session."""
+"""API authentication: the operator's API key, a staff token, or a staff session.
+
+What each may do is decided in instances/permissions.py.
+"""
 
 import hmac
-from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
-from rest_framework import exceptions, permissions
+from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication
 from rest_framework.request import Request
 
@@ -43,13 +45,3 @@ class ApiKeyAuthentication(BaseAuthentication):
     def authenticate_header(self, request: Request) -> str:
         # Makes DRF answer 401 (not 403) to unauthenticated calls.
         return API_KEY_HEADER
-
-
-class IsStaffOrApiKey(permissions.BasePermission):
-    message = "Send header x-api-key, a staff user's token, or log in as staff."
-
-    def has_permission(self, request: Request, view: Any) -> bool:
-        user = request.user
-        if isinstance(user, ApiKeyUser):
-            return True
-        return bool(user and user.is_authenticated and user.is_staff)

@@ -15,7 +15,8 @@ def instance_to_dict(instance: InstanceConfig) -> dict[str, Any]:
     """Every field of the instance, each secret replaced by a has_<field> boolean."""
     data: dict[str, Any] = {}
     for field in instance._meta.concrete_fields:
-        if field.primary_key:
+        if field.primary_key or field.name == "previous_webhook_token":
+            # The replaced token is still accepted for a while: as secret as the current one.
             continue
         value = getattr(instance, field.attname)
         if field.name in SECRET_FIELDS:

@@ -102,7 +102,12 @@ class InstanceConfigForm(forms.ModelForm):
         typed_token = cleaned.get("webhook_token")
         for name in SECRET_FIELDS:
             if name in self.fields and not self.has_error(name) and not cleaned.get(name):
-                cleaned[name] = self.stored_secrets[name]
+                if self.editing and name != "webhook_token":
+                    # Left out, the stored key is not assigned: the model then
+                    # knows it was not given again (a new URL host needs it).
+                    del cleaned[name]
+                else:
+                    cleaned[name] = self.stored_secrets[name]
 
         if "webhook_token" in self.fields and not self.has_error("webhook_token"):
             no_token = cleaned.get("no_webhook_token", False)

@@ -1,4 +1,6 @@
+import hmac
 import secrets
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -10,8 +12,10 @@ from django.core.validators import (
     ProhibitNullCharactersValidator,
 )
 from django.db import models
+from django.utils import timezone
 
 from instances.validators import (
+    url_origin,
     validate_bot_ids,
     validate_chat_patterns,
     validate_http_url,
@@ -62,6 +66,9 @@ def normalized_url(url: str) -> str:
     return urlunsplit(
         (parts.scheme.lower(), parts.netloc.lower(), parts.path.rstrip("/"), parts.query, "")
     )
+# Each URL and the key the hub sends to it.
+KEY_OF_URL = {"evolution_url": "evolution_key", "agent_api_url": "agent_api_key"}
+_TRACKED_SECRETS = frozenset(SECRET_FIELDS)
 
 
 def generate_webhook_token() -> str:
@@ -220,6 +227,11 @@ class InstanceConfig(models.Model):
         help_text="At most this many of the instance's chats are with the agent at once, "
         "across all workers.",
     )
+    # The token before the last change: Evolution keeps retrying deliveries with
+    # it, and drops one for good on 401. Accepted for WEBHOOK_TOKEN_GRACE_HOURS
+    # after token_rotated_at. Set by save(), never shown anywhere.
+    previous_webhook_token = models.CharField(max_length=512, blank=True, editable=False)
+    token_rotated_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -227,6 +239,10 @@ class InstanceConfig(models.Model):
     class Meta:
         ordering = ["name"]
         verbose_name = "instance"
+        # Checked by the REST API (instances/permissions.py), besides the model's own.
+        permissions = [
+            ("provision_instance", "Can provision an instance on Evolution and link a phone"),
+        ]
         constraints = [
             models.UniqueConstraint(
                 fields=["is_default"],
@@ -238,7 +254,13 @@ class InstanceConfig(models.Model):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._stored_name = self.name if self.pk else None
+        self._remember_stored()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Tracked only once __init__ is done: loading a row assigns every field.
+        if name in _TRACKED_SECRETS and "_secrets_given" in self.__dict__:
+            self._secrets_given.add(name)
+        super().__setattr__(name, value)
 
     def __str__(self) -> str:
         return self.name
@@ -248,11 +270,79 @@ class InstanceConfig(models.Model):
         return f"<InstanceConfig {self.name!r}>"
 
     def save(self, *args: Any, **kwargs: Any) -> None:
+        update_fields = kwargs.get("update_fields")
+        saves_token = update_fields is None or "webhook_token" in update_fields
+        rotated = saves_token and self._record_token_rotation(now=timezone.now())
+        if rotated and update_fields is not None:
+            kwargs["update_fields"] = {*update_fields, "previous_webhook_token", "token_rotated_at"}
         super().save(*args, **kwargs)
-        self._stored_name = self.name
+        self._remember_stored(fields=None if update_fields is None else set(update_fields))
+
+    def _remember_stored(self, *, fields: set[str] | None = None) -> None:
+        """The values as stored (of `fields` only, after a partial save), which
+        clean() and save() compare the new ones with."""
+        if fields is not None:
+            saved_urls = KEY_OF_URL.keys() & fields
+            self._stored_urls.update({url: getattr(self, url) for url in saved_urls})
+            if "webhook_token" in fields:
+                self._stored_webhook_token = self.webhook_token
+            self._secrets_given -= fields
+            return
+        self._stored_name = self.name if self.pk else None
+        self._stored_urls = {url: getattr(self, url) for url in KEY_OF_URL} if self.pk else {}
+        self._stored_webhook_token = self.webhook_token if self.pk else ""
+        # The secrets assigned since: a key "given" in this change, even if unchanged.
+        self._secrets_given: set[str] = set()
+
+    def refresh_from_db(self, *args: Any, **kwargs: Any) -> None:
+        super().refresh_from_db(*args, **kwargs)
+        self._remember_stored()
+
+    def _record_token_rotation(self, *, now: datetime) -> bool:
+        """Keep the stored token as the previous one when a new one replaces it."""
+        old = self._stored_webhook_token
+        if self.pk is None or self.webhook_token == old:
+            return False
+        # From no token to one: no previous token, not even one of an older rotation.
+        self.previous_webhook_token = old
+        self.token_rotated_at = now if old else None
+        return True
+
+    def accepted_webhook_tokens(self, *, now: datetime | None = None) -> list[str]:
+        """The current token, and the previous one during the grace period after a rotation."""
+        tokens = [self.webhook_token]
+        if self.previous_webhook_token and self.token_rotated_at is not None:
+            grace = timedelta(hours=settings.WEBHOOK_TOKEN_GRACE_HOURS)
+            if (now or timezone.now()) < self.token_rotated_at + grace:
+                tokens.append(self.previous_webhook_token)
+        return tokens
+
+    def accepts_webhook_token(self, given: str) -> bool:
+        # Each comparison in constant time; which one matched may show, not the tokens.
+        return any(
+            hmac.compare_digest(given.encode(), token.encode())
+            for token in self.accepted_webhook_tokens()
+        )
+
+    def clean_fields(self, *args: Any, **kwargs: Any) -> None:
+        # It assigns every field its cleaned value: that gives no key anew.
+        given = set(self._secrets_given)
+        try:
+            super().clean_fields(*args, **kwargs)
+        finally:
+            self._secrets_given = given
 
     def clean(self) -> None:
         errors: dict[str, str] = {}
+        for url_field, key_field in KEY_OF_URL.items():
+            if self._moves_key_to_another_host(url_field=url_field, key_field=key_field):
+                errors[key_field] = (
+                    f"The {self._meta.get_field(url_field).verbose_name} now points at "
+                    f"another host ({url_origin(getattr(self, url_field))}): give the "
+                    f"{self._meta.get_field(key_field).verbose_name} again in the same "
+                    "change, so that the stored key is never sent to a host it was not "
+                    "meant for."
+                )
         if self._stored_name and self.name != self._stored_name:
             errors["name"] = (
                 "An instance cannot be renamed: Evolution posts to a URL holding its name. "
@@ -314,6 +404,17 @@ class InstanceConfig(models.Model):
             if normalized_url(url) == own:
                 return str(name)
         return None
+    def _moves_key_to_another_host(self, *, url_field: str, key_field: str) -> bool:
+        stored_url = self._stored_urls.get(url_field)
+        new_url = getattr(self, url_field)
+        if not stored_url or not new_url or not getattr(self, key_field):
+            # Nothing stored to leak, or no URL/key (the other rules speak then).
+            return False
+        if key_field in self._secrets_given:
+            return False
+        new_origin = url_origin(new_url)
+        # An unreadable URL gets its own field's error.
+        return new_origin is not None and new_origin != url_origin(stored_url)
 
     # --- derived values used by the pipeline and the interfaces ---
     @property

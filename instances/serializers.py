@@ -1,3 +1,4 @@
+from datetime import datetime
 from typing import Any
 
 from django.core.exceptions import NON_FIELD_ERRORS
@@ -8,6 +9,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework.settings import api_settings
 
+from instances import provisioning
 from instances.models import CONVERSATION_FIELDS, SECRET_FIELDS, InstanceConfig
 from instances.services import save_instance
 
@@ -63,6 +65,13 @@ class InstanceConfigSerializer(serializers.ModelSerializer):
         required=False,
         help_text=InstanceConfig._meta.get_field("block_list").help_text,
     )
+    connection_state = serializers.SerializerMethodField(
+        help_text="The state in Evolution's last connection.update (open, connecting, "
+        "close); null before the first one."
+    )
+    connection_updated_at = serializers.SerializerMethodField(
+        help_text="When that connection.update arrived."
+    )
 
     class Meta:
         model = InstanceConfig
@@ -85,6 +94,8 @@ class InstanceConfigSerializer(serializers.ModelSerializer):
             "session_id_prefix",
             "fallback_message",
             *CONVERSATION_FIELDS,
+            "connection_state",
+            "connection_updated_at",
             "created_at",
             "updated_at",
         ]
@@ -97,6 +108,15 @@ class InstanceConfigSerializer(serializers.ModelSerializer):
                 "blank accepts unauthenticated deliveries. Omit it on update to keep it.",
             },
         }
+
+    def get_connection_state(self, instance: InstanceConfig) -> str | None:
+        # The viewset's queryset selects the row with the instance: no query per item.
+        connection = provisioning.stored_connection(instance)
+        return connection.state if connection is not None and connection.state else None
+
+    def get_connection_updated_at(self, instance: InstanceConfig) -> datetime | None:
+        connection = provisioning.stored_connection(instance)
+        return connection.updated_at if connection is not None and connection.state else None
 
     def build_standard_field(
         self, field_name: str, model_field: ModelField

@@ -6,7 +6,7 @@ from typing import Literal
 from django.conf import settings
 from django.db import transaction
 
-from instances.models import InstanceConfig
+from instances.models import KEY_OF_URL, InstanceConfig
 
 DEFAULT_INSTANCE_NAME = "default"
 
@@ -91,4 +91,8 @@ def seed_default_instance(*, update: bool = False) -> SeedResult:
             return SeedResult("unchanged", existing)
         for key in changed:
             setattr(existing, key, fields[key])
+        for url, key in KEY_OF_URL.items():
+            if url in changed:
+                # The environment gives the key with the URL, even when it is unchanged.
+                setattr(existing, key, fields[key])
         return SeedResult("updated", save_instance(instance=existing))

@@ -151,3 +151,19 @@ def validate_chat_patterns(value: object) -> None:
 
 def validate_bot_ids(value: object) -> None:
     _string_list(value, pattern=BOT_ID_RE, example='["5511900000001", "123456789012345@lid"]')
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def url_origin(value: str) -> str | None:
+    """scheme://host:port of a URL, with the default port made explicit; None if unreadable."""
+    try:
+        parts = urlsplit(value.strip())
+        port = parts.port or DEFAULT_PORTS.get(parts.scheme.lower())
+    except ValueError:
+        return None
+    host = parts.hostname
+    if not host:
+        return None
+    if ":" in host:
+        host = f"[{host}]"  # IPv6
+    return f"{parts.scheme.lower()}://{host.lower()}:{port}"

@@ -33,6 +33,27 @@ ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[:
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 PUBLIC_BASE_URL = env.str("PUBLIC_BASE_URL", default="http://127.0.0.1:8000").rstrip("/")
 
+# --- HTTPS (README "Security": what a public deployment sets) ---------------
+# Off by default so that `make run` works on plain http://127.0.0.1.
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=False)
+# Machine endpoints are not redirected: Evolution and health checkers do not
+# follow a redirect of their request, and the redirect would come after the
+# token was sent anyway. (Under uvicorn /webhook/ and /health skip the
+# middleware altogether, see omnihub/asgi.py; this covers /metrics and WSGI.)
+SECURE_REDIRECT_EXEMPT = [r"^webhook/", r"^health(/|$)", r"^metrics$"]
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=False)
+CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=False)
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=False)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=False)
+# Behind a TLS-terminating proxy that sets (overwrites) X-Forwarded-Proto, so
+# that Django knows the request came in over https. Never without such a proxy:
+# any client could then claim https.
+if env.bool("TRUST_X_FORWARDED_PROTO", default=False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# e.g. security.W005,security.W021 to keep HSTS off subdomains and preload lists.
+SILENCED_SYSTEM_CHECKS = env.list("SILENCED_SYSTEM_CHECKS", default=[])
+
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",
@@ -158,10 +179,10 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["instances.authentication.IsStaffOrApiKey"],
+    "DEFAULT_PERMISSION_CLASSES": ["instances.permissions.HubPermission"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "instances.schema.HubAutoSchema",
     "EXCEPTION_HANDLER": "instances.api_errors.exception_handler",
 }
 
@@ -187,6 +208,9 @@ SESSION_ID_PREFIX = env.str("SESSION_ID_PREFIX", default="")
 EVOLUTION_API_URL = env.str("EVOLUTION_API_URL", default="")
 EVOLUTION_API_KEY = env.str("EVOLUTION_API_KEY", default="")
 WEBHOOK_TOKEN = env.str("WEBHOOK_TOKEN", default="")
+# Hours a replaced webhook token is still accepted: Evolution's retries carry
+# the old one, and it drops a delivery for good on 401.
+WEBHOOK_TOKEN_GRACE_HOURS = env.float("WEBHOOK_TOKEN_GRACE_HOURS", default=24.0)
 
 # --- Pipeline ----------------------------------------------------------------
 OMNIHUB_EMBEDDED_WORKER = env.bool("OMNIHUB_EMBEDDED_WORKER", default=True)
@@ -208,7 +232,11 @@ EVOLUTION_TIMEOUT = env.float("EVOLUTION_TIMEOUT", default=15.0)
 TYPING_AFTER = env.float("TYPING_AFTER", default=0.5)
 # /health/ready answers 503 when no worker has been heard from for this long.
 HEALTH_WORKER_MAX_SILENCE = env.int("HEALTH_WORKER_MAX_SILENCE", default=30)
-# /metrics answers these networks without an API key.
+# /metrics: when METRICS_TOKEN is set, only a request with "Authorization:
+# Bearer <METRICS_TOKEN>" (METRICS_ALLOW and the API key no longer count: behind
+# a local proxy every client is loopback). Unset: clients in METRICS_ALLOW, or
+# with header x-api-key.
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 METRICS_ALLOW = env.list("METRICS_ALLOW", default=["127.0.0.1/32", "::1/128"])
 RETRY_BASE_DELAY = env.float("RETRY_BASE_DELAY", default=2.0)
 RETRY_MAX_DELAY = env.float("RETRY_MAX_DELAY", default=60.0)

@@ -24,6 +24,7 @@ from django.db import close_old_connections, transaction
 from django.test import Client, RequestFactory
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rest_framework.authtoken.models import Token
 from schemathesis import GenerationMode, checks
 
 from omnihub import errors
@@ -290,14 +291,21 @@ def test_known_requests_get_their_documented_answer(
     assert response.status_code == status, response.text
 
 
-def test_every_documented_answer_is_reached(existing: Existing) -> None:
+def test_every_documented_answer_is_reached(existing: Existing, django_user_model) -> None:
     reached = {(label, str(status)) for label, *_, status in KNOWN_REQUESTS}
+    # A staff user without any permission: every operation's 403.
+    staff = django_user_model.objects.create_user("ops", password="pw", is_staff=True)
+    no_permission = {"Authorization": f"Token {Token.objects.create(user=staff).key}"}
     for label, operation in OPERATIONS.items():
         params = [parameter.name for parameter in operation.path_parameters]
         found = {"name": "acme", "id": existing.message_ids[Status.FAILED]}
         response = call(operation.Case(path_parameters={p: found[p] for p in params}), {})
         assert response.status_code == 401, response.text
         reached.add((label, "401"))
+        case = operation.Case(path_parameters={p: found[p] for p in params})
+        response = call(case, no_permission)
+        assert response.status_code == 403, response.text
+        reached.add((label, "403"))
         if params:
             missing = {"name": "nobody", "id": "987654321"}
             case = operation.Case(path_parameters={p: missing[p] for p in params})

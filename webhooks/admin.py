@@ -177,8 +177,9 @@ class InboundMessageAdmin(admin.ModelAdmin):
     def has_change_permission(
         self, request: HttpRequest, obj: InboundMessage | None = None
     ) -> bool:
-        # The list keeps the permission (the retry action needs it); a message
-        # itself is never edited: the page shows it read-only.
+        # The list keeps the permission (a user holding it may expect to act on
+        # the list; the retry action itself needs webhooks.retry_message); a
+        # message itself is never edited: the page shows it read-only.
         return obj is None and super().has_change_permission(request)
 
     def change_view(
@@ -302,7 +303,11 @@ class InboundMessageAdmin(admin.ModelAdmin):
         return pretty_json(obj.payload)
 
     # --- actions ----------------------------------------------------------
-    @admin.action(description="Retry selected failed messages", permissions=["change"])
+    def has_retry_permission(self, request: HttpRequest) -> bool:
+        # The permission the REST API's retry action needs too.
+        return bool(request.user.has_perm(f"{self.opts.app_label}.retry_message"))
+
+    @admin.action(description="Retry selected failed messages", permissions=["retry"])
     def retry_failed(self, request: HttpRequest, queryset: QuerySet[InboundMessage]) -> None:
         selected = queryset.count()
         not_failed = queryset.exclude(status=Status.FAILED).count()

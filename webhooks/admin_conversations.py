@@ -71,7 +71,8 @@ class ConversationAdmin(admin.ModelAdmin):
         return False
 
     def can_manage(self, request: HttpRequest) -> bool:
-        return self.has_change_permission(request)
+        # The same permission as the API's pause/resume/reset (instances/permissions.py).
+        return request.user.has_perm("webhooks.manage_conversation")
 
     def get_urls(self) -> list[URLPattern]:
         info = f"{self.opts.app_label}_{self.opts.model_name}"

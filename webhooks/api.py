@@ -85,6 +85,8 @@ class MessageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     queryset = InboundMessage.objects.select_related("instance").defer("reply_api_key")
     pagination_class = MessagePagination
     lookup_value_regex = r"[0-9]+"
+    # For staff users (instances/permissions.py); list and retrieve need view_inboundmessage.
+    action_permissions = {"retry": ["webhooks.retry_message"]}
 
     def get_serializer_class(self) -> type[BaseSerializer]:
         if self.action == "list":

@@ -49,6 +49,10 @@ class ConversationViewSet(
     queryset = Conversation.objects.select_related("instance")
     pagination_class = MessagePagination
     lookup_value_regex = r"[0-9]+"
+    # instances/permissions.py: a staff user needs this for the actions.
+    action_permissions = {
+        name: ["webhooks.manage_conversation"] for name in ("pause", "resume", "reset")
+    }
 
     def get_serializer_class(self) -> type[BaseSerializer]:
         if self.action == "retrieve":

@@ -4,7 +4,6 @@ This runs inside the webhook request and must stay fast: no outbound call,
 one read and one write. The worker does everything else.
 """
 
-import hmac
 import json
 import logging
 from dataclasses import dataclass, replace
@@ -18,6 +17,7 @@ from django.utils import timezone
 
 from instances.models import InstanceConfig
 from instances.validators import EVENT_SLUGS, is_event_slug
+from omnihub.logging import kv
 from webhooks import chat_rules, metrics, parsing, rows, transitions
 from webhooks.models import ConnectionState, Conversation, InboundMessage, Status
 from webhooks.notify import notify_new_message
@@ -98,7 +98,8 @@ def token_is_valid(*, instance: InstanceConfig, given: str | None) -> bool:
         return True
     if not given:
         return False
-    return hmac.compare_digest(given.encode(), instance.webhook_token.encode())
+    # The previous token too, for a while after a rotation (Evolution's retries).
+    return instance.accepts_webhook_token(given)
 
 
 @dataclass(frozen=True)
@@ -385,11 +386,8 @@ def record_message(*, instance: InstanceConfig, delivery: Delivery, claim: bool 
         if wake:
             notify_new_message()
     logger.info(
-        "message instance=%s id=%s status=%s%s",
-        instance.name,
-        message.message_id,
-        row.status,
-        f" reason={reason}" if reason else "",
+        "message %s",
+        kv(instance=instance.name, id=message.message_id, status=row.status, reason=reason or None),
     )
     outcome = Outcome.IGNORED if reason else Outcome.QUEUED
     batch = None

@@ -6,6 +6,7 @@ With several server processes set PROMETHEUS_MULTIPROC_DIR to one empty
 directory for all of them (`make run` does), so /metrics adds them up.
 """
 
+import hmac
 import ipaddress
 import os
 from collections.abc import Iterator
@@ -105,7 +106,21 @@ class QueueCollector(Collector):
         yield paused
 
 
+def bearer_token_matches(request: HttpRequest, *, expected: str) -> bool:
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    given = given.strip()
+    return (
+        scheme.lower() == "bearer"
+        and bool(given)
+        and hmac.compare_digest(given.encode(), expected.encode())
+    )
+
+
 def allowed(request: HttpRequest) -> bool:
+    if settings.METRICS_TOKEN:
+        # Then the token alone: behind a local proxy every client's address is
+        # loopback, and a scraper should not hold the operator's full API key.
+        return bearer_token_matches(request, expected=settings.METRICS_TOKEN)
     if api_key_matches(request.headers.get(API_KEY_HEADER)):
         return True
     try:
@@ -117,6 +132,12 @@ def allowed(request: HttpRequest) -> bool:
 
 async def metrics_view(request: HttpRequest) -> HttpResponse:
     if not allowed(request):
+        if settings.METRICS_TOKEN:
+            return JsonResponse(
+                {"detail": "Send header Authorization: Bearer <METRICS_TOKEN>."},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
+            )
         return JsonResponse(
             {"detail": "Send header x-api-key, or scrape from an address in METRICS_ALLOW."},
             status=401,

@@ -71,6 +71,8 @@ class InboundMessage(models.Model):
 
     class Meta:
         ordering = ["-id"]
+        # Checked by the REST API (instances/permissions.py), besides the model's own.
+        permissions = [("retry_message", "Can put a failed message back in the queue")]
         constraints = [
             models.UniqueConstraint(
                 fields=["instance", "message_id"], name="webhooks_unique_delivery"
@@ -126,6 +128,11 @@ class Conversation(models.Model):
 
     class Meta:
         ordering = ["-last_message_at", "-id"]
+        # The conversation actions (pause, resume, reset): the API, the admin
+        # buttons (instances/permissions.py).
+        permissions = [
+            ("manage_conversation", "Can pause, resume and reset the bot in a conversation")
+        ]
         constraints = [
             models.UniqueConstraint(
                 fields=["instance", "chat_jid"], name="webhooks_one_conversation_per_chat"

@@ -21,6 +21,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from instances.models import InstanceConfig
+from omnihub.logging import kv
 from webhooks import metrics
 from webhooks.agent_client import AgentClient, build_agent_request, session_name
 from webhooks.chat_rules import is_reset
@@ -184,14 +185,8 @@ class Step:
 
 
 def _log(message: InboundMessage, status: str, **extra: Any) -> None:
-    details = " ".join(f"{k}={v}" for k, v in extra.items())
-    logger.info(
-        "message instance=%s id=%s status=%s %s",
-        message.instance.name,
-        message.message_id,
-        status,
-        details,
-    )
+    fields = kv(instance=message.instance.name, id=message.message_id, status=status, **extra)
+    logger.info("message %s", fields)
 
 
 def plan(batch: Batch) -> list[tuple[str, list[InboundMessage]]]:

@@ -24,10 +24,10 @@ def form_data(**overrides: Any) -> dict[str, Any]:
     data: dict[str, Any] = {
         "name": "acme",
         "is_active": "on",
-        "evolution_url": "https://evolution.acme.test",
+        "evolution_url": "http://evolution.acme.test",
         "evolution_key": "",
         "whatsapp_instance": "acme-wa",
-        "agent_api_url": "https://agent.acme.test",
+        "agent_api_url": "http://agent.acme.test",
         "agent_api_key": "",
         "default_agent": "acme_agent",
         "agent_timeout": "60",

@@ -2,6 +2,7 @@ from typing import Any
 
 import pytest
 from django.conf import settings
+from django.contrib.auth.models import Permission
 from django.core.exceptions import ValidationError
 from django.test import Client, override_settings
 from rest_framework.authtoken.models import Token
@@ -27,7 +28,7 @@ OPERATIONS: list[tuple[str, str, dict[str, Any] | None]] = [
     ("get", LIST, None),
     ("post", LIST, NEW),
     ("get", ACME, None),
-    ("put", ACME, {"name": "acme", "agent_api_url": "https://agent.acme.test"}),
+    ("put", ACME, {"name": "acme", "agent_api_url": "http://agent.acme.test/v2"}),
     ("patch", ACME, {"default_agent": "other_agent"}),
     ("delete", ACME, None),
     ("post", SET_DEFAULT, None),
@@ -43,7 +44,10 @@ def call(client: Client, method: str, path: str, body: dict[str, Any] | None = N
 
 @pytest.fixture
 def staff(django_user_model):
-    return django_user_model.objects.create_user("ops", password="pw", is_staff=True)
+    """A staff user holding every permission on instances (see test_api_permissions.py)."""
+    user = django_user_model.objects.create_user("ops", password="pw", is_staff=True)
+    user.user_permissions.set(Permission.objects.filter(content_type__app_label="instances"))
+    return user
 
 
 @pytest.fixture
@@ -250,10 +254,11 @@ def test_patch_changes_only_the_fields_it_sends(api, acme):
 
 
 def test_put_keeps_the_secrets_it_does_not_send(api, acme):
-    body = {"name": "acme", "agent_api_url": "https://agent2.acme.test"}
+    # The same host: a new one needs its key again (test_key_follows_url.py).
+    body = {"name": "acme", "agent_api_url": "http://agent.acme.test/v2"}
     assert call(api, "put", ACME, body).status_code == 200
     stored = InstanceConfig.objects.get(name="acme")
-    assert stored.agent_api_url == "https://agent2.acme.test"
+    assert stored.agent_api_url == "http://agent.acme.test/v2"
     assert (stored.evolution_key, stored.agent_api_key, stored.webhook_token) == tuple(
         SECRETS.values()
     )

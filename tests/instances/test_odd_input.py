@@ -242,6 +242,9 @@ def test_an_odd_update_is_refused_whole_or_stored(
     before = snapshot(acme)
     # A valid change along with the odd one: it must not be saved on its own.
     fields = {"default_agent": "other_agent", field: value}
+    if field == "evolution_url":
+        # A URL on another host needs its key in the same change.
+        fields["evolution_key"] = "acme-evolution-key"
 
     if how == "api patch":
         body = json.dumps(fields)
@@ -278,7 +281,16 @@ def test_a_rename_to_an_odd_name_is_refused(
         assert any("cannot be renamed" in message for message in outcome.errors["name"])
     else:
         # The admin shows the name read-only: a posted name is ignored.
-        data = admin_form({**VALID, "name": "../acme", "evolution_key": "", "agent_api_key": ""})
+        data = admin_form(
+            {
+                **VALID,
+                "name": "../acme",
+                "evolution_url": acme.evolution_url,
+                "agent_api_url": acme.agent_api_url,
+                "evolution_key": "",
+                "agent_api_key": "",
+            }
+        )
         response = admin_client.post(f"/admin/instances/instanceconfig/{acme.pk}/change/", data)
         assert response.status_code == 302
     assert list(InstanceConfig.objects.values_list("name", flat=True)) == ["acme"]

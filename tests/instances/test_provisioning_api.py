@@ -183,7 +183,9 @@ def test_the_schema_documents_the_provisioning_operations(client, db):
         operation = paths[f"/api/v1/instances/{{name}}/{endpoint}/"][method]
         codes = set(operation["responses"])
         expected = (
-            {"200", "401", "404"} if endpoint == "test" else {"200", "401", "404", "409", "502"}
+            {"200", "401", "403", "404"}
+            if endpoint == "test"
+            else {"200", "401", "403", "404", "409", "502"}
         )
         assert codes == expected, endpoint
         assert "requestBody" not in operation

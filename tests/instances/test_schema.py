@@ -23,10 +23,10 @@ def test_the_schema_describes_every_operation(schema):
 
 def test_the_schema_documents_the_error_answers(schema):
     detail = schema["paths"][DETAIL]
-    assert set(detail["put"]["responses"]) == {"200", "400", "401", "404"}
-    assert set(detail["delete"]["responses"]) == {"204", "401", "404"}
+    assert set(detail["put"]["responses"]) == {"200", "400", "401", "403", "404"}
+    assert set(detail["delete"]["responses"]) == {"204", "401", "403", "404"}
     set_default = schema["paths"]["/api/v1/instances/{name}/set-default/"]["post"]
-    assert set(set_default["responses"]) == {"200", "401", "404"}
+    assert set(set_default["responses"]) == {"200", "401", "403", "404"}
     assert "requestBody" not in set_default
 
 

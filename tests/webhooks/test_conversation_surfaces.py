@@ -227,3 +227,17 @@ def test_the_admin_list_filters_by_state(staff, chat) -> None:
 
     assert PHONE in paused
     assert PHONE not in active
+
+
+def test_a_view_only_staff_user_reads_conversations_but_cannot_pause_them(client, chat) -> None:
+    from django.contrib.auth.models import Permission
+
+    user = User.objects.create_user("viewer", password="pw", is_staff=True)
+    user.user_permissions.add(Permission.objects.get(codename="view_conversation"))
+    client.force_login(user)
+
+    assert client.get(LIST).status_code == 200
+    refused = client.post(f"{LIST}{chat.pk}/pause/")
+    assert refused.status_code == 403
+    assert "manage_conversation" in refused.json()["detail"]
+    assert Conversation.objects.get().state == "active"

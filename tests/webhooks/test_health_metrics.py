@@ -103,6 +103,42 @@ def test_metrics_accept_the_api_key_from_anywhere(client, api_key_headers):
     assert client.get("/metrics", **api_key_headers).status_code == 200
 
 
+METRICS_TOKEN = "scrape-token-0123456789"
+
+
+@pytest.mark.django_db
+@override_settings(METRICS_TOKEN=METRICS_TOKEN)
+def test_metrics_accept_the_metrics_token_as_a_bearer_token(client):
+    response = client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+
+    assert response.status_code == 200
+    assert "omnihub_queue_depth" in response.content.decode()
+
+
+@pytest.mark.django_db
+@override_settings(METRICS_TOKEN=METRICS_TOKEN)
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong-token"},
+        {"Authorization": f"Basic {METRICS_TOKEN}"},
+        {"Authorization": "Bearer "},
+        # The operator's full API key is not for scrapers once there is a token.
+        {"x-api-key": "test-api-key"},
+    ],
+    ids=["nothing", "wrong token", "not bearer", "empty bearer", "api key"],
+)
+def test_with_a_metrics_token_a_loopback_client_needs_it_too(client, headers):
+    # The test client's address, 127.0.0.1, is in the default METRICS_ALLOW:
+    # behind a local proxy, every client would be.
+    response = client.get("/metrics", headers=headers)
+
+    assert response.status_code == 401
+    assert response["WWW-Authenticate"].startswith("Bearer")
+    assert "METRICS_TOKEN" in response.json()["detail"]
+
+
 def test_json_logs_lift_the_message_fields():
     record = logging.LogRecord(
         "webhooks.processing",

@@ -273,10 +273,10 @@ def test_the_schema_documents_the_messages_endpoints(client, db):
     listing = paths["/api/v1/messages/"]["get"]
     parameters = {p["name"] for p in listing["parameters"]}
     assert {"instance", "status", "received_after", "received_before", "search"} <= parameters
-    assert set(listing["responses"]) == {"200", "400", "401", "404"}
-    assert set(paths["/api/v1/messages/{id}/"]["get"]["responses"]) == {"200", "401", "404"}
+    assert set(listing["responses"]) == {"200", "400", "401", "403", "404"}
+    assert set(paths["/api/v1/messages/{id}/"]["get"]["responses"]) == {"200", "401", "403", "404"}
     retry = paths["/api/v1/messages/{id}/retry/"]["post"]
-    assert set(retry["responses"]) == {"200", "401", "404", "409"}
+    assert set(retry["responses"]) == {"200", "401", "403", "404", "409"}
     assert "requestBody" not in retry
     components = schema["components"]["schemas"]
     for name in ("Message", "MessageDetail"):
