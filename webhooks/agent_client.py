@@ -3,6 +3,7 @@
 POST {agent_api_url}/api/v1/agent/{default_agent}/run with header x-api-key.
 """
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -111,13 +112,24 @@ class AgentClient:
         )
         self.headers = {"x-api-key": instance.agent_api_key}
         self.timeout = httpx.Timeout(float(instance.agent_timeout), connect=5.0)
+        self.deadline = float(instance.agent_timeout)
         self.http = http
 
     async def run(self, request: dict[str, Any]) -> AgentReply:
         try:
-            response = await self.http.post(
-                self.url, json=request, headers=self.headers, timeout=self.timeout
-            )
+            # httpx's timeout is per read: an agent trickling its answer a byte at
+            # a time would never hit it. The deadline bounds the whole call, so the
+            # chat's lease (agent_timeout + EVOLUTION_TIMEOUT + margin) outlasts it.
+            async with asyncio.timeout(self.deadline):
+                response = await self.http.post(
+                    self.url, json=request, headers=self.headers, timeout=self.timeout
+                )
+        except TimeoutError as exc:
+            raise OutboundError(
+                f"agent did not finish answering within {self.deadline:g}s; not retried "
+                "(it may have acted)",
+                retryable=False,
+            ) from exc
         except httpx.TimeoutException as exc:
             # Once the request is sent the agent may have acted: calling it again
             # could act twice. Connect and pool timeouts never reached it.

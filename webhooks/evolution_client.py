@@ -1,5 +1,6 @@
 """Calls to one Evolution API instance: the one place that sends replies."""
 
+import asyncio
 import contextlib
 import json
 import os
@@ -55,7 +56,15 @@ class EvolutionClient:
         if quoted is not None:
             body["quoted"] = quoted
         try:
-            response = await self._post("message/sendText", body, settings.EVOLUTION_TIMEOUT)
+            # A deadline on the whole call, not only on each read (see AgentClient.run).
+            async with asyncio.timeout(settings.EVOLUTION_TIMEOUT):
+                response = await self._post("message/sendText", body, settings.EVOLUTION_TIMEOUT)
+        except TimeoutError as exc:
+            raise OutboundError(
+                f"Evolution did not finish answering in {settings.EVOLUTION_TIMEOUT:g}s; "
+                "not retried, the reply may have been sent",
+                retryable=False,
+            ) from exc
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # Nothing reached Evolution: trying again cannot send twice.
             raise OutboundError(f"Evolution unreachable: {exc!r}", retryable=True) from exc

@@ -387,6 +387,38 @@ async def _send_reply(step: Step, *, message: InboundMessage, http: httpx.AsyncC
     )
     if not held or outbound_id is None:
         return False
+    # A send that has started finishes, and is recorded, even when the worker is
+    # stopped meanwhile: cancelled half-way, its text may be out while the row
+    # goes back to the queue, and the next owner would send it again.
+    send = asyncio.ensure_future(
+        _send_and_record(step, message=message, target=target, outbound_id=outbound_id, http=http)
+    )
+    _sends.add(send)
+    send.add_done_callback(_sends.discard)
+    return await asyncio.shield(send)
+
+
+# Sends in flight in this process (tasks only, no tenant data): the worker's
+# shutdown waits for them (sends_in_flight) before it hands rows back.
+_sends: set["asyncio.Future[bool]"] = set()
+
+
+async def sends_in_flight(*, timeout: float) -> int:
+    """Wait up to `timeout` for the sends that have started; how many were waited for."""
+    pending = list(_sends)
+    if pending:
+        await asyncio.wait(pending, timeout=timeout)
+    return len(pending)
+
+
+async def _send_and_record(
+    step: Step,
+    *,
+    message: InboundMessage,
+    target: EvolutionTarget,
+    outbound_id: int,
+    http: httpx.AsyncClient,
+) -> bool:
     attempt = message.send_attempts + 1
     try:
         answer = await EvolutionClient(target=target, http=http).send_text(

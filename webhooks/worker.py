@@ -25,7 +25,7 @@ from webhooks import notify
 from webhooks.db import run_db
 from webhooks.http import new_http_client
 from webhooks.models import WorkerHeartbeat
-from webhooks.processing import handle_batch
+from webhooks.processing import handle_batch, sends_in_flight
 from webhooks.transitions import Batch, claim_conversations, release_batch
 from webhooks.wakeup import wake_events
 
@@ -209,6 +209,11 @@ class Worker:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        # A cancelled task's sendText goes on (processing shields it) and records
+        # its outcome: wait for it before handing the rows back.
+        waited = await sends_in_flight(timeout=settings.EVOLUTION_TIMEOUT + 5.0)
+        if waited:
+            logger.info("worker waited for %d sends in flight", waited)
         for batch in leftovers:
             if batch is not None:
                 await run_db(release_batch, batch=batch)

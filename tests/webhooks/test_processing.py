@@ -336,3 +336,24 @@ async def test_no_typing_is_shown_for_a_reply_that_comes_at_once(acme, upstream,
 
     assert upstream.calls("/chat/sendPresence/") == []
     assert row.status == Status.REPLIED
+
+
+async def test_an_agent_that_trickles_its_answer_past_its_timeout_is_cut_off(
+    make_instance, upstream
+) -> None:
+    # The per-read timeout never fires for an agent sending a byte a second;
+    # the call's total deadline does (and the chat's lease outlasts it).
+    acme = await sync_to_async(make_instance)(agent_timeout=1, fallback_message="")
+
+    async def trickle(request: httpx.Request) -> tuple[int, Any]:
+        await asyncio.sleep(1.5)
+        return 200, {"message": AGENT_REPLY}
+
+    upstream.agent = trickle
+    await queue(acme)
+
+    row = await process(upstream)
+
+    assert row.status == Status.FAILED
+    assert "did not finish answering within 1s" in row.last_error
+    assert upstream.sent == []

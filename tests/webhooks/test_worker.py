@@ -395,3 +395,27 @@ async def test_a_crash_while_processing_requeues_the_message_with_its_error(
 async def _released(pk: int) -> bool:
     row = await run_db(_row, pk=pk)
     return row.status == Status.QUEUED and row.attempts == 1 and bool(row.last_error)
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_stopping_lets_a_send_in_flight_finish_and_records_it(
+    make_instance, worker_http: Upstream
+) -> None:
+    started = asyncio.Event()
+
+    async def slow_send(request: Any) -> Any:
+        started.set()
+        await asyncio.sleep(0.5)
+        return 201, {"key": {"id": "3EB0SLOW"}}
+
+    worker_http.evolution = slow_send
+    acme = await sync_to_async(make_instance)()
+    queued = await sync_to_async(queue_in_chat)(acme, CHAT_A, "A1")
+
+    async with running(Worker(concurrency=2, poll_interval=0.05, shutdown_grace=0.05)):
+        await asyncio.wait_for(started.wait(), timeout=5)
+
+    row = await run_db(_row, pk=queued.pk)
+    assert (row.status, row.claim_token) == (Status.REPLIED, "")
+    assert len(worker_http.sent) == 1
