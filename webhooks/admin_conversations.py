@@ -104,7 +104,11 @@ class ConversationAdmin(admin.ModelAdmin):
                 self.message_user(request, "You may not change conversations.", messages.ERROR)
                 return HttpResponseRedirect(url)
             change(conversation)
-            self.message_user(request, f"{done[name]} the chat with {_chat_label(conversation)}.")
+            self.message_user(
+                request,
+                f"{done[name]} the chat with {_chat_label(conversation)}.",
+                messages.SUCCESS,
+            )
             return HttpResponseRedirect(url)
 
         return view

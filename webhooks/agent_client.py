@@ -126,8 +126,8 @@ class AgentClient:
                 )
         except TimeoutError as exc:
             raise OutboundError(
-                f"agent did not finish answering within {self.deadline:g}s; not retried "
-                "(it may have acted)",
+                f"agent timed out: no complete answer within {self.deadline:g}s; not "
+                "retried (it may have acted)",
                 retryable=False,
             ) from exc
         except httpx.TimeoutException as exc:

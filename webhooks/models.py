@@ -150,7 +150,7 @@ class Conversation(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.instance_id}:{self.chat_jid}"
+        return self.phone or self.chat_jid
 
     def paused_now(self, *, now: datetime) -> bool:
         return bool(self.pause_reason) and (self.paused_until is None or self.paused_until > now)

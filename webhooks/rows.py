@@ -18,6 +18,7 @@ from typing import Any
 
 from django.db import connection
 from django.db.models import DateTimeField, Field, JSONField
+from django.utils import timezone
 
 from instances.models import InstanceConfig
 from webhooks.models import (
@@ -371,3 +372,95 @@ def instance_named_in_evolution(*, evolution_name: str, excluding: int) -> str |
         cursor.execute(sql, [excluding, evolution_name, evolution_name])
         found = cursor.fetchone()
     return None if found is None else str(found[0])
+
+
+@cache
+def _let_go_sql() -> str:
+    t, c = _conv_table(), _conv_column
+    # Both literals, so that the partial index of open messages is usable.
+    return (
+        f"UPDATE {t} SET {c('claim_token')} = '', {c('due_at')} = NULL, "
+        f"{c('due_limit')} = NULL WHERE id = %s AND {c('claim_token')} = %s "
+        f"AND NOT EXISTS (SELECT 1 FROM {_table()} WHERE {_column('instance')} = %s "
+        f"AND {_column('chat_jid')} = %s AND {_column('status')} IN (%s, %s))"
+    )
+
+
+def let_go_if_done(*, conversation_id: int, token: str, instance_id: int, chat_jid: str) -> bool:
+    """Release a held chat that has nothing open, in one statement; False otherwise
+    (it has open messages, or this worker no longer holds it)."""
+    params = [
+        conversation_id,
+        token,
+        instance_id,
+        chat_jid,
+        Status.QUEUED.value,
+        Status.PROCESSING.value,
+    ]
+    with connection.cursor() as cursor:
+        if connection.vendor != "sqlite":
+            # A webhook storing a message of this chat holds the row's lock (it
+            # touched the conversation first): wait for it, so that the check
+            # below, a statement of its own, sees that message. On SQLite every
+            # write transaction runs alone.
+            cursor.execute(
+                f"SELECT 1 FROM {_conv_table()} WHERE id = %s AND "
+                f"{_conv_column('claim_token')} = %s FOR UPDATE",
+                [conversation_id, token],
+            )
+            if cursor.fetchone() is None:
+                return False
+        cursor.execute(_let_go_sql(), params)
+        return cursor.rowcount == 1
+
+
+@cache
+def _outbound_insert_sql() -> str:
+    q = connection.ops.quote_name
+    columns = (
+        "instance",
+        "chat_jid",
+        "text",
+        "in_reply_to",
+        "evolution_id",
+        "status",
+        "error",
+        "created_at",
+    )
+    names = ", ".join(q(_out.get_field(name).column) for name in columns)
+    return (
+        f"INSERT INTO {q(_out.db_table)} ({names}) "
+        "VALUES (%s, %s, %s, %s, '', %s, '', %s) RETURNING id"
+    )
+
+
+def insert_outbound(*, instance_id: int, chat_jid: str, text: str, in_reply_to: int) -> int:
+    """Record a reply about to be sent; its id."""
+    now = _out.get_field("created_at").get_db_prep_save(timezone.now(), connection)
+    params = [instance_id, chat_jid, text, in_reply_to, OutboundStatus.SENDING.value, now]
+    with connection.cursor() as cursor:
+        cursor.execute(_outbound_insert_sql(), params)
+        return int(cursor.fetchone()[0])
+
+
+@cache
+def _outbound_update_sql() -> str:
+    q = connection.ops.quote_name
+    col = {n: q(_out.get_field(n).column) for n in ("status", "evolution_id", "error", "sent_at")}
+    return (
+        f"UPDATE {q(_out.db_table)} SET {col['status']} = %s, {col['evolution_id']} = %s, "
+        f"{col['error']} = %s, {col['sent_at']} = %s WHERE id = %s"
+    )
+
+
+def finish_outbound(*, outbound_id: int, ok: bool, evolution_id: str, error: str) -> None:
+    sent_at = timezone.now() if ok else None
+    params = [
+        (OutboundStatus.SENT if ok else OutboundStatus.FAILED).value,
+        evolution_id[:128],
+        error,
+        _out.get_field("sent_at").get_db_prep_save(sent_at, connection),
+        outbound_id,
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(_outbound_update_sql(), params)

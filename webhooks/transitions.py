@@ -23,12 +23,11 @@ from django.db.models import Case, F, Q, QuerySet, Value, When
 from django.utils import timezone
 
 from instances.models import InstanceConfig
+from webhooks import rows
 from webhooks.chat_rules import OpenMessage, OwnerAction, debounce_limit, due_time
 from webhooks.models import (
     Conversation,
     InboundMessage,
-    OutboundMessage,
-    OutboundStatus,
     PauseReason,
     Status,
 )
@@ -202,6 +201,14 @@ def take_more_or_settle(*, conversation: Conversation, token: str) -> list[Inbou
     found here. On PostgreSQL the row is locked first, so that such a message
     is either seen here or sees the released chat.
     """
+    if rows.let_go_if_done(
+        conversation_id=conversation.pk,
+        token=token,
+        instance_id=conversation.instance_id,
+        chat_jid=conversation.chat_jid,
+    ):
+        # The usual case, one statement: nothing came meanwhile.
+        return []
     held = (
         Conversation.objects.select_for_update()
         .filter(pk=conversation.pk, claim_token=token)
@@ -295,18 +302,19 @@ def save_claimed(
         return False, None
     outbound_id = None
     if send_start is not None:
-        outbound_id = OutboundMessage.objects.create(
+        assert instance_id is not None
+        outbound_id = rows.insert_outbound(
             instance_id=instance_id,
             chat_jid=send_start.chat_jid,
             text=send_start.text,
-            in_reply_to_id=message_pk,
-        ).pk
+            in_reply_to=message_pk,
+        )
     if send_end is not None:
-        OutboundMessage.objects.filter(pk=send_end.outbound_id).update(
-            status=OutboundStatus.SENT if send_end.ok else OutboundStatus.FAILED,
-            evolution_id=send_end.evolution_id[:128],
+        rows.finish_outbound(
+            outbound_id=send_end.outbound_id,
+            ok=send_end.ok,
+            evolution_id=send_end.evolution_id,
             error=send_end.error,
-            sent_at=timezone.now() if send_end.ok else None,
         )
     return True, outbound_id
 

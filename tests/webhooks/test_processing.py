@@ -355,5 +355,5 @@ async def test_an_agent_that_trickles_its_answer_past_its_timeout_is_cut_off(
     row = await process(upstream)
 
     assert row.status == Status.FAILED
-    assert "did not finish answering within 1s" in row.last_error
+    assert "timed out: no complete answer within 1s" in row.last_error
     assert upstream.sent == []
