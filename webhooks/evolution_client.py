@@ -78,8 +78,9 @@ class EvolutionClient:
         except httpx.TransportError as exc:
             raise OutboundError(f"Evolution connection failed: {exc!r}", retryable=True) from exc
         if response.status_code >= 300:
+            # Evolution's own words, as provisioning shows them, not its raw body.
             raise OutboundError(
-                f"Evolution answered {response.status_code}: {describe_body(response)}",
+                evolution_error_text(response),
                 retryable=response.status_code >= 500,
                 status=response.status_code,
             )

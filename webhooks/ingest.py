@@ -515,6 +515,9 @@ def record_connection_state(*, instance: InstanceConfig, body: dict[str, Any]) -
             ConnectionState.objects.filter(instance=instance).update(
                 updated_at=timezone.now(), **fields
             )
+    if state == "open":
+        # Replies held while the number was not connected go out now.
+        transitions.connected_again(instance_id=instance.pk)
     return Result(Outcome.IGNORED, f"connection state {state} recorded")
 
 

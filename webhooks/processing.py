@@ -30,6 +30,7 @@ from webhooks.evolution_client import EvolutionClient, EvolutionTarget
 from webhooks.http import OutboundError
 from webhooks.models import Conversation, InboundMessage, Status
 from webhooks.transitions import (
+    HOLD_REASON,
     Batch,
     SendEnd,
     SendStart,
@@ -382,11 +383,16 @@ async def _send_reply(step: Step, *, message: InboundMessage, http: httpx.AsyncC
         )
         return True
     # Recorded before the send: its echo may arrive before sendText answers.
+    no_longer_held = {"ignore_reason": ""} if message.ignore_reason == HOLD_REASON else {}
     held, outbound_id = await step.update(
-        message, send_start=SendStart(chat_jid=message.chat_jid, text=message.reply_text)
+        message,
+        send_start=SendStart(chat_jid=message.chat_jid, text=message.reply_text),
+        **no_longer_held,
     )
-    if not held or outbound_id is None:
+    if not held:
         return False
+    if outbound_id is None:
+        return await _hold(step, message=message)
     # A send that has started finishes, and is recorded, even when the worker is
     # stopped meanwhile: cancelled half-way, its text may be out while the row
     # goes back to the queue, and the next owner would send it again.
@@ -396,6 +402,25 @@ async def _send_reply(step: Step, *, message: InboundMessage, http: httpx.AsyncC
     _sends.add(send)
     send.add_done_callback(_sends.discard)
     return await asyncio.shield(send)
+
+
+async def _hold(step: Step, *, message: InboundMessage) -> bool:
+    """The number is not connected: keep the reply queued until it is (within the
+    retry window); connection.update "open" makes it due at once."""
+    now = timezone.now()
+    first = message.first_send_failed_at or now
+    error = "WhatsApp number not connected (Evolution's state close/connecting): held"
+    if now - first >= timedelta(seconds=settings.EVOLUTION_RETRY_WINDOW):
+        await step.finish(message, Status.FAILED, last_error=f"{error} past the retry window")
+        return True
+    await step.retry_later(
+        message,
+        attempt=message.send_attempts + 1,
+        error=error,
+        ignore_reason=HOLD_REASON,
+        first_send_failed_at=first,
+    )
+    return False
 
 
 # Sends in flight in this process (tasks only, no tenant data): the worker's

@@ -26,6 +26,7 @@ from instances.models import InstanceConfig
 from webhooks import rows
 from webhooks.chat_rules import OpenMessage, OwnerAction, debounce_limit, due_time
 from webhooks.models import (
+    ConnectionState,
     Conversation,
     InboundMessage,
     PauseReason,
@@ -303,6 +304,8 @@ def save_claimed(
     outbound_id = None
     if send_start is not None:
         assert instance_id is not None
+        if not can_send_now(instance_id=instance_id):
+            return True, None
         outbound_id = rows.insert_outbound(
             instance_id=instance_id,
             chat_jid=send_start.chat_jid,
@@ -317,6 +320,36 @@ def save_claimed(
             error=send_end.error,
         )
     return True, outbound_id
+
+
+HOLD_REASON = "waiting for connection"
+# Evolution's states in which a sendText cannot go out (2.3.7 holds it ~60 s
+# and answers 500 while `connecting`, 500 at once while `close`).
+NOT_CONNECTED = ("close", "connecting")
+
+
+def can_send_now(*, instance_id: int) -> bool:
+    """False while the instance's last connection.update says it is not connected
+    (no update yet: unknown, so the send is tried)."""
+    state = (
+        ConnectionState.objects.filter(instance_id=instance_id)
+        .values_list("state", flat=True)
+        .first()
+    )
+    return state not in NOT_CONNECTED
+
+
+def connected_again(*, instance_id: int) -> int:
+    """The number is connected again: its held replies are due now; how many."""
+    now = timezone.now()
+    held = InboundMessage.objects.filter(
+        instance_id=instance_id, status=Status.QUEUED, ignore_reason=HOLD_REASON
+    )
+    chats = set(held.values_list("chat_jid", flat=True))
+    count = held.update(next_attempt_at=now, ignore_reason="")
+    for chat_jid in chats:
+        make_chat_due(instance_id=instance_id, chat_jid=chat_jid, now=now)
+    return count
 
 
 def fold_into(

@@ -364,3 +364,26 @@ async def test_a_retried_message_is_answered_after_what_is_open_in_its_chat(acme
     contents = [b["message_content"] for b in agent_bodies(upstream)]
     assert contents == ["[Maria Souza]: nova", "[Maria Souza]: antiga"]
     assert (await row(newer)).status == Status.REPLIED
+
+
+# --- a number that is not connected ---------------------------------------------
+async def test_replies_wait_while_the_number_is_not_connected_and_go_out_once_it_is(
+    acme, upstream
+) -> None:
+    await ConnectionState.objects.acreate(instance=acme, state="connecting")
+    result = await deliver(acme, "oi")
+    await work(upstream)
+
+    held = await row(result)
+    assert (held.status, held.ignore_reason) == (Status.QUEUED, "waiting for connection")
+    assert held.reply_text == AGENT_REPLY
+    assert upstream.sent == []
+
+    open_update = {"event": "connection.update", "data": {"state": "open", "statusReason": 200}}
+    await sync_to_async(record_delivery)(instance=acme, body=open_update)
+    await work(upstream)
+
+    sent = await row(result)
+    assert (sent.status, sent.ignore_reason) == (Status.REPLIED, "")
+    assert len(upstream.sent) == 1
+    assert len(upstream.agent_calls) == 1
