@@ -56,21 +56,12 @@ def rows_to_store(instance_ids: list[int]) -> Any:
         at = (start + step * n).strftime("%Y-%m-%d %H:%M:%S.%f")
         status = "replied" if n % 10 else "ignored"
         yield (
-            instance,
-            f"OLD{n:07d}",
-            f"5577{chat:09d}@s.whatsapp.net",
-            f"5577{chat:09d}",
-            "Maria Souza",
-            "conversation",
-            "Olá, qual o horário de funcionamento hoje?",
-            "{}",
-            PAYLOAD,
-            status,
-            "replied" if status == "replied" else "",
-            at,
-            at,
+            instance, f"OLD{n:07d}", f"5577{chat:09d}@s.whatsapp.net",
+            f"5577{chat:09d}@s.whatsapp.net", f"5577{chat:09d}", "Maria Souza",
+            "conversation", "Olá, qual o horário de funcionamento hoje?", "{}", PAYLOAD,
+            status, "" if status == "replied" else "group", at, at,
             "Abrimos às 9h." if status == "replied" else None,
-        )
+        )  # fmt: skip
 
 
 INSERT = (
@@ -93,7 +84,7 @@ def fill_sqlite(path: Path) -> float:
     db = sqlite3.connect(path)
     ids = [r[0] for r in db.execute("SELECT id FROM instances_instanceconfig ORDER BY id")]
     sql = INSERT.format(marks=", ".join(["?"] * 15), false="0")
-    db.executemany(sql, (_ordered(r) for r in rows_to_store(ids)))
+    db.executemany(sql, (rows_to_store(ids)))
     db.executemany(
         CONVERSATIONS.format(marks="?, ?, ?, ?", false="0", marks2="?"),
         (_conversation(c, ids) for c in range(CHATS)),
@@ -102,42 +93,6 @@ def fill_sqlite(path: Path) -> float:
     db.execute("ANALYZE")
     db.close()
     return time.time() - started
-
-
-def _ordered(row: tuple[Any, ...]) -> tuple[Any, ...]:
-    (
-        instance,
-        mid,
-        chat,
-        phone,
-        name,
-        mtype,
-        text,
-        content,
-        payload,
-        status,
-        reason,
-        at,
-        fin,
-        reply,
-    ) = row
-    return (
-        instance,
-        mid,
-        chat,
-        chat,
-        phone,
-        name,
-        mtype,
-        text,
-        content,
-        payload,
-        status,
-        reason,
-        at,
-        fin,
-        reply,
-    )
 
 
 def _conversation(chat: int, ids: list[int]) -> tuple[Any, ...]:
@@ -166,7 +121,7 @@ def fill_postgres(url: str) -> float:
         )
         with db.cursor().copy(f"COPY webhooks_inboundmessage ({columns}) FROM STDIN") as copy:
             for row in rows_to_store(ids):
-                copy.write_row((*_ordered(row), "", "", "", 1, 1, 1, "", "", False, ""))
+                copy.write_row((*row, "", "", "", 1, 1, 1, "", "", False, ""))
         with db.cursor().copy(
             "COPY webhooks_conversation (instance_id, chat_jid, phone, push_name, "
             "last_message_at, created_at, is_group, pause_reason, session_epoch, claim_token) "

@@ -377,7 +377,7 @@ def instance_named_in_evolution(*, evolution_name: str, excluding: int) -> str |
 @cache
 def _let_go_sql() -> str:
     t, c = _conv_table(), _conv_column
-    # Both literals, so that the partial index of open messages is usable.
+    # The chat's open messages are found with webhooks_chat_open.
     return (
         f"UPDATE {t} SET {c('claim_token')} = '', {c('due_at')} = NULL, "
         f"{c('due_limit')} = NULL WHERE id = %s AND {c('claim_token')} = %s "

@@ -154,21 +154,9 @@ def _take_due(conversation: Conversation, *, token: str, now: datetime) -> list[
     instance = conversation.instance
     debounce = instance.debounce_seconds
     opens = list(_open_in_order(_chat_messages(conversation)))
-    waiting = [
-        OpenMessage(
-            next_attempt_at=m.next_attempt_at if m.status == Status.QUEUED else None,
-            queued_at=m.queued_at or m.received_at,
-        )
-        for m in opens
-    ]
-    due = due_time(open_messages=waiting, debounce_seconds=debounce, now=now)
+    due = due_time(open_messages=_waiting(opens), debounce_seconds=debounce, now=now)
     if due is None or due > now:
-        limit = None
-        if waiting and debounce:
-            limit = debounce_limit(first_queued_at=waiting[0].queued_at, debounce_seconds=debounce)
-        Conversation.objects.filter(pk=conversation.pk, claim_token=token).update(
-            claim_token="", due_at=due, due_limit=limit
-        )
+        _let_go(conversation, token=token, opens=opens, now=now)
         return []
     taken: list[InboundMessage] = []
     for message in opens:
@@ -227,20 +215,27 @@ def settle_conversation(*, conversation: Conversation, token: str) -> None:
         .filter(pk=conversation.pk, claim_token=token)
         .exists()
     )
-    if not held:
-        return
-    now = timezone.now()
-    debounce = conversation.instance.debounce_seconds
-    opens = _open_in_order(_chat_messages(conversation)).values_list(
-        "status", "next_attempt_at", "queued_at", "received_at"
-    )
-    waiting = [
+    if held:
+        opens = list(_open_in_order(_chat_messages(conversation)))
+        _let_go(conversation, token=token, opens=opens, now=timezone.now())
+
+
+def _waiting(opens: list[InboundMessage]) -> list[OpenMessage]:
+    return [
         OpenMessage(
-            next_attempt_at=next_at if status == Status.QUEUED else None,
-            queued_at=queued or received,
+            next_attempt_at=m.next_attempt_at if m.status == Status.QUEUED else None,
+            queued_at=m.queued_at or m.received_at,
         )
-        for status, next_at, queued, received in opens
+        for m in opens
     ]
+
+
+def _let_go(
+    conversation: Conversation, *, token: str, opens: list[InboundMessage], now: datetime
+) -> None:
+    """Release a held chat, due when its open messages are (a retry's, a burst's)."""
+    debounce = conversation.instance.debounce_seconds
+    waiting = _waiting(opens)
     due = due_time(open_messages=waiting, debounce_seconds=debounce, now=now)
     limit = None
     if waiting and debounce:
