@@ -58,10 +58,12 @@ test: install
 clean:
 	rm -rf $(VENV) staticfiles
 
-# Benchmark (issue-sized numbers on loopback): writes bench/results.json and bench/results.md.
+# Benchmark (issue-sized numbers on loopback): writes bench/results.json and bench/results.md,
+# then the same hub with 1,000,000 stored messages: bench/results-stored.{json,md}.
 bench: install .env
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q wrk >/dev/null; } || { echo "install wrk (apt-get install wrk)"; exit 1; }
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/stored_inbox.py
 
 # Rebuild db.sqlite3.example after adding a migration (tests/instances/test_example_db.py says when).
 example-db: install

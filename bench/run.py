@@ -80,6 +80,9 @@ def delivery(*, tenant: str, message_id: str, phone: int) -> dict[str, Any]:
 
 
 def create_tenants(env: dict[str, str], agent_url: str, evolution_url: str) -> None:
+    # max_concurrent as high as the worker's slots: the bench measures the hub's
+    # own overhead, not the per-tenant cap (16 by default, 320 chats for 20 tenants
+    # with a 1 s agent).
     code = f"""
 from instances.models import InstanceConfig
 from instances.services import save_instance
@@ -89,7 +92,7 @@ for group, agent in (("ingest", "{agent_url}/fast"), ("e2e", "{agent_url}")):
             name=f"{{group}}-{{i}}", evolution_url="{evolution_url}",
             evolution_key=f"evo-key-{{i}}", agent_api_url=agent,
             agent_api_key=f"agent-key-{{i}}", default_agent="bench",
-            webhook_token=f"token-{{i}}"))
+            webhook_token=f"token-{{i}}", max_concurrent={HUB_WORKER_CONCURRENCY}))
 """
     subprocess.run([PYTHON, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
     subprocess.run([PYTHON, "manage.py", "shell", "-c", code], cwd=ROOT, env=env, check=True)

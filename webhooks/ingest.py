@@ -342,19 +342,21 @@ def record_message(*, instance: InstanceConfig, delivery: Delivery, claim: bool 
             instance=instance, message=message
         )
         if reason is None:
-            chat = _touch(instance=instance, message=message, now=now)
+            wanted = (
+                transitions.new_claim_token()
+                if claim and can_claim_on_insert() and not instance.debounce_seconds
+                else ""
+            )
+            chat = _touch(
+                instance=instance,
+                message=message,
+                now=now,
+                queueing=_queueing(instance=instance, now=now, token=wanted),
+            )
             if chat.paused_now(now=now):
                 reason = chat.pause_reason
-            elif (
-                claim
-                and can_claim_on_insert()
-                and not instance.debounce_seconds
-                and not chat.claim_token
-                and chat.due_at is None
-            ):
-                token = transitions.claim_on_insert(
-                    conversation_id=chat.id, instance=instance, now=now
-                )
+            elif wanted and chat.claim_token == wanted:
+                token = wanted
     row = _new_row(instance=instance, message=message, body=body, reason=reason, now=now)
     if token:
         row.status = Status.PROCESSING
@@ -372,19 +374,12 @@ def record_message(*, instance: InstanceConfig, delivery: Delivery, claim: bool 
         transitions.owner_wrote(conversation_id=owned.id, action=owner, instance=instance, now=now)
         if owner is chat_rules.OwnerAction.HUMAN and instance.handoff_minutes:
             metrics.takeovers.labels(instance.name).inc()
-    wake = False
-    if chat is not None and not reason and not token:
-        debounce = instance.debounce_seconds
-        rows.make_conversation_due(
-            conversation_id=chat.id,
-            due=now + timedelta(seconds=debounce),
-            limit=chat_rules.debounce_limit(first_queued_at=now, debounce_seconds=debounce)
-            if debounce
-            else None,
-        )
-        wake = not chat.claim_token and not debounce
-        if wake:
-            notify_new_message()
+    # The chat was made due as it was touched; workers look now unless a worker
+    # holds it (it finds the message itself) or a debounce window is open.
+    wake = chat is not None and not reason and not chat.claim_token
+    wake = wake and not instance.debounce_seconds
+    if wake:
+        notify_new_message()
     logger.info(
         "message %s",
         kv(instance=instance.name, id=message.message_id, status=row.status, reason=reason or None),
@@ -442,8 +437,25 @@ def _group_reason(*, instance: InstanceConfig, message: parsing.ParsedMessage) -
     return chat_rules.group_reason(instance=instance, message=message, context=context)
 
 
+def _queueing(*, instance: InstanceConfig, now: datetime, token: str) -> rows.Queueing:
+    debounce = instance.debounce_seconds
+    return rows.Queueing(
+        due=now + timedelta(seconds=debounce),
+        limit=chat_rules.debounce_limit(first_queued_at=now, debounce_seconds=debounce)
+        if debounce
+        else None,
+        token=token,
+        lease_until=transitions.lease_for(agent_timeout=instance.agent_timeout, now=now),
+        max_concurrent=instance.max_concurrent,
+    )
+
+
 def _touch(
-    *, instance: InstanceConfig, message: parsing.ParsedMessage, now: datetime
+    *,
+    instance: InstanceConfig,
+    message: parsing.ParsedMessage,
+    now: datetime,
+    queueing: rows.Queueing | None = None,
 ) -> rows.ChatState:
     idle = instance.session_idle_minutes
     return rows.touch_conversation(
@@ -455,6 +467,7 @@ def _touch(
         is_group=message.is_group,
         now=now,
         idle_cutoff=now - timedelta(minutes=idle) if idle and not message.from_me else None,
+        queueing=queueing,
     )
 
 

@@ -159,8 +159,15 @@ def _convert(reading: list[tuple[Field, list[Converter]]], found: Sequence[Any])
 
 
 @cache
-def _touch_sql(vendor: str) -> str:
+def _touch_sql(vendor: str, queue: bool, debounced: bool) -> str:
+    """One statement: the chat's row created or its activity noted and, for a
+    queued message, its due time, or its claim for this process's worker.
+
+    SET expressions read the row as it was, so every CASE below sees the old
+    claim and pause. Named parameters: several appear more than once.
+    """
     t, c = _conv_table(), _conv_column
+    least, greatest = ("MIN", "MAX") if vendor == "sqlite" else ("LEAST", "GREATEST")
     columns = (
         "instance",
         "chat_jid",
@@ -172,22 +179,73 @@ def _touch_sql(vendor: str) -> str:
         "last_message_at",
         "claim_token",
         "created_at",
+        "due_at",
+        "due_limit",
     )
     names = ", ".join(c(name) for name in columns)
     returning = ", ".join(c(name) for name in _CONV_STATE)
+    # The chats of this tenant held by a worker now (partial index webhooks_conversation_held).
+    room = (
+        f"(SELECT COUNT(*) FROM {t} AS held WHERE held.{c('instance')} = %(instance)s "
+        f"AND NOT (held.{c('claim_token')} = '') AND held.{c('due_at')} > %(now)s) "
+        "< %(max_concurrent)s"
+    )
+    paused = (
+        f"({t}.{c('pause_reason')} <> '' AND ({t}.{c('paused_until')} IS NULL "
+        f"OR {t}.{c('paused_until')} > %(now)s))"
+    )
+    claimable = (
+        f"(%(claim)s AND {t}.{c('claim_token')} = '' AND {t}.{c('due_at')} IS NULL "
+        f"AND NOT {paused} AND {room})"
+    )
+    due = f"{greatest}(COALESCE({t}.{c('due_at')}, %(due)s), %(due)s)"
+    if debounced:
+        due = f"{least}({due}, COALESCE({t}.{c('due_limit')}, %(limit)s))"
+    if queue:
+        new_claim = f"CASE WHEN %(claim)s AND {room} THEN %(token)s ELSE '' END"
+        new_due = f"CASE WHEN %(claim)s AND {room} THEN %(lease)s ELSE %(due)s END"
+        new_limit = "%(limit)s"
+        queued = (
+            f", {c('claim_token')} = CASE WHEN {claimable} THEN %(token)s "
+            f"ELSE {t}.{c('claim_token')} END, "
+            f"{c('due_at')} = CASE WHEN {claimable} THEN %(lease)s "
+            # A held chat's holder finds the message when it lets the chat go.
+            f"WHEN {t}.{c('claim_token')} <> '' OR {paused} THEN {t}.{c('due_at')} "
+            f"ELSE {due} END, "
+            f"{c('due_limit')} = CASE WHEN {claimable} OR {t}.{c('claim_token')} <> '' "
+            f"OR {paused} THEN {t}.{c('due_limit')} "
+            f"ELSE COALESCE({t}.{c('due_limit')}, %(limit)s) END "
+        )
+    else:
+        new_claim, new_due, new_limit, queued = "''", "NULL", "NULL", " "
     return (
-        f"INSERT INTO {t} ({names}) VALUES (%s, %s, %s, %s, %s, '', 1, %s, '', %s) "
+        f"INSERT INTO {t} ({names}) VALUES (%(instance)s, %(chat_jid)s, %(phone)s, "
+        f"%(push_name)s, %(is_group)s, '', 1, %(now)s, {new_claim}, %(now)s, {new_due}, "
+        f"{new_limit}) "
         f"ON CONFLICT ({c('instance')}, {c('chat_jid')}) DO UPDATE SET "
         f"{c('phone')} = CASE WHEN excluded.{c('phone')} <> '' "
         f"THEN excluded.{c('phone')} ELSE {t}.{c('phone')} END, "
         f"{c('push_name')} = CASE WHEN excluded.{c('push_name')} <> '' "
         f"THEN excluded.{c('push_name')} ELSE {t}.{c('push_name')} END, "
         # An idle chat's next user message starts a new agent session.
-        f"{c('session_epoch')} = CASE WHEN %s AND {t}.{c('last_message_at')} < %s "
+        f"{c('session_epoch')} = CASE WHEN %(idle)s AND {t}.{c('last_message_at')} < %(cutoff)s "
         f"THEN {t}.{c('session_epoch')} + 1 ELSE {t}.{c('session_epoch')} END, "
-        f"{c('last_message_at')} = excluded.{c('last_message_at')} "
+        f"{c('last_message_at')} = excluded.{c('last_message_at')}"
+        f"{queued}"
         f"RETURNING {returning}"
     )
+
+
+@dataclass(frozen=True)
+class Queueing:
+    """For a message that will be queued: when its chat is due, or its claim."""
+
+    due: datetime
+    limit: datetime | None
+    # Set: take the chat for this process's worker when nothing is open in it.
+    token: str = ""
+    lease_until: datetime | None = None
+    max_concurrent: int = 0
 
 
 @dataclass(frozen=True)
@@ -214,91 +272,44 @@ def touch_conversation(
     is_group: bool,
     now: datetime,
     idle_cutoff: datetime | None,
+    queueing: Queueing | None = None,
 ) -> ChatState:
     """Create the chat's conversation or note its activity; its state after that.
 
-    With `idle_cutoff`, a conversation quiet since before it starts a new session.
+    With `idle_cutoff`, a conversation quiet since before it starts a new
+    session. With `queueing`, the chat is made due (unless a worker holds it or
+    it is paused), or claimed with `queueing.token` when that is given, nothing
+    is open in it and its tenant has room: the returned claim_token says which.
     """
-    params = [
-        instance_id,
-        chat_jid,
-        phone,
-        push_name,
-        is_group,
-        _dt(now),
-        _dt(now),
-        idle_cutoff is not None,
-        _dt(idle_cutoff or now),
-    ]
+    q = queueing
+    params: dict[str, Any] = {
+        "instance": instance_id,
+        "chat_jid": chat_jid,
+        "phone": phone,
+        "push_name": push_name,
+        "is_group": is_group,
+        "now": _dt(now),
+        "idle": idle_cutoff is not None,
+        "cutoff": _dt(idle_cutoff or now),
+    }
+    if q is not None:
+        params.update(
+            due=_dt(q.due),
+            limit=_dt(q.limit) if q.limit else None,
+            claim=bool(q.token),
+            token=q.token,
+            lease=_dt(q.lease_until or q.due),
+            max_concurrent=q.max_concurrent,
+        )
+    sql = _touch_sql(connection.vendor, q is not None, q is not None and q.limit is not None)
     with connection.cursor() as cursor:
-        cursor.execute(_touch_sql(connection.vendor), params)
+        cursor.execute(sql, params)
         found = cursor.fetchone()
     return ChatState(*_convert(_conv_state_reading(connection.vendor), found))
 
 
 def _dt(value: datetime) -> Any:
     return _conv.get_field("due_at").get_db_prep_save(value, connection)
-
-
-@cache
-def _due_sql(vendor: str, debounced: bool) -> str:
-    t, c = _conv_table(), _conv_column
-    least, greatest = ("MIN", "MAX") if vendor == "sqlite" else ("LEAST", "GREATEST")
-    due = f"{greatest}(COALESCE({c('due_at')}, %s), %s)"
-    limit = ""
-    if debounced:
-        due = f"{least}({due}, COALESCE({c('due_limit')}, %s))"
-        limit = f", {c('due_limit')} = COALESCE({c('due_limit')}, %s)"
-    # While a worker holds the chat, due_at is its lease: the worker finds the
-    # new message when it lets the chat go (settle_conversation).
-    return f"UPDATE {t} SET {c('due_at')} = {due}{limit} WHERE id = %s AND {c('claim_token')} = ''"
-
-
-def make_conversation_due(*, conversation_id: int, due: datetime, limit: datetime | None) -> None:
-    """A message was queued: the chat is due at `due` (not before a due time it
-    has already, nor after a debounce `limit`)."""
-    params = [_dt(due), _dt(due)]
-    if limit is not None:
-        params += [_dt(limit), _dt(limit)]
-    with connection.cursor() as cursor:
-        cursor.execute(_due_sql(connection.vendor, limit is not None), [*params, conversation_id])
-
-
-@cache
-def _claim_sql() -> str:
-    t, c = _conv_table(), _conv_column
-    # The held chats are counted with the partial index's own condition, so that
-    # SQLite uses it (webhooks_conversation_held): max_concurrent holds here too.
-    return (
-        f"UPDATE {t} SET {c('claim_token')} = %s, {c('due_at')} = %s "
-        f"WHERE id = %s AND {c('claim_token')} = '' AND {c('due_at')} IS NULL "
-        f"AND (SELECT COUNT(*) FROM {t} AS held WHERE held.{c('instance')} = %s "
-        f"AND NOT (held.{c('claim_token')} = '') AND held.{c('due_at')} > %s) < %s"
-    )
-
-
-def claim_idle_conversation(
-    *,
-    conversation_id: int,
-    token: str,
-    lease_until: datetime,
-    instance_id: int,
-    max_concurrent: int,
-    now: datetime,
-) -> bool:
-    """Take a chat with nothing open for this process's worker; False when it is busy
-    or its tenant already has max_concurrent chats with a worker."""
-    params = [
-        token,
-        _dt(lease_until),
-        conversation_id,
-        instance_id,
-        _dt(now),
-        max_concurrent,
-    ]
-    with connection.cursor() as cursor:
-        cursor.execute(_claim_sql(), params)
-        return cursor.rowcount == 1
 
 
 @cache
@@ -311,7 +322,7 @@ def _release_idle_sql() -> str:
 
 
 def unclaim_conversation(*, conversation_id: int, token: str) -> None:
-    """Undo claim_idle_conversation (the message turned out to be a repeat)."""
+    """Undo a claim made as a message was stored (it turned out to be a repeat)."""
     with connection.cursor() as cursor:
         cursor.execute(_release_idle_sql(), [conversation_id, token])
 

@@ -183,6 +183,7 @@ def _take_due(conversation: Conversation, *, token: str, now: datetime) -> list[
     return taken
 
 
+@transaction.atomic
 def take_more_or_settle(*, conversation: Conversation, token: str) -> list[InboundMessage]:
     """A worker done with its messages: the chat's next due ones, or the chat let go.
 
@@ -208,6 +209,7 @@ def take_more_or_settle(*, conversation: Conversation, token: str) -> list[Inbou
     return _take_due(conversation, token=token, now=timezone.now())
 
 
+@transaction.atomic
 def settle_conversation(*, conversation: Conversation, token: str) -> None:
     """Let a held conversation go, due again when its next open message is."""
     held = (
@@ -243,23 +245,6 @@ def _let_go(
     Conversation.objects.filter(pk=conversation.pk, claim_token=token).update(
         claim_token="", due_at=due, due_limit=limit
     )
-
-
-def claim_on_insert(*, conversation_id: int, instance: InstanceConfig, now: datetime) -> str:
-    """The claim token when a chat with nothing open was taken for this process."""
-    from webhooks.rows import claim_idle_conversation
-
-    token = new_claim_token()
-    lease = lease_for(agent_timeout=instance.agent_timeout, now=now)
-    claimed = claim_idle_conversation(
-        conversation_id=conversation_id,
-        token=token,
-        lease_until=lease,
-        instance_id=instance.pk,
-        max_concurrent=instance.max_concurrent,
-        now=now,
-    )
-    return token if claimed else ""
 
 
 # --- the worker's writes to a message it holds -----------------------------------
@@ -386,6 +371,7 @@ def release_messages(
         ).update(**fields)
 
 
+@transaction.atomic
 def release_batch(*, batch: Batch, error: str = "", delay: float = 0.0) -> None:
     release_messages(messages=batch.messages, error=error, delay=delay)
     settle_conversation(conversation=batch.conversation, token=batch.token)
