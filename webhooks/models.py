@@ -146,7 +146,6 @@ class Conversation(models.Model):
                 condition=~models.Q(claim_token=""),
                 name="webhooks_conversation_held",
             ),
-            models.Index(fields=["instance", "-last_message_at"], name="webhooks_conv_recent"),
         ]
 
     def __str__(self) -> str:

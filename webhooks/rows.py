@@ -159,7 +159,7 @@ def _convert(reading: list[tuple[Field, list[Converter]]], found: Sequence[Any])
 
 
 @cache
-def _touch_sql(vendor: str, queue: bool, debounced: bool) -> str:
+def _touch_sql(vendor: str, queue: bool, debounced: bool, claim: bool) -> str:
     """One statement: the chat's row created or its activity noted and, for a
     queued message, its due time, or its claim for this process's worker.
 
@@ -194,16 +194,19 @@ def _touch_sql(vendor: str, queue: bool, debounced: bool) -> str:
         f"({t}.{c('pause_reason')} <> '' AND ({t}.{c('paused_until')} IS NULL "
         f"OR {t}.{c('paused_until')} > %(now)s))"
     )
+    # Without a claim asked for, none of it is in the statement (SQLite would
+    # still count the held chats).
     claimable = (
-        f"(%(claim)s AND {t}.{c('claim_token')} = '' AND {t}.{c('due_at')} IS NULL "
-        f"AND NOT {paused} AND {room})"
+        f"({t}.{c('claim_token')} = '' AND {t}.{c('due_at')} IS NULL AND NOT {paused} AND {room})"
+        if claim
+        else "FALSE"
     )
     due = f"{greatest}(COALESCE({t}.{c('due_at')}, %(due)s), %(due)s)"
     if debounced:
         due = f"{least}({due}, COALESCE({t}.{c('due_limit')}, %(limit)s))"
     if queue:
-        new_claim = f"CASE WHEN %(claim)s AND {room} THEN %(token)s ELSE '' END"
-        new_due = f"CASE WHEN %(claim)s AND {room} THEN %(lease)s ELSE %(due)s END"
+        new_claim = f"CASE WHEN {room} THEN %(token)s ELSE '' END" if claim else "''"
+        new_due = f"CASE WHEN {room} THEN %(lease)s ELSE %(due)s END" if claim else "%(due)s"
         new_limit = "%(limit)s"
         queued = (
             f", {c('claim_token')} = CASE WHEN {claimable} THEN %(token)s "
@@ -296,12 +299,16 @@ def touch_conversation(
         params.update(
             due=_dt(q.due),
             limit=_dt(q.limit) if q.limit else None,
-            claim=bool(q.token),
             token=q.token,
             lease=_dt(q.lease_until or q.due),
             max_concurrent=q.max_concurrent,
         )
-    sql = _touch_sql(connection.vendor, q is not None, q is not None and q.limit is not None)
+    sql = _touch_sql(
+        connection.vendor,
+        q is not None,
+        q is not None and q.limit is not None,
+        q is not None and bool(q.token),
+    )
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         found = cursor.fetchone()

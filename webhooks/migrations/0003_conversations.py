@@ -118,10 +118,6 @@ class Migration(migrations.Migration):
             model_name='conversation',
             index=models.Index(condition=models.Q(('claim_token', ''), _negated=True), fields=['instance', 'due_at'], name='webhooks_conversation_held'),
         ),
-        migrations.AddIndex(
-            model_name='conversation',
-            index=models.Index(fields=['instance', '-last_message_at'], name='webhooks_conv_recent'),
-        ),
         migrations.AddConstraint(
             model_name='conversation',
             constraint=models.UniqueConstraint(fields=('instance', 'chat_jid'), name='webhooks_one_conversation_per_chat'),
