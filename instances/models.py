@@ -11,6 +11,7 @@ from django.core.validators import (
 )
 from django.db import models
 
+from instances.fields import EncryptedCharField
 from instances.validators import (
     validate_bot_ids,
     validate_chat_patterns,
@@ -96,7 +97,8 @@ class InstanceConfig(models.Model):
         help_text="e.g. https://evolution.example.com. Blank only on the default instance "
         "(legacy mode: taken from each delivery's server_url).",
     )
-    evolution_key = models.CharField(
+    # The three secrets (SECRET_FIELDS) are encrypted at rest: instances/crypto.py.
+    evolution_key = EncryptedCharField(
         "Evolution API key", max_length=512, blank=True, validators=[validate_secret]
     )
     whatsapp_instance = models.CharField(
@@ -107,7 +109,7 @@ class InstanceConfig(models.Model):
         help_text="The instance's name inside Evolution. Blank: the same as the name "
         "(on the legacy default instance: the delivery's instance).",
     )
-    webhook_token = models.CharField(
+    webhook_token = EncryptedCharField(
         max_length=512,
         blank=True,
         default=generate_webhook_token,
@@ -119,7 +121,9 @@ class InstanceConfig(models.Model):
     agent_api_url = models.CharField(
         "Agent API URL", max_length=500, validators=[validate_http_url, NO_NUL]
     )
-    agent_api_key = models.CharField("Agent API key", max_length=512, validators=[validate_secret])
+    agent_api_key = EncryptedCharField(
+        "Agent API key", max_length=512, validators=[validate_secret]
+    )
     default_agent = models.CharField(max_length=128, default="simple_agent", validators=[NO_NUL])
     agent_timeout = models.PositiveIntegerField(
         default=60,

@@ -115,11 +115,23 @@ def validate_http_url(value: str) -> None:
         raise ValidationError("A URL cannot contain spaces.", code="invalid_url")
 
 
+# The mark of an encrypted stored value (instances/crypto.py); kept here so the
+# validators need nothing of the encryption itself.
+ENCRYPTED_PREFIX = "enc1:"
+
+
 def validate_secret(value: str) -> None:
     """Secrets travel in HTTP headers: printable ASCII, no spaces."""
     if value and not re.fullmatch(r"[\x21-\x7e]{1,512}", value):
         raise ValidationError(
             "Use printable ASCII characters without spaces (at most 512).",
+            code="invalid_secret",
+        )
+    if value.startswith(ENCRYPTED_PREFIX):
+        # Stored in plain text (no key set), it would later read as encrypted.
+        raise ValidationError(
+            f"A secret cannot start with '{ENCRYPTED_PREFIX}': that marks an encrypted "
+            "stored value.",
             code="invalid_secret",
         )
 
