@@ -10,7 +10,7 @@ from urllib.parse import quote
 import httpx
 
 from instances.models import InstanceConfig
-from webhooks.http import OutboundError, describe_body
+from webhooks.http import OutboundError, OutboundRefused, describe_body
 
 AGENT_MESSAGE_TYPES = frozenset({"text", "image", "audio", "video", "document"})
 RETRYABLE_STATUSES = frozenset({502, 503, 504})
@@ -118,6 +118,10 @@ class AgentClient:
             response = await self.http.post(
                 self.url, json=request, headers=self.headers, timeout=self.timeout
             )
+        except OutboundRefused as exc:
+            # Refused by the hub: the address is forbidden (nothing was sent), or
+            # the agent answered too much (it acted): no retry either way.
+            raise OutboundError(f"agent call refused: {exc}", retryable=False) from exc
         except httpx.TimeoutException as exc:
             # Once the request is sent the agent may have acted: calling it again
             # could act twice. Connect and pool timeouts never reached it.

@@ -10,7 +10,7 @@ from urllib.parse import quote
 import httpx
 from django.conf import settings
 
-from webhooks.http import OutboundError, describe_body
+from webhooks.http import OutboundError, OutboundRefused, clean_text, describe_body
 
 # Provisioning calls are made while an operator waits on a page.
 PROVISION_TIMEOUT = 10.0
@@ -56,6 +56,9 @@ class EvolutionClient:
             body["quoted"] = quoted
         try:
             response = await self._post("message/sendText", body, settings.EVOLUTION_TIMEOUT)
+        except OutboundRefused as exc:
+            # Refused by the hub (address or answer size): trying again changes nothing.
+            raise OutboundError(f"Evolution call refused: {exc}", retryable=False) from exc
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # Nothing reached Evolution: trying again cannot send twice.
             raise OutboundError(f"Evolution unreachable: {exc!r}", retryable=True) from exc
@@ -70,7 +73,7 @@ class EvolutionClient:
             raise OutboundError(f"Evolution connection failed: {exc!r}", retryable=True) from exc
         if response.status_code >= 300:
             raise OutboundError(
-                f"Evolution answered {response.status_code}: {describe_body(response)}",
+                f"Evolution answered {response.status_code}: {evolution_detail(response)}",
                 retryable=response.status_code >= 500,
                 status=response.status_code,
             )
@@ -99,6 +102,11 @@ class EvolutionClient:
             return await self.http.request(
                 method, f"{self.base_url}{path}", json=body, headers=self.headers, timeout=timeout
             )
+        except OutboundRefused as exc:
+            raise OutboundError(
+                f"Evolution at {self.base_url} was not called to the end: {exc}",
+                retryable=False,
+            ) from exc
         except httpx.TimeoutException as exc:
             raise OutboundError(
                 f"Evolution at {self.base_url} did not answer within {timeout:g} s",
@@ -125,7 +133,7 @@ class EvolutionClient:
         except ValueError as exc:
             raise OutboundError(
                 f"Evolution answered {response.status_code} with a body that is not JSON: "
-                f"{' '.join(describe_body(response, limit=200).split())}",
+                f"{describe_body(response)}",
                 retryable=False,
                 status=response.status_code,
             ) from exc
@@ -250,14 +258,18 @@ def _message_of(body: Any) -> str:
     return error if isinstance(error, str) else ""
 
 
-def evolution_error_text(response: httpx.Response) -> str:
-    """E.g. 'Evolution answered 404 Not Found: The "x" instance does not exist'."""
+def evolution_detail(response: httpx.Response) -> str:
+    """The human message of an Evolution answer, parsed and bounded (never a raw HTML page)."""
     try:
-        detail = _message_of(response.json())
+        detail = clean_text(_message_of(response.json()))
     except ValueError:
         detail = ""
-    if not detail:
-        detail = " ".join(describe_body(response, limit=300).split()) or "(empty body)"
+    return detail or describe_body(response)
+
+
+def evolution_error_text(response: httpx.Response) -> str:
+    """E.g. 'Evolution answered 404 Not Found: The "x" instance does not exist'."""
+    detail = evolution_detail(response)
     text = f"Evolution answered {response.status_code} {response.reason_phrase}"
     if detail != response.reason_phrase:
         text += f": {detail}"
