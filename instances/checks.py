@@ -46,7 +46,7 @@ def check_encryption_key(app_configs: Any = None, **kwargs: Any) -> list[CheckMe
     if not crypto.configured_keys():
         return [
             Warning(
-                f"{crypto.KEY_SETTING} is not set: tenant secrets are stored in plain text.",
+                f"{crypto.KEY_SETTING} is not set: tenant secrets are written in plain text.",
                 hint="Set it to a Fernet key (`make run` writes one to .env), then run "
                 "`manage.py rotate_secrets` to encrypt the secrets already stored.",
                 id="instances.W001",
