@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 WORKERS ?= 2
 
-.PHONY: run test install bench clean example-db
+.PHONY: run test install bench clean example-db encryption-key
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,11 +19,26 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# A Fernet key is 32 random bytes in url-safe base64 (no venv needed to make one).
+FERNET_KEY = $$($(PYTHON) -c 'import base64, os; print(base64.urlsafe_b64encode(os.urandom(32)).decode())')
+
 .env:
 	@echo "SECRET_KEY=$$($(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(50))')" > .env
-	@echo "Wrote a random SECRET_KEY to .env (kept for later starts)."
+	@echo "OMNIHUB_ENCRYPTION_KEY=$(FERNET_KEY)" >> .env
+	@echo "Wrote a random SECRET_KEY and OMNIHUB_ENCRYPTION_KEY to .env (kept for later starts; without that key the tenants' secrets cannot be read)."
 
-run: install .env
+# An .env written before secrets were encrypted gets a key too, unless the
+# environment sets one. The secrets already stored stay readable (plain);
+# `manage.py rotate_secrets` encrypts them.
+encryption-key: .env
+	@if [ -z "$$OMNIHUB_ENCRYPTION_KEY" ] && ! grep -qs '^OMNIHUB_ENCRYPTION_KEY=.' .env; then \
+		[ -z "$$(tail -c1 .env)" ] || echo >> .env; \
+		echo "OMNIHUB_ENCRYPTION_KEY=$(FERNET_KEY)" >> .env; \
+		echo "Added a random OMNIHUB_ENCRYPTION_KEY to .env: new tenant secrets are stored encrypted"; \
+		echo "(run $(BIN)/python manage.py rotate_secrets to encrypt those already stored)."; \
+	fi
+
+run: install .env encryption-key
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
 	@if $(BIN)/python manage.py shell -v 0 -c "from django.conf import settings; raise SystemExit(0 if settings.AGENT_API_KEY else 1)" 2>/dev/null; then \

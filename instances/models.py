@@ -14,6 +14,7 @@ from django.core.validators import (
 from django.db import models
 from django.utils import timezone
 
+from instances.fields import EncryptedCharField
 from instances.validators import (
     url_origin,
     validate_bot_ids,
@@ -103,7 +104,8 @@ class InstanceConfig(models.Model):
         help_text="e.g. https://evolution.example.com. Blank only on the default instance "
         "(legacy mode: taken from each delivery's server_url).",
     )
-    evolution_key = models.CharField(
+    # The three secrets (SECRET_FIELDS) are encrypted at rest: instances/crypto.py.
+    evolution_key = EncryptedCharField(
         "Evolution API key", max_length=512, blank=True, validators=[validate_secret]
     )
     whatsapp_instance = models.CharField(
@@ -114,7 +116,7 @@ class InstanceConfig(models.Model):
         help_text="The instance's name inside Evolution. Blank: the same as the name "
         "(on the legacy default instance: the delivery's instance).",
     )
-    webhook_token = models.CharField(
+    webhook_token = EncryptedCharField(
         max_length=512,
         blank=True,
         default=generate_webhook_token,
@@ -126,7 +128,9 @@ class InstanceConfig(models.Model):
     agent_api_url = models.CharField(
         "Agent API URL", max_length=500, validators=[validate_http_url, NO_NUL]
     )
-    agent_api_key = models.CharField("Agent API key", max_length=512, validators=[validate_secret])
+    agent_api_key = EncryptedCharField(
+        "Agent API key", max_length=512, validators=[validate_secret]
+    )
     default_agent = models.CharField(max_length=128, default="simple_agent", validators=[NO_NUL])
     agent_timeout = models.PositiveIntegerField(
         default=60,

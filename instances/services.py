@@ -6,7 +6,8 @@ from typing import Literal
 from django.conf import settings
 from django.db import transaction
 
-from instances.models import KEY_OF_URL, InstanceConfig
+from instances import crypto
+from instances.models import KEY_OF_URL, SECRET_FIELDS, InstanceConfig
 
 DEFAULT_INSTANCE_NAME = "default"
 
@@ -96,3 +97,15 @@ def seed_default_instance(*, update: bool = False) -> SeedResult:
                 # The environment gives the key with the URL, even when it is unchanged.
                 setattr(existing, key, fields[key])
         return SeedResult("updated", save_instance(instance=existing))
+
+
+def rotate_secrets() -> crypto.SecretsReport:
+    """Every stored secret re-encrypted with the first OMNIHUB_ENCRYPTION_KEY key.
+
+    Plain ones (written before a key was set) are encrypted too. Raises
+    crypto.EncryptionKeyMissing without a key, crypto.UndecryptableSecret when
+    a value opens with none of the keys (nothing is written then).
+    """
+    return crypto.encrypt_stored_secrets(
+        model=InstanceConfig, fields=SECRET_FIELDS, only_plain=False
+    )

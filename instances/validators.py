@@ -1,8 +1,11 @@
 """Validation rules for tenant fields, shared by the model, admin, API and CLI."""
 
+import ipaddress
 import re
+import socket
 from urllib.parse import urlsplit
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -113,6 +116,101 @@ def validate_http_url(value: str) -> None:
         )
     if any(ch.isspace() for ch in value):
         raise ValidationError("A URL cannot contain spaces.", code="invalid_url")
+    refusal = host_refusal(parts.hostname, allow_private=settings.OUTBOUND_ALLOW_PRIVATE)
+    if refusal is not None:
+        raise ValidationError(refusal, code="forbidden_address")
+
+
+# --- where the hub may send requests (server-side request forgery) -------------
+# A tenant's URL is called by the hub's own server: pointed at a cloud metadata
+# service it would fetch the machine's credentials and show the answer in an
+# error. These are refused always; webhooks/aiohttp_transport.py applies the same
+# rules to the addresses a host name resolves to, at connect time.
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a)
+    for a in (
+        "169.254.169.254",  # AWS, GCP, Azure, OpenStack, DigitalOcean, Oracle, ...
+        "169.254.170.2",  # AWS ECS task metadata
+        "fd00:ec2::254",  # AWS over IPv6
+        "100.100.100.200",  # Alibaba Cloud
+        "192.0.0.192",  # Oracle Cloud (older)
+        "168.63.129.16",  # Azure WireServer
+    )
+)
+METADATA_HOSTS = frozenset(
+    {
+        "metadata",
+        "metadata.google.internal",
+        "metadata.goog",
+        "metadata.azure.com",
+        "instance-data",
+        "instance-data.ec2.internal",
+    }
+)
+LINK_LOCAL = (ipaddress.ip_network("169.254.0.0/16"), ipaddress.ip_network("fe80::/10"))
+# Refused when OUTBOUND_ALLOW_PRIVATE is false (with loopback, unspecified and
+# the addresses ipaddress calls private): CGNAT, which is_private leaves out.
+CGNAT = ipaddress.ip_network("100.64.0.0/10")
+ALLOW_PRIVATE_HINT = "refused while OUTBOUND_ALLOW_PRIVATE is false"
+
+
+def address_refusal(address: IPAddress, *, allow_private: bool) -> str | None:
+    """Why the hub must not connect to this address; None when it may."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:169.254.169.254 is 169.254.169.254
+    if address in METADATA_ADDRESSES:
+        return f"{address} is a cloud metadata address: the hub never calls it."
+    if any(address in network for network in LINK_LOCAL):
+        return f"{address} is a link-local address: the hub never calls one."
+    if allow_private:
+        return None
+    for kind, applies in (
+        ("an unspecified", address.is_unspecified),
+        ("a loopback", address.is_loopback),
+        ("a CGNAT", isinstance(address, ipaddress.IPv4Address) and address in CGNAT),
+        ("a private", address.is_private),
+    ):
+        if applies:
+            return f"{address} is {kind} address, {ALLOW_PRIVATE_HINT}."
+    return None
+
+
+def literal_address(host: str) -> IPAddress | None:
+    """The address a URL's host spells, in any form the system resolver reads."""
+    host = host.strip("[]").split("%", 1)[0]  # IPv6 brackets and zone (fe80::1%eth0)
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    # 2852039166, 0xa9fea9fe, 169.254.43518: inet_aton reads them as addresses.
+    if re.fullmatch(r"[0-9a-fx.]+", host, re.IGNORECASE) and any(c.isdigit() for c in host):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
+    return None
+
+
+def host_refusal(host: str, *, allow_private: bool) -> str | None:
+    """Why a URL's host must not be called; None when nothing about its name forbids it.
+
+    No DNS here: a name is checked by what it resolves to when the hub connects.
+    """
+    name = host.lower().rstrip(".")
+    if name in METADATA_HOSTS:
+        return f"{host} is a cloud metadata service: the hub never calls it."
+    address = literal_address(name)
+    if address is not None:
+        return address_refusal(address, allow_private=allow_private)
+    if not allow_private and (name == "localhost" or name.endswith(".localhost")):
+        return f"{host} is a loopback address, {ALLOW_PRIVATE_HINT}."
+    return None
+
+
+# The mark of an encrypted stored value (instances/crypto.py); kept here so the
+# validators need nothing of the encryption itself.
+ENCRYPTED_PREFIX = "enc1:"
 
 
 def validate_secret(value: str) -> None:
@@ -120,6 +218,13 @@ def validate_secret(value: str) -> None:
     if value and not re.fullmatch(r"[\x21-\x7e]{1,512}", value):
         raise ValidationError(
             "Use printable ASCII characters without spaces (at most 512).",
+            code="invalid_secret",
+        )
+    if value.startswith(ENCRYPTED_PREFIX):
+        # Stored in plain text (no key set), it would later read as encrypted.
+        raise ValidationError(
+            f"A secret cannot start with '{ENCRYPTED_PREFIX}': that marks an encrypted "
+            "stored value.",
             code="invalid_secret",
         )
 

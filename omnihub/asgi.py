@@ -17,8 +17,11 @@ from django.urls import set_script_prefix
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "omnihub.settings")
 django_application = get_asgi_application()
 
+from asgiref.sync import sync_to_async  # noqa: E402
 from django.conf import settings  # noqa: E402
+from django.db import close_old_connections  # noqa: E402
 
+from instances.checks import secrets_problem  # noqa: E402
 from webhooks.worker import Worker  # noqa: E402
 
 
@@ -62,12 +65,25 @@ logger = logging.getLogger("omnihub.asgi")
 LEAN_PREFIXES = ("/webhook/", "/health")
 
 
+def _startup_problem() -> str | None:
+    try:
+        return secrets_problem()
+    finally:
+        close_old_connections()
+
+
 async def lifespan(receive: Any, send: Any) -> None:
     stop = asyncio.Event()
     task: asyncio.Task[None] | None = None
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
+            problem = await sync_to_async(_startup_problem)()
+            if problem is not None:
+                # Refuse to start rather than fail every delivery on its tenant's secrets.
+                logger.error("cannot start: %s", problem)
+                await send({"type": "lifespan.startup.failed", "message": problem})
+                return
             if settings.OMNIHUB_EMBEDDED_WORKER:
                 task = asyncio.create_task(Worker().run(stop=stop))
             await send({"type": "lifespan.startup.complete"})

@@ -122,9 +122,7 @@ if _db["ENGINE"] == "django.db.backends.sqlite3":
             "timeout": env.int("SQLITE_BUSY_TIMEOUT", default=20),
             # WAL lets readers run while one writer writes; synchronous=NORMAL
             # is durable against a crash of the process (not of the machine).
-            "init_command": (
-                "PRAGMA journal_mode=WAL;PRAGMA synchronous=NORMAL;"
-            ),
+            "init_command": ("PRAGMA journal_mode=WAL;PRAGMA synchronous=NORMAL;"),
         }
     )
 elif _db["ENGINE"] in ("django.db.backends.postgresql",):
@@ -197,6 +195,21 @@ SPECTACULAR_SETTINGS = {
     "COMPONENT_SPLIT_REQUEST": True,
     "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
 }
+
+# --- Security ----------------------------------------------------------------
+# Fernet keys for the tenants' secrets at rest, comma-separated: the first
+# encrypts, all decrypt (rotation: instances/crypto.py, `manage.py rotate_secrets`).
+# Unset: secrets are stored in plain text (`make run` writes a key to .env).
+OMNIHUB_ENCRYPTION_KEYS = [
+    key.strip() for key in env.list("OMNIHUB_ENCRYPTION_KEY", default=[]) if key.strip()
+]
+# Outbound calls (tenants' Evolution and agent URLs) to loopback, RFC 1918,
+# CGNAT, ULA and unspecified addresses. Link-local and cloud metadata addresses
+# are refused whatever this says. Turn it off when no tenant's server runs on
+# the hub's own host or network (a hub whose tenants are set by others).
+OUTBOUND_ALLOW_PRIVATE = env.bool("OUTBOUND_ALLOW_PRIVATE", default=True)
+# The most an agent or Evolution answer may hold; a larger one fails the call.
+OUTBOUND_MAX_RESPONSE_BYTES = env.int("OUTBOUND_MAX_RESPONSE_BYTES", default=1024 * 1024)
 
 # --- Legacy single-tenant variables (seed the default instance) ------------
 AGENT_API_URL = env.str("AGENT_API_URL", default="http://localhost:8000")

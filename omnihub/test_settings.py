@@ -4,6 +4,8 @@ import os
 
 os.environ["ENV_FILE"] = ""
 os.environ.setdefault("SECRET_KEY", "test-secret-key-not-for-production")
+# Tenant secrets are encrypted in the tests as on a `make run` install.
+os.environ.setdefault("OMNIHUB_ENCRYPTION_KEY", "dGVzdC1rZXktbm90LWZvci1wcm9kdWN0aW9uLTMyYiE=")
 
 from omnihub.settings import *  # noqa: F403
 

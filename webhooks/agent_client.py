@@ -11,7 +11,7 @@ from urllib.parse import quote
 import httpx
 
 from instances.models import InstanceConfig
-from webhooks.http import OutboundError, describe_body
+from webhooks.http import OutboundError, OutboundRefused, describe_body
 
 AGENT_MESSAGE_TYPES = frozenset({"text", "image", "audio", "video", "document"})
 RETRYABLE_STATUSES = frozenset({502, 503, 504})
@@ -130,6 +130,10 @@ class AgentClient:
                 "retried (it may have acted)",
                 retryable=False,
             ) from exc
+        except OutboundRefused as exc:
+            # Refused by the hub: the address is forbidden (nothing was sent), or
+            # the agent answered too much (it acted): no retry either way.
+            raise OutboundError(f"agent call refused: {exc}", retryable=False) from exc
         except httpx.TimeoutException as exc:
             # Once the request is sent the agent may have acted: calling it again
             # could act twice. Connect and pool timeouts never reached it.

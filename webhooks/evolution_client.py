@@ -11,7 +11,7 @@ from urllib.parse import quote
 import httpx
 from django.conf import settings
 
-from webhooks.http import OutboundError, describe_body
+from webhooks.http import OutboundError, OutboundRefused, clean_text, describe_body
 
 # Provisioning calls are made while an operator waits on a page.
 PROVISION_TIMEOUT = 10.0
@@ -65,6 +65,9 @@ class EvolutionClient:
                 "not retried, the reply may have been sent",
                 retryable=False,
             ) from exc
+        except OutboundRefused as exc:
+            # Refused by the hub (address or answer size): trying again changes nothing.
+            raise OutboundError(f"Evolution call refused: {exc}", retryable=False) from exc
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # Nothing reached Evolution: trying again cannot send twice.
             raise OutboundError(f"Evolution unreachable: {exc!r}", retryable=True) from exc
@@ -109,6 +112,11 @@ class EvolutionClient:
             return await self.http.request(
                 method, f"{self.base_url}{path}", json=body, headers=self.headers, timeout=timeout
             )
+        except OutboundRefused as exc:
+            raise OutboundError(
+                f"Evolution at {self.base_url} was not called to the end: {exc}",
+                retryable=False,
+            ) from exc
         except httpx.TimeoutException as exc:
             raise OutboundError(
                 f"Evolution at {self.base_url} did not answer within {timeout:g} s",
@@ -135,7 +143,7 @@ class EvolutionClient:
         except ValueError as exc:
             raise OutboundError(
                 f"Evolution answered {response.status_code} with a body that is not JSON: "
-                f"{' '.join(describe_body(response, limit=200).split())}",
+                f"{describe_body(response)}",
                 retryable=False,
                 status=response.status_code,
             ) from exc
@@ -260,14 +268,18 @@ def _message_of(body: Any) -> str:
     return error if isinstance(error, str) else ""
 
 
-def evolution_error_text(response: httpx.Response) -> str:
-    """E.g. 'Evolution answered 404 Not Found: The "x" instance does not exist'."""
+def evolution_detail(response: httpx.Response) -> str:
+    """The human message of an Evolution answer, parsed and bounded (never a raw HTML page)."""
     try:
-        detail = _message_of(response.json())
+        detail = clean_text(_message_of(response.json()))
     except ValueError:
         detail = ""
-    if not detail:
-        detail = " ".join(describe_body(response, limit=300).split()) or "(empty body)"
+    return detail or describe_body(response)
+
+
+def evolution_error_text(response: httpx.Response) -> str:
+    """E.g. 'Evolution answered 404 Not Found: The "x" instance does not exist'."""
+    detail = evolution_detail(response)
     text = f"Evolution answered {response.status_code} {response.reason_phrase}"
     if detail != response.reason_phrase:
         text += f": {detail}"

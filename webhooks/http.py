@@ -4,16 +4,43 @@ It holds no tenant state: every request gets its URL, key and timeout from
 the instance row it is made for.
 """
 
-import httpx
+import html
+import json
+import re
+import unicodedata
+from typing import Any
 
-from webhooks.aiohttp_transport import AiohttpTransport
+import httpx
+from django.conf import settings
+
+from webhooks.aiohttp_transport import (
+    AiohttpTransport,
+    DestinationRefused,
+    OutboundRefused,
+    ResponseTooLarge,
+)
+
+__all__ = [
+    "DestinationRefused",
+    "OutboundError",
+    "OutboundRefused",
+    "ResponseTooLarge",
+    "describe_body",
+    "new_http_client",
+]
 
 USER_AGENT = "omnihub/0.1"
+# What an operator sees of an answer (admin, API, CLI, the message log).
+DETAIL_LIMIT = 200
 
 
 def new_http_client(*, max_connections: int = 200) -> httpx.AsyncClient:
     return httpx.AsyncClient(
-        transport=AiohttpTransport(max_connections=max_connections),
+        transport=AiohttpTransport(
+            max_connections=max_connections,
+            allow_private=settings.OUTBOUND_ALLOW_PRIVATE,
+            max_response_bytes=settings.OUTBOUND_MAX_RESPONSE_BYTES,
+        ),
         # Every call passes its own timeout; this is the ceiling for any we forget.
         timeout=httpx.Timeout(30.0, connect=5.0),
         headers={"user-agent": USER_AGENT},
@@ -30,6 +57,57 @@ class OutboundError(Exception):
         self.status = status
 
 
-def describe_body(response: httpx.Response, limit: int = 500) -> str:
-    text = response.text
-    return text if len(text) <= limit else text[:limit] + "..."
+def clean_text(text: str, *, limit: int = DETAIL_LIMIT) -> str:
+    """One line of at most `limit` characters, no control or format characters.
+
+    What an upstream answers is shown to operators (and logged): a terminal
+    escape or a megabyte of text must not come with it.
+    """
+    text = "".join(" " if unicodedata.category(ch).startswith(("C", "Z")) else ch for ch in text)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+_HTML_START = re.compile(rb"\s*(?:<!doctype\s+html|<html|<head|<body|<title)", re.IGNORECASE)
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title", re.IGNORECASE | re.DOTALL)
+
+
+def _is_html(response: httpx.Response) -> bool:
+    kind = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    return kind in ("text/html", "application/xhtml+xml") or bool(
+        _HTML_START.match(response.content[:512])
+    )
+
+
+def _json_message(body: Any) -> str:
+    """The human part of a JSON error body: its message, detail or error."""
+    if not isinstance(body, dict):
+        return ""
+    for key in ("message", "detail", "error", "error_description"):
+        value = body.get(key)
+        if isinstance(value, dict):
+            value = _json_message(value)
+        if isinstance(value, list):
+            value = "; ".join(v if isinstance(v, str) else json.dumps(v) for v in value)
+        if isinstance(value, str) and value.strip():
+            return value
+    return ""
+
+
+def describe_body(response: httpx.Response, limit: int = DETAIL_LIMIT) -> str:
+    """An answer's body as an operator may see it: parsed, bounded, one line.
+
+    An HTML page (a proxy's or a login page) becomes "an HTML page (<title>)";
+    a JSON body its message when it has one; anything else its text, cleaned.
+    """
+    if not response.content.strip():
+        return "(empty body)"
+    if _is_html(response):
+        found = _TITLE.search(response.content[:65536].decode("utf-8", "replace"))
+        title = clean_text(html.unescape(found.group(1)), limit=limit - 16) if found else ""
+        return f"an HTML page ({title})" if title else "an HTML page"
+    try:
+        message = _json_message(response.json())
+    except ValueError:
+        message = ""
+    return clean_text(message or response.text, limit=limit)

@@ -61,6 +61,8 @@ BASE_ENV = {
     # Serve the admin's CSS straight from the apps: a clean clone has no collectstatic.
     "WHITENOISE_USE_FINDERS": "true",
     "OMNIHUB_API_KEY": API_KEY,
+    # Tenant secrets encrypted at rest, as on a `make run` install.
+    "OMNIHUB_ENCRYPTION_KEY": "ZTJlLWtleS1ub3QtZm9yLXByb2R1Y3Rpb24tMzJieXQ=",
     "PYTHONUNBUFFERED": "1",
 }
 # Retries and leases in fractions of a second, so failure tests finish quickly.

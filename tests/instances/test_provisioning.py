@@ -226,14 +226,14 @@ def error_body(name: str) -> dict[str, Any]:
             lambda acme, evolution: evolution.answer_next(
                 "/instance/create", (502, b"<html><body>Bad Gateway</body></html>")
             ),
-            "Evolution answered 502 Bad Gateway: <html><body>Bad Gateway</body></html>",
+            "Evolution answered 502 Bad Gateway: an HTML page",
             id="non-json-error",
         ),
         pytest.param(
             lambda acme, evolution: evolution.answer_next(
                 "/instance/create", (201, b"<html>proxy login</html>")
             ),
-            "Evolution answered 201 with a body that is not JSON: <html>proxy login</html>",
+            "Evolution answered 201 with a body that is not JSON: an HTML page",
             id="non-json-success",
         ),
     ],

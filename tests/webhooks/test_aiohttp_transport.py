@@ -12,10 +12,14 @@ from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
+from django.test import override_settings
 
-from tests.fakes import FakeEvolution
+from tests.fakes import FakeAgent, FakeEvolution
+from tests.webhooks.conftest import unsaved_instance
+from webhooks.agent_client import AgentClient
+from webhooks.aiohttp_transport import AiohttpTransport
 from webhooks.evolution_client import EvolutionClient, EvolutionTarget
-from webhooks.http import new_http_client
+from webhooks.http import DestinationRefused, OutboundError, ResponseTooLarge, new_http_client
 
 pytestmark = pytest.mark.asyncio
 
@@ -189,3 +193,137 @@ async def test_it_sends_through_the_proxy_the_environment_names(monkeypatch) -> 
     assert response.status_code == 201
     [request] = proxy.received()
     assert request.path == "http://evolution.example/chat/sendPresence/x"
+
+
+# --- where the hub may connect, and how much it reads -------------------------
+
+
+def transport_client(**options: object) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=AiohttpTransport(max_connections=2, **options))
+
+
+def answer_with(body: bytes, *, headers: bytes = b"") -> Callable[[socket.socket], None]:
+    def handle(conn: socket.socket) -> None:
+        read_request(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n" + headers)
+        conn.sendall(b"\r\n" + body)
+        conn.close()
+
+    return handle
+
+
+async def test_with_private_addresses_off_a_name_resolving_to_loopback_is_refused() -> None:
+    evolution = FakeEvolution().start()
+    port = evolution.url.rsplit(":", 1)[1]
+    try:
+        async with transport_client(allow_private=False) as http:
+            with pytest.raises(DestinationRefused) as caught:
+                await http.get(f"http://localhost:{port}/instance/connectionState/x")
+    finally:
+        evolution.stop()
+
+    assert "localhost resolves to 127.0.0.1" in str(caught.value)
+    assert "OUTBOUND_ALLOW_PRIVATE is false" in str(caught.value)
+    assert evolution.received() == []
+
+
+async def test_with_private_addresses_on_a_name_resolving_to_loopback_is_called() -> None:
+    evolution = FakeEvolution().start()
+    port = evolution.url.rsplit(":", 1)[1]
+    try:
+        async with transport_client(allow_private=True) as http:
+            response = await http.post(f"http://localhost:{port}/chat/sendPresence/x", json={})
+    finally:
+        evolution.stop()
+
+    assert response.status_code == 201
+
+
+@pytest.mark.parametrize(
+    "url", ["http://169.254.169.254/latest/meta-data/", "http://[fd00:ec2::254]/"]
+)
+async def test_a_metadata_address_is_never_connected_to(url: str) -> None:
+    async with new_http_client(max_connections=2) as http:
+        with pytest.raises(DestinationRefused, match="cloud metadata address"):
+            await http.get(url, timeout=httpx.Timeout(5.0, connect=0.5))
+
+
+async def test_a_refused_destination_fails_the_agent_call_without_a_retry() -> None:
+    agent = FakeAgent().start()
+    instance = unsaved_instance(agent_api_url=agent.url.replace("127.0.0.1", "localhost"))
+    try:
+        async with transport_client(allow_private=False) as http:
+            with pytest.raises(OutboundError) as caught:
+                await AgentClient(instance=instance, http=http).run({"message_content": "hi"})
+    finally:
+        agent.stop()
+
+    assert caught.value.retryable is False
+    assert str(caught.value).startswith("agent call refused: localhost resolves to 127.0.0.1")
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked-or-close"])
+async def test_an_answer_larger_than_the_cap_fails_instead_of_being_buffered(
+    raw_server, declared: bool
+) -> None:
+    body = b'{"message": "' + b"x" * 5000 + b'"}'
+    headers = f"content-length: {len(body)}\r\n".encode() if declared else b""
+    url = raw_server(answer_with(body, headers=headers))
+
+    async with transport_client(max_response_bytes=1000) as http:
+        with pytest.raises(ResponseTooLarge, match="OUTBOUND_MAX_RESPONSE_BYTES is 1000"):
+            await http.get(url)
+
+
+async def test_a_small_gzipped_answer_that_decodes_past_the_cap_fails(raw_server) -> None:
+    payload = gzip.compress(b'{"message": "' + b"0" * 100_000 + b'"}')
+    assert len(payload) < 1000
+    headers = f"content-encoding: gzip\r\ncontent-length: {len(payload)}\r\n".encode()
+    url = raw_server(answer_with(payload, headers=headers))
+
+    async with transport_client(max_response_bytes=10_000) as http:
+        with pytest.raises(ResponseTooLarge):
+            await http.get(url)
+
+
+async def test_an_answer_within_the_cap_is_read_whole(raw_server) -> None:
+    body = b'{"message": "' + b"x" * 900 + b'"}'
+    url = raw_server(answer_with(body))
+
+    async with transport_client(max_response_bytes=1000) as http:
+        response = await http.get(url)
+
+    assert response.content == body
+
+
+async def test_a_too_large_agent_answer_fails_the_call_with_a_clear_error(raw_server) -> None:
+    url = raw_server(answer_with(b'{"message": "' + b"x" * 5000 + b'"}'))
+    instance = unsaved_instance(agent_api_url=url)
+
+    async with transport_client(max_response_bytes=1000) as http:
+        with pytest.raises(OutboundError) as caught:
+            await AgentClient(instance=instance, http=http).run({"message_content": "hi"})
+
+    # The agent answered (it acted): calling it again could act twice.
+    assert caught.value.retryable is False
+    assert "agent call refused: the answer holds more than 1000 bytes" in str(caught.value)
+
+
+async def test_a_too_large_evolution_answer_fails_the_send_without_a_retry(raw_server) -> None:
+    url = raw_server(answer_with(b"x" * 5000))
+    target = EvolutionTarget(base_url=url, api_key="k", instance_name="x")
+
+    async with transport_client(max_response_bytes=1000) as http:
+        with pytest.raises(OutboundError) as caught:
+            await EvolutionClient(target=target, http=http).send_text(number="1", text="hi")
+
+    assert caught.value.retryable is False
+    assert "Evolution call refused: the answer holds more than 1000 bytes" in str(caught.value)
+
+
+@override_settings(OUTBOUND_MAX_RESPONSE_BYTES=1234, OUTBOUND_ALLOW_PRIVATE=False)
+async def test_the_hubs_client_takes_its_limits_from_the_settings() -> None:
+    async with new_http_client(max_connections=2) as http:
+        transport = http._transport  # type: ignore[attr-defined]
+
+    assert (transport.max_response_bytes, transport.allow_private) == (1234, False)

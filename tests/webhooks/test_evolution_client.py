@@ -7,8 +7,8 @@ import httpx
 import pytest
 from django.conf import settings
 
-from webhooks.evolution_client import EvolutionClient, EvolutionTarget
-from webhooks.http import OutboundError
+from webhooks.evolution_client import EvolutionClient, EvolutionTarget, evolution_error_text
+from webhooks.http import OutboundError, describe_body
 
 TARGET = EvolutionTarget(
     base_url="http://evolution.acme.test/", api_key="acme-evolution-key", instance_name="acme-wa"
@@ -176,3 +176,46 @@ async def test_send_presence_swallows_every_failure(answer: Any) -> None:
 
     assert result is None
     assert len(requests) == 1
+
+
+# --- what an operator sees of an answer -----------------------------------------
+
+
+def test_an_html_error_page_is_shown_as_its_title_never_the_page() -> None:
+    page = (
+        "<!DOCTYPE html><html><head><title>502 Bad\n Gateway &amp; co</title>"
+        "<script>alert(1)</script></head><body>" + "<p>noise</p>" * 500 + "</body></html>"
+    )
+    response = httpx.Response(502, text=page, headers={"content-type": "text/html"})
+
+    assert evolution_error_text(response) == (
+        "Evolution answered 502 Bad Gateway: an HTML page (502 Bad Gateway & co)"
+    )
+
+
+def test_an_html_page_without_a_content_type_is_still_an_html_page() -> None:
+    response = httpx.Response(200, content=b"  <html><body>login</body></html>")
+
+    assert describe_body(response) == "an HTML page"
+
+
+def test_the_error_text_is_bounded_and_carries_no_control_characters() -> None:
+    message = "\x1b[31mred\x1b[0m \u202e" + "long " * 1000
+    response = httpx.Response(400, json={"response": {"message": [message]}})
+
+    text = evolution_error_text(response)
+    detail = text.split(": ", 1)[1]
+
+    assert len(detail) <= 200
+    assert detail.startswith("[31mred [0m long long")
+    assert detail.endswith("...")
+    assert not any(ch in text for ch in "\x1b\u202e\n")
+
+
+def test_a_long_text_answer_shows_at_most_200_characters() -> None:
+    response = httpx.Response(500, text="oops\r\n" * 1000)
+
+    detail = evolution_error_text(response).split(": ", 1)[1]
+
+    assert len(detail) <= 200
+    assert detail.startswith("oops oops")
