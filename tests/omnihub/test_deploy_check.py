@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cryptography.fernet import Fernet
 from django.test import Client
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,8 +25,12 @@ def documented_production_settings() -> dict[str, str]:
     settings: dict[str, str] = {}
     for line in block.group(1).splitlines():
         key, _, value = line.partition("#")[0].strip().partition("=")
-        if key:
-            settings[key] = secrets.token_urlsafe(50) if value == PLACEHOLDER else value
+        if key and value == PLACEHOLDER:
+            # A made-up secret of the shape each one takes.
+            made_up = Fernet.generate_key().decode() if "ENCRYPTION" in key else None
+            settings[key] = made_up or secrets.token_urlsafe(50)
+        elif key:
+            settings[key] = value
     return settings
 
 
