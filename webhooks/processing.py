@@ -116,6 +116,9 @@ class Step:
     def __init__(self, batch: Batch) -> None:
         self.batch = batch
         self.lost = False
+        # Replies whose outbound row was written with the agent's answer: its id,
+        # or None when the number is not connected (the reply is held).
+        self.prepared: dict[int, int | None] = {}
 
     async def update(
         self,
@@ -357,16 +360,28 @@ async def _ask_agent(step: Step, *, message: InboundMessage, http: httpx.AsyncCl
         )
         return held
     stored_request = {k: v for k, v in request.items() if k != "channel_payload"}
-    held, _ = await step.update(
+    text = reply.text if reply.should_send else ""
+    target = evolution_target(message=message)
+    # The reply's outbound row goes in the same write as the agent's answer:
+    # one database round trip fewer between the answer and its sendText.
+    send_start = (
+        SendStart(chat_jid=message.chat_jid, text=text)
+        if text and target.base_url and target.api_key
+        else None
+    )
+    held, outbound_id = await step.update(
         message,
+        send_start=send_start,
         agent_attempts=message.agent_attempts + 1,
         agent_started_at=started,
         agent_finished_at=timezone.now(),
         agent_request=stored_request,
         agent_response=reply.body,
-        reply_text=reply.text if reply.should_send else "",
+        reply_text=text,
         session_name=session,
     )
+    if held and send_start is not None:
+        step.prepared[message.pk] = outbound_id
     return held
 
 
@@ -383,14 +398,17 @@ async def _send_reply(step: Step, *, message: InboundMessage, http: httpx.AsyncC
         )
         return True
     # Recorded before the send: its echo may arrive before sendText answers.
-    no_longer_held = {"ignore_reason": ""} if message.ignore_reason == HOLD_REASON else {}
-    held, outbound_id = await step.update(
-        message,
-        send_start=SendStart(chat_jid=message.chat_jid, text=message.reply_text),
-        **no_longer_held,
-    )
-    if not held:
-        return False
+    if message.pk in step.prepared:
+        outbound_id = step.prepared.pop(message.pk)
+    else:
+        no_longer_held = {"ignore_reason": ""} if message.ignore_reason == HOLD_REASON else {}
+        held, outbound_id = await step.update(
+            message,
+            send_start=SendStart(chat_jid=message.chat_jid, text=message.reply_text),
+            **no_longer_held,
+        )
+        if not held:
+            return False
     if outbound_id is None:
         return await _hold(step, message=message)
     # A send that has started finishes, and is recorded, even when the worker is
