@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 
 from instances.models import GroupPolicy, InstanceConfig
-from webhooks.parsing import GROUP_SUFFIX, ParsedMessage
+from webhooks.parsing import ParsedMessage
 
 # A chat that never stops typing is answered at the latest this many debounce
 # windows after the first message of its burst.
@@ -116,10 +116,6 @@ def group_reason(
 
 def needs_group_context(*, instance: InstanceConfig, message: ParsedMessage) -> bool:
     return message.is_group and instance.group_policy == GroupPolicy.MENTIONS
-
-
-def is_group_jid(jid: str) -> bool:
-    return jid.endswith(GROUP_SUFFIX)
 
 
 @dataclass(frozen=True)

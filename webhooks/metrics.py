@@ -70,14 +70,13 @@ debounced_bursts = Counter(
 
 
 def paused_by_instance() -> dict[str, int]:
-    from django.db.models import Count, Q
+    from django.db.models import Count
     from django.utils import timezone
 
     from webhooks.models import Conversation
+    from webhooks.selectors import paused_now_q
 
-    paused = Conversation.objects.exclude(pause_reason="").filter(
-        Q(paused_until__isnull=True) | Q(paused_until__gt=timezone.now())
-    )
+    paused = Conversation.objects.filter(paused_now_q(timezone.now()))
     return dict(paused.order_by().values_list("instance__name").annotate(count=Count("id")))
 
 

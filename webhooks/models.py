@@ -96,6 +96,11 @@ class PauseReason(models.TextChoices):
     OPERATOR = "paused"
 
 
+def paused_at(*, pause_reason: str, paused_until: datetime | None, now: datetime) -> bool:
+    """Whether a chat with this pause is paused at `now` (no end: until resumed)."""
+    return bool(pause_reason) and (paused_until is None or paused_until > now)
+
+
 class Conversation(models.Model):
     """One chat of one instance: its state, and the lease of the worker handling it.
 
@@ -152,7 +157,7 @@ class Conversation(models.Model):
         return self.phone or self.chat_jid
 
     def paused_now(self, *, now: datetime) -> bool:
-        return bool(self.pause_reason) and (self.paused_until is None or self.paused_until > now)
+        return paused_at(pause_reason=self.pause_reason, paused_until=self.paused_until, now=now)
 
     @property
     def state(self) -> str:

@@ -27,6 +27,7 @@ from webhooks.models import (
     OutboundMessage,
     OutboundStatus,
     Status,
+    paused_at,
 )
 
 _meta = InboundMessage._meta
@@ -263,7 +264,7 @@ class ChatState:
     due_at: datetime | None
 
     def paused_now(self, *, now: datetime) -> bool:
-        return bool(self.pause_reason) and (self.paused_until is None or self.paused_until > now)
+        return paused_at(pause_reason=self.pause_reason, paused_until=self.paused_until, now=now)
 
 
 def touch_conversation(
