@@ -115,8 +115,10 @@ def test_two_standalone_workers_answer_each_message_once_in_chat_order(
     hub = start_hub()
     server = hub.start_server(embedded_worker=False)
     # A worker holds a chat until its messages are done: 0.1 s a message gives the
-    # second worker, started a moment later, chats of its own to take.
-    tenant = tenant_on(hub, agent_delay=0.1)
+    # second worker, started a moment later, chats of its own to take. Room for
+    # both workers' slots: at its default max_concurrent (16) the tenant's chats
+    # could all be held by the first worker.
+    tenant = tenant_on(hub, agent_delay=0.1, max_concurrent=32)
     count, chats = 300, 30
     texts = queue_backlog(tenant, count=count, chats=chats, prefix="shared")
     assert tenant.evolution.sent() == []  # no worker in the server
