@@ -64,6 +64,10 @@ class InstanceConfigAdmin(ProvisioningAdminMixin, admin.ModelAdmin):
             ),
             ("Behaviour", {"fields": ["fallback_message"]}),
             (
+                "Legacy mode (the single-tenant service's behaviour)",
+                {"fields": ["legacy_mode", "legacy_server_url"]},
+            ),
+            (
                 "Human takeover",
                 {"fields": ["handoff_minutes", "bot_off_keyword", "bot_on_keyword"]},
             ),

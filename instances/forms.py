@@ -57,6 +57,8 @@ class InstanceConfigForm(forms.ModelForm):
             "name",
             "is_active",
             "is_default",
+            "legacy_mode",
+            "legacy_server_url",
             "evolution_url",
             "evolution_key",
             "whatsapp_instance",

@@ -67,6 +67,8 @@ def normalized_url(url: str) -> str:
     return urlunsplit(
         (parts.scheme.lower(), parts.netloc.lower(), parts.path.rstrip("/"), parts.query, "")
     )
+
+
 # Each URL and the key the hub sends to it.
 KEY_OF_URL = {"evolution_url": "evolution_key", "agent_api_url": "agent_api_key"}
 _TRACKED_SECRETS = frozenset(SECRET_FIELDS)
@@ -95,14 +97,32 @@ class InstanceConfig(models.Model):
         default=False,
         help_text="The default instance answers the legacy route /webhook/evolution.",
     )
+    # An explicit property, never derived from is_default: moving the default
+    # must not rename any agent session nor leave a tenant unable to reply.
+    legacy_mode = models.BooleanField(
+        default=False,
+        help_text="Behave as the single-tenant service this hub replaced: agent sessions "
+        "named SESSION_ID_PREFIX + number (without the instance's name) and, with no "
+        "Evolution URL and key, replies through the server deliveries name (pinned below). "
+        "Set on the instance seeded from .env; moving the default does not change it.",
+    )
+    legacy_server_url = models.CharField(
+        "Legacy reply server",
+        max_length=500,
+        blank=True,
+        validators=[validate_http_url, NO_NUL],
+        help_text="Legacy mode without an Evolution URL: the server_url of the first "
+        "delivery, pinned so that no one else can choose where replies go. Deliveries "
+        "naming another server are stored as ignored. Clear it to pin the next one's.",
+    )
 
     evolution_url = models.CharField(
         "Evolution API URL",
         max_length=500,
         blank=True,
         validators=[validate_http_url, NO_NUL],
-        help_text="e.g. https://evolution.example.com. Blank only on the default instance "
-        "(legacy mode: taken from each delivery's server_url).",
+        help_text="e.g. https://evolution.example.com. Blank only in legacy mode (replies "
+        "through the legacy reply server).",
     )
     # The three secrets (SECRET_FIELDS) are encrypted at rest: instances/crypto.py.
     evolution_key = EncryptedCharField(
@@ -114,7 +134,7 @@ class InstanceConfig(models.Model):
         blank=True,
         validators=[NO_NUL],
         help_text="The instance's name inside Evolution. Blank: the same as the name "
-        "(on the legacy default instance: the delivery's instance).",
+        "(in legacy mode without an Evolution URL: the delivery's instance).",
     )
     webhook_token = EncryptedCharField(
         max_length=512,
@@ -141,8 +161,9 @@ class InstanceConfig(models.Model):
         max_length=64,
         blank=True,
         validators=[NO_NUL],
-        help_text="Prepended to the phone digits to form the agent session name. Blank on "
-        "a non-default instance: '<name>_', so two tenants never share a session.",
+        help_text="Prepended to the phone digits to form the agent session name. Blank: "
+        "'<name>_', so two tenants never share a session (in legacy mode: nothing, as the "
+        "single-tenant service named them).",
     )
     fallback_message = models.TextField(
         default=DEFAULT_FALLBACK_MESSAGE,
@@ -352,10 +373,13 @@ class InstanceConfig(models.Model):
                 "An instance cannot be renamed: Evolution posts to a URL holding its name. "
                 "Create a new instance instead."
             )
-        if not self.is_default:
+        if not self.legacy_mode:
             for field in ("evolution_url", "evolution_key"):
                 if not getattr(self, field):
-                    errors[field] = "Required unless this is the default instance."
+                    errors[field] = (
+                        "Required unless legacy mode is on (replies through the server "
+                        "deliveries name)."
+                    )
         elif bool(self.evolution_url) != bool(self.evolution_key):
             errors["evolution_key" if self.evolution_url else "evolution_url"] = (
                 "Set both the Evolution URL and key, or leave both blank (legacy mode)."
@@ -408,6 +432,7 @@ class InstanceConfig(models.Model):
             if normalized_url(url) == own:
                 return str(name)
         return None
+
     def _moves_key_to_another_host(self, *, url_field: str, key_field: str) -> bool:
         stored_url = self._stored_urls.get(url_field)
         new_url = getattr(self, url_field)
@@ -423,8 +448,8 @@ class InstanceConfig(models.Model):
     # --- derived values used by the pipeline and the interfaces ---
     @property
     def is_legacy(self) -> bool:
-        """The default instance without Evolution credentials of its own."""
-        return self.is_default and not self.evolution_url
+        """Legacy mode without Evolution credentials: replies go to the pinned server."""
+        return self.legacy_mode and not self.evolution_url
 
     @property
     def webhook_path(self) -> str:
@@ -442,6 +467,6 @@ class InstanceConfig(models.Model):
 
     @property
     def session_prefix(self) -> str:
-        if self.session_id_prefix or self.is_default:
+        if self.session_id_prefix or self.legacy_mode:
             return self.session_id_prefix
         return f"{self.name}_"

@@ -80,6 +80,8 @@ class InstanceConfigSerializer(serializers.ModelSerializer):
             "webhook_url",
             "is_active",
             "is_default",
+            "legacy_mode",
+            "legacy_server_url",
             "evolution_url",
             "evolution_key",
             "has_evolution_key",

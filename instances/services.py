@@ -43,6 +43,22 @@ def set_default_instance(*, name: str) -> InstanceConfig:
     return instance
 
 
+def pin_legacy_server(*, instance_id: int, server_url: str) -> str:
+    """Pin the legacy reply server unless one is pinned already; the pinned one.
+
+    Two first deliveries at once (two servers) pin one: the UPDATE only
+    writes a blank value, and the later one reads the winner's.
+    """
+    InstanceConfig.objects.filter(pk=instance_id, legacy_server_url="").update(
+        legacy_server_url=server_url
+    )
+    return str(
+        InstanceConfig.objects.filter(pk=instance_id)
+        .values_list("legacy_server_url", flat=True)
+        .get()
+    )
+
+
 def get_default_instance() -> InstanceConfig | None:
     return InstanceConfig.objects.filter(is_default=True).first()
 
@@ -79,7 +95,11 @@ def seed_default_instance(*, update: bool = False) -> SeedResult:
     with transaction.atomic():
         existing = InstanceConfig.objects.select_for_update().filter(is_default=True).first()
         if existing is None:
-            instance = InstanceConfig(name=DEFAULT_INSTANCE_NAME, is_default=True, **fields)
+            # The old service's behaviour, chosen explicitly: sessions keep its
+            # names, and without EVOLUTION_API_URL replies go to the pinned server.
+            instance = InstanceConfig(
+                name=DEFAULT_INSTANCE_NAME, is_default=True, legacy_mode=True, **fields
+            )
             return SeedResult("created", save_instance(instance=instance))
         if not update:
             return SeedResult("unchanged", existing)

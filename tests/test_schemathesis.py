@@ -122,7 +122,9 @@ def existing(
     # Evolution refuses the connection at once: the 502 answers.
     make_instance(name="down", evolution_url=closed_port_url(), agent_api_url=closed_port_url())
     # The legacy default has no Evolution of its own: the 409 answers.
-    make_instance(name="legacy", is_default=True, evolution_url="", evolution_key="")
+    make_instance(
+        name="legacy", is_default=True, legacy_mode=True, evolution_url="", evolution_key=""
+    )
     existing = Existing(names=["acme", "down", "legacy"])
     for status in Status:
         body = load_fixture("messages-upsert-text.json")

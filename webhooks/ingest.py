@@ -12,11 +12,13 @@ from enum import StrEnum
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from instances.models import InstanceConfig
-from instances.validators import EVENT_SLUGS, is_event_slug
+from instances import services
+from instances.models import InstanceConfig, normalized_url
+from instances.validators import EVENT_SLUGS, is_event_slug, validate_http_url
 from omnihub.logging import kv
 from webhooks import chat_rules, metrics, parsing, rows, transitions
 from webhooks.models import ConnectionState, Conversation, InboundMessage, Status
@@ -223,9 +225,20 @@ def store_delivery(
         if foreign is not None:
             logger.info("webhook of another instance on the legacy route: %s", foreign)
             return Result(Outcome.IGNORED, foreign, "", instance.name)
+    if instance.is_legacy:
+        refusal = legacy_reply_refusal(instance=instance, body=delivery.body)
+        if refusal is not None:
+            logger.warning(
+                "legacy delivery not answered: %s", kv(instance=instance.name, reason=refusal)
+            )
+            if delivery.event != "messages.upsert":
+                # A stranger's connection.update must not become the instance's state.
+                return Result(Outcome.IGNORED, refusal, "", instance.name)
+            # Kept in the log, never sent to the agent: there is nowhere to send its answer.
+            delivery = _ignored(delivery, reason=refusal)
     if not instance.is_active:
         # "The bot is off": keep the message in the log, answer nothing.
-        delivery = _switched_off(delivery)
+        delivery = _ignored(delivery, reason=INACTIVE)
     result = record(instance=instance, delivery=delivery, claim=claim)
     return replace(result, instance_name=instance.name)
 
@@ -252,17 +265,46 @@ def foreign_instance_reason(*, default: InstanceConfig, body: dict[str, Any]) ->
     return "unknown instance" if own else None
 
 
-def _switched_off(delivery: Delivery) -> Delivery:
+def legacy_reply_refusal(*, instance: InstanceConfig, body: dict[str, Any]) -> str | None:
+    """Why a delivery in legacy mode cannot be answered, if it cannot.
+
+    Legacy mode replies through the server a delivery names (server_url) with
+    the key it carries (apikey), as the single-tenant service did. The first
+    such server is pinned on the instance; a delivery naming another one is
+    not answered, so that nobody who can reach the route chooses where the
+    hub sends an agent's answer.
+    """
+    server = _string(body.get("server_url")).strip()
+    if not server or not _string(body.get("apikey")):
+        return "no server_url and apikey to reply with"
+    pinned = instance.legacy_server_url
+    if not pinned:
+        try:
+            validate_http_url(server)
+        except ValidationError as exc:
+            return f"server_url refused: {exc.messages[0]}"[:64]
+        pinned = services.pin_legacy_server(instance_id=instance.pk, server_url=server[:500])
+        instance.legacy_server_url = pinned
+        if pinned == server[:500]:
+            logger.warning(
+                "legacy reply server pinned %s", kv(instance=instance.name, server_url=pinned)
+            )
+    if normalized_url(server) != normalized_url(pinned):
+        return "server_url is not the pinned legacy reply server"
+    return None
+
+
+def _ignored(delivery: Delivery, *, reason: str) -> Delivery:
     if delivery.parts:
-        return replace(delivery, parts=tuple(_switched_off(part) for part in delivery.parts))
+        return replace(delivery, parts=tuple(_ignored(p, reason=reason) for p in delivery.parts))
     if delivery.message is None:
         return delivery
-    return replace(delivery, ignore_reason=INACTIVE)
+    return replace(delivery, ignore_reason=reason)
 
 
 def record_delivery(*, instance: InstanceConfig, body: dict[str, Any]) -> Result:
-    """Record a body for a known instance (what a delivery does after its checks)."""
-    return record(instance=instance, delivery=understand(body))
+    """Record a body for a known instance, as its own route does after the token check."""
+    return store_delivery(instance=instance, legacy_route=False, delivery=understand(body))
 
 
 def record(*, instance: InstanceConfig, delivery: Delivery, claim: bool = False) -> Result:
@@ -500,8 +542,9 @@ def _new_row(
         received_at=now,
     )
     if instance.is_legacy and not reason:
-        # The single-tenant service replied through the server that delivered.
-        row.reply_server_url = _string(body.get("server_url"))[:500]
+        # The single-tenant service replied through the server that delivered
+        # (the pinned one: legacy_reply_refusal checked it).
+        row.reply_server_url = instance.legacy_server_url
         row.reply_api_key = _string(body.get("apikey"))[:512]
     return row
 

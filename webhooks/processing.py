@@ -46,6 +46,9 @@ from webhooks.transitions import (
 logger = logging.getLogger(__name__)
 
 
+NO_TARGET = "No Evolution URL/key to send the reply with: the agent was not asked."
+
+
 def backoff(attempt: int) -> timedelta:
     """Exponential, capped, with jitter so a recovering server is not hit in step."""
     delay = min(settings.RETRY_BASE_DELAY * 2 ** max(attempt - 1, 0), settings.RETRY_MAX_DELAY)
@@ -299,6 +302,13 @@ def _session(conversation: Conversation, instance: InstanceConfig) -> str:
 async def _answer(step: Step, *, messages: list[InboundMessage], http: httpx.AsyncClient) -> bool:
     """Answer one message, or a debounced burst with its last message; False to stop."""
     message = messages[-1]
+    target = evolution_target(message=message)
+    if message.reply_text is None and not (target.base_url and target.api_key):
+        # Never ask the agent for an answer that cannot be sent: its session
+        # would hold a turn the user never saw.
+        for unsendable in messages:
+            await step.finish(unsendable, Status.FAILED, last_error=NO_TARGET)
+        return True
     if len(messages) > 1:
         texts = [m.text for m in messages if m.text.strip()]
         content = {**message.content, "burst_texts": texts}

@@ -444,7 +444,7 @@ def reset_conversation(*, conversation: Conversation) -> Conversation:
 # Legacy-mode rows send with the delivery's own apikey, which is cleared once
 # the row is finished; while the instance still has no key of its own, a
 # retry could not send (and would ask the agent again for nothing).
-_NO_KEY_TO_SEND = Q(instance__is_default=True, instance__evolution_url="", reply_api_key="")
+_NO_KEY_TO_SEND = Q(instance__legacy_mode=True, instance__evolution_url="", reply_api_key="")
 
 
 def retry_messages(*, queryset_or_ids: QuerySet[InboundMessage] | Iterable[int]) -> int:

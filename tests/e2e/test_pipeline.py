@@ -73,11 +73,12 @@ def test_each_tenant_and_the_legacy_route_reach_only_their_own_agent_and_evoluti
     alpha = make_tenant()
     beta = make_tenant(session_id_prefix="beta-")
     legacy = make_tenant(
-        is_default=True, evolution_url="", evolution_key="", whatsapp_instance="",
-        webhook_token="", session_id_prefix="",
+        is_default=True, legacy_mode=True, evolution_url="", evolution_key="",
+        whatsapp_instance="", webhook_token="", session_id_prefix="",
     )
-    # The legacy instance replies through the server named in the delivery.
+    # The legacy instance replies through the server named in the delivery (pinned).
     legacy_evolution = FakeEvolution().start()
+    stranger = FakeEvolution().start()
     try:
         # One message id on two tenants is two messages: deduplication is per tenant.
         shared_id = unique("SAME").upper()
@@ -94,6 +95,14 @@ def test_each_tenant_and_the_legacy_route_reach_only_their_own_agent_and_evoluti
 
         for tenant, message_id in ((alpha, alpha_id), (beta, beta_id), (legacy, legacy_id)):
             assert tenant.wait_finished(message_id)["status"] == "replied"
+        # Anyone can post to the unauthenticated legacy route: naming their own
+        # server gets them nothing, neither the agent's answer nor a typing presence.
+        relay_body = text_delivery(
+            message_id=unique("RELAY"), text="legacy here", instance="legacy-wa",
+            server_url=stranger.url, apikey="stranger-key",
+        )
+        relayed = legacy.post(relay_body, path="/webhook/evolution").json()
+        assert relayed["detail"] == "server_url is not the pinned legacy reply server"
 
         expected = [
             (alpha, alpha.evolution, f"{alpha.name}_{PHONE}", "alpha here"),
@@ -117,10 +126,12 @@ def test_each_tenant_and_the_legacy_route_reach_only_their_own_agent_and_evoluti
                 assert request.path.endswith(f"/{wa_path}"), request.path
                 assert request.headers["apikey"] == key
         assert legacy.evolution.received() == []
+        assert stranger.received() == []
         # The delivery's apikey is dropped once the reply is sent.
         assert legacy.row(legacy_id)["reply_api_key"] == ""
     finally:
         legacy_evolution.stop()
+        stranger.stop()
 
 
 # --- routing and authentication --------------------------------------------------

@@ -118,11 +118,13 @@ def test_it_requires_the_agent_key_on_create(admin_client):
     assert not InstanceConfig.objects.exists()
 
 
-def test_it_requires_the_evolution_credentials_unless_default(admin_client):
-    response = admin_client.post(ADD, form_data(agent_api_key="k"))
+def test_it_requires_the_evolution_credentials_unless_legacy_mode(admin_client):
+    response = admin_client.post(ADD, form_data(agent_api_key="k", is_default="on"))
 
+    # Being the default is not enough: only an explicit legacy mode replies
+    # without credentials of its own.
     assert response.context["adminform"].form.errors["evolution_key"] == [
-        "Required unless this is the default instance."
+        "Required unless legacy mode is on (replies through the server deliveries name)."
     ]
 
 

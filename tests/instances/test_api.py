@@ -175,8 +175,8 @@ INVALID_CREATES = [
     ({"name": "acme"}, "name", "already exists"),
     ({"evolution_url": "ftp://evolution.globex.test"}, "evolution_url", "http:// or https://"),
     ({"agent_api_url": "ftp://agent.globex.test"}, "agent_api_url", "http:// or https://"),
-    ({"evolution_url": ""}, "evolution_url", "Required unless this is the default"),
-    ({"evolution_key": ""}, "evolution_key", "Required unless this is the default"),
+    ({"evolution_url": ""}, "evolution_url", "Required unless legacy mode is on"),
+    ({"evolution_key": ""}, "evolution_key", "Required unless legacy mode is on"),
     ({"agent_timeout": 0}, "agent_timeout", "greater than or equal to 1"),
     ({"agent_timeout": 601}, "agent_timeout", "less than or equal to 600"),
     ({"agent_api_key": "has space"}, "agent_api_key", "printable ASCII"),
@@ -218,11 +218,19 @@ def test_it_refuses_a_rename(api, acme, method):
     assert list(InstanceConfig.objects.values_list("name", flat=True)) == ["acme"]
 
 
-def test_a_default_instance_may_leave_evolution_blank(api):
-    body = {"name": "legacy", "is_default": True, "agent_api_url": "https://a.test"}
+def test_an_instance_in_legacy_mode_may_leave_evolution_blank(api):
+    body = {"name": "legacy", "legacy_mode": True, "agent_api_url": "https://a.test"}
     response = call(api, "post", LIST, {**body, "agent_api_key": "k"})
     assert response.status_code == 201
-    assert response.json()["is_default"] is True
+    assert response.json()["legacy_mode"] is True
+    assert response.json()["legacy_server_url"] == ""
+
+
+def test_a_default_instance_without_legacy_mode_needs_evolution(api):
+    body = {"name": "legacy", "is_default": True, "agent_api_url": "https://a.test"}
+    response = call(api, "post", LIST, {**body, "agent_api_key": "k"})
+    assert response.status_code == 400
+    assert "legacy mode" in response.json()["evolution_url"][0]
 
 
 def test_creating_a_default_instance_takes_the_flag_from_the_old_one(api, make_instance):

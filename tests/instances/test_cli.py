@@ -244,7 +244,7 @@ def test_show_warns_when_the_instance_has_no_webhook_token(make_instance):
     code, out, _ = run("show", "acme")
 
     assert code == 0
-    assert "webhook token:     not set" in out
+    assert "webhook token:       not set" in out
     assert "WARNING: instance 'acme' has no webhook token" in out
 
 
@@ -529,3 +529,20 @@ def test_provision_refuses_another_tenants_webhook_and_force_takes_it(make_insta
     assert forced[0] == 0, forced
     assert "taken over from tenant globex" in forced[1]
     assert evolution.instances["shop-wa"]["webhook"]["url"].endswith("/webhook/evolution/shop")
+
+
+def test_legacy_mode_is_set_and_cleared_with_the_models_rules(make_instance):
+    make_instance(
+        name="default", legacy_mode=True, evolution_url="", evolution_key="", is_default=True
+    )
+
+    code, _, err = run("update", "default", "--no-legacy-mode")
+
+    # The same words as the admin and the API: the model says them.
+    assert code == 1
+    assert "error: evolution_url: Required unless legacy mode is on" in err
+    code, out, _ = run("update", "default", "--legacy-server-url", "https://evo.shop.test")
+    assert code == 0
+    assert InstanceConfig.objects.get(name="default").legacy_server_url == "https://evo.shop.test"
+    _, out, _ = run("show", "default")
+    assert "legacy mode:" in out and "https://evo.shop.test" in out

@@ -168,7 +168,9 @@ def test_the_whatsapp_name_defaults_to_the_instance_name_and_is_quoted(
 def test_the_legacy_default_instance_is_told_it_needs_evolution_credentials(
     make_instance, evolution
 ):
-    legacy = make_instance(name="default", is_default=True, evolution_url="", evolution_key="")
+    legacy = make_instance(
+        name="default", is_default=True, legacy_mode=True, evolution_url="", evolution_key=""
+    )
 
     reports = [
         provisioning.provision(instance=legacy),
@@ -480,9 +482,7 @@ def test_a_run_cut_off_in_the_create_is_completed_by_the_next_run(acme, evolutio
 # --- a wrong key reads "wrong key", whatever Evolution checks first ---
 
 
-def test_provision_with_a_wrong_key_on_an_existing_instance_says_the_key_is_wrong(
-    acme, evolution
-):
+def test_provision_with_a_wrong_key_on_an_existing_instance_says_the_key_is_wrong(acme, evolution):
     evolution.instances["acme-wa"] = {"state": "close", "webhook": None, "connects": 0}
     acme.evolution_key = "wrong-key-0000"
 
@@ -494,9 +494,7 @@ def test_provision_with_a_wrong_key_on_an_existing_instance_says_the_key_is_wron
     assert evolution.received("/instance/create") == []
 
 
-def test_the_state_of_a_missing_instance_with_a_wrong_key_says_the_key_is_wrong(
-    acme, evolution
-):
+def test_the_state_of_a_missing_instance_with_a_wrong_key_says_the_key_is_wrong(acme, evolution):
     acme.evolution_key = "wrong-key-0000"
 
     reports = [

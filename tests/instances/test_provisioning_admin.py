@@ -105,7 +105,9 @@ def test_a_failed_provision_shows_the_error_on_the_page(
 
 
 def test_the_legacy_default_instance_gets_a_clear_message(admin_client: Client, make_instance):
-    legacy = make_instance(name="default", is_default=True, evolution_url="", evolution_key="")
+    legacy = make_instance(
+        name="default", is_default=True, legacy_mode=True, evolution_url="", evolution_key=""
+    )
 
     for suffix in ("provision/", "qr/"):
         html = text(admin_client.get(page(legacy, suffix)))
@@ -198,7 +200,9 @@ def test_an_unknown_instance_redirects_to_the_list(admin_client: Client, db):
 
 
 def test_the_provision_action_reports_each_instance(admin_client: Client, acme, make_instance):
-    legacy = make_instance(name="default", is_default=True, evolution_url="", evolution_key="")
+    legacy = make_instance(
+        name="default", is_default=True, legacy_mode=True, evolution_url="", evolution_key=""
+    )
 
     response = admin_client.post(
         CHANGELIST,

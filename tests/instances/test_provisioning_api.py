@@ -74,7 +74,9 @@ def test_a_partial_provision_shows_what_was_done(api, acme, evolution):
 
 
 def test_the_legacy_default_instance_answers_409(api, make_instance, evolution):
-    make_instance(name="default", is_default=True, evolution_url="", evolution_key="")
+    make_instance(
+        name="default", is_default=True, legacy_mode=True, evolution_url="", evolution_key=""
+    )
 
     for method, endpoint in [("get", "status"), ("post", "provision"), ("get", "qr")]:
         response = call(api, method, endpoint, name="default")

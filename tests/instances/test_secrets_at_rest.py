@@ -243,8 +243,9 @@ def test_without_a_key_the_migration_leaves_the_secrets_plain():
     with keys():
         migrate_to(AFTER)
         plain = stored()
+        # The model of today has columns of later migrations.
+        call_command("migrate", verbosity=0)
         instance = InstanceConfig.objects.get(name="acme")
-    call_command("migrate", verbosity=0)
 
     assert plain == SECRETS
     assert instance.webhook_token == SECRETS["webhook_token"]

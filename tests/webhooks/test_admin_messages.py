@@ -228,7 +228,9 @@ def test_the_detail_page_cannot_be_saved(admin_client, acme):
 
 
 def test_no_page_shows_the_reply_key_or_the_claim_token(admin_client, make_instance):
-    legacy = make_instance(name="default", is_default=True, evolution_url="", evolution_key="")
+    legacy = make_instance(
+        name="default", is_default=True, legacy_mode=True, evolution_url="", evolution_key=""
+    )
     message = add_message(
         legacy,
         status=Status.PROCESSING,
@@ -339,7 +341,9 @@ def test_retry_asks_the_agent_again_when_it_failed_without_a_reply(admin_client,
 
 
 def test_retry_skips_legacy_messages_that_have_no_key_to_send_with(admin_client, make_instance):
-    legacy = make_instance(name="default", is_default=True, evolution_url="", evolution_key="")
+    legacy = make_instance(
+        name="default", is_default=True, legacy_mode=True, evolution_url="", evolution_key=""
+    )
     message = add_message(legacy, status=Status.FAILED, reply_text="Oi", reply_api_key="")
 
     response = retry(admin_client, message)

@@ -71,13 +71,15 @@ def test_a_sender_without_a_name_is_a_whatsapp_user() -> None:
 @pytest.mark.parametrize(
     ("fields", "session"),
     [
-        ({"is_default": True, "session_id_prefix": ""}, PHONE),
-        ({"is_default": True, "session_id_prefix": "wa-"}, f"wa-{PHONE}"),
-        ({"is_default": True, "session_id_prefix": "acme_"}, f"acme_{PHONE}"),
-        ({"is_default": False, "session_id_prefix": ""}, f"acme_{PHONE}"),
-        ({"is_default": False, "session_id_prefix": "shop-"}, f"shop-{PHONE}"),
+        ({"legacy_mode": True, "session_id_prefix": ""}, PHONE),
+        ({"legacy_mode": True, "session_id_prefix": "wa-"}, f"wa-{PHONE}"),
+        ({"legacy_mode": True, "session_id_prefix": "acme_"}, f"acme_{PHONE}"),
+        ({"legacy_mode": False, "session_id_prefix": ""}, f"acme_{PHONE}"),
+        ({"legacy_mode": False, "session_id_prefix": "shop-"}, f"shop-{PHONE}"),
+        # Being the default does not name sessions: moving it renames none.
+        ({"is_default": True, "session_id_prefix": ""}, f"acme_{PHONE}"),
     ],
-    ids=["default-blank", "default-prefix", "default-name-like", "blank", "prefix"],
+    ids=["legacy-blank", "legacy-prefix", "legacy-name-like", "blank", "prefix", "default"],
 )
 def test_the_session_name_is_the_prefix_and_the_phone_digits(
     fields: dict[str, Any], session: str

@@ -168,7 +168,9 @@ def test_the_same_message_id_is_stored_once_per_instance(make_instance) -> None:
 
 
 def test_an_ignored_message_of_the_legacy_instance_keeps_no_apikey(make_instance) -> None:
-    legacy = make_instance(name="default", is_default=True, evolution_url="", evolution_key="")
+    legacy = make_instance(
+        name="default", is_default=True, legacy_mode=True, evolution_url="", evolution_key=""
+    )
 
     record_delivery(instance=legacy, body=load_fixture("messages-upsert-fromme.json"))
 

@@ -96,7 +96,9 @@ def test_the_list_is_newest_first_with_instance_names_and_timings(api, acme):
 
 
 def test_no_answer_carries_the_reply_key_or_the_claim_token(api, make_instance):
-    legacy = make_instance(name="default", is_default=True, evolution_url="", evolution_key="")
+    legacy = make_instance(
+        name="default", is_default=True, legacy_mode=True, evolution_url="", evolution_key=""
+    )
     message = add_message(
         legacy, status=Status.PROCESSING, reply_api_key=REPLY_KEY, claim_token=CLAIM_TOKEN
     )
@@ -257,7 +259,9 @@ def test_retry_of_a_message_that_is_not_failed_is_a_409(api, acme, current):
 
 
 def test_retry_of_a_legacy_message_without_its_key_explains_why_not(api, make_instance):
-    legacy = make_instance(name="default", is_default=True, evolution_url="", evolution_key="")
+    legacy = make_instance(
+        name="default", is_default=True, legacy_mode=True, evolution_url="", evolution_key=""
+    )
     message = add_message(legacy, status=Status.FAILED, reply_text="Oi", reply_api_key="")
 
     response = api.post(retry_url(message))

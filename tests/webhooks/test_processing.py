@@ -15,9 +15,9 @@ from django.conf import settings
 from django.utils import timezone
 
 from instances.models import DEFAULT_FALLBACK_MESSAGE, InstanceConfig
-from tests.webhooks.conftest import AGENT_REPLY, PHONE, Upstream, message_body, queue_message
+from tests.webhooks.conftest import AGENT_REPLY, PHONE, Upstream, queue_message
 from webhooks.models import Conversation, InboundMessage, Status
-from webhooks.processing import handle_batch
+from webhooks.processing import NO_TARGET, handle_batch
 from webhooks.transitions import Batch, claim_conversations
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
@@ -91,7 +91,12 @@ async def test_the_legacy_instance_replies_through_the_delivering_server_and_for
     make_instance, upstream
 ) -> None:
     legacy = await sync_to_async(make_instance)(
-        name="default", is_default=True, evolution_url="", evolution_key="", whatsapp_instance=""
+        name="default",
+        is_default=True,
+        legacy_mode=True,
+        evolution_url="",
+        evolution_key="",
+        whatsapp_instance="",
     )
     queued = await queue(legacy)
     assert queued.reply_api_key == FIXTURE_APIKEY
@@ -105,19 +110,22 @@ async def test_the_legacy_instance_replies_through_the_delivering_server_and_for
     assert row.reply_api_key == ""
 
 
-async def test_a_legacy_delivery_without_a_server_url_fails(make_instance, upstream) -> None:
+async def test_a_legacy_message_with_nowhere_to_reply_is_never_sent_to_the_agent(
+    make_instance, upstream
+) -> None:
     legacy = await sync_to_async(make_instance)(
-        name="default", is_default=True, evolution_url="", evolution_key=""
+        name="default", is_default=True, legacy_mode=True, evolution_url="", evolution_key=""
     )
-    body = message_body()
-    del body["server_url"]
-    await queue(legacy, body=body)
+    # Stored before its reply server was known (the pin came later, or was cleared).
+    await queue(legacy, reply_server_url="")
 
     row = await process(upstream)
 
     assert row.status == Status.FAILED
-    assert row.last_error == "No Evolution URL/key to send the reply with."
+    assert row.last_error == NO_TARGET
     assert row.reply_api_key == ""
+    # Its answer could never reach the user: the agent's session must not hold it.
+    assert upstream.agent_calls == []
     assert upstream.sent == []
 
 

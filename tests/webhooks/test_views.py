@@ -256,6 +256,7 @@ def test_the_legacy_default_instance_keeps_where_to_reply(client: Client, make_i
     make_instance(
         name="default",
         is_default=True,
+        legacy_mode=True,
         evolution_url="",
         evolution_key="",
         webhook_token="",
@@ -522,6 +523,7 @@ def test_a_legacy_default_without_a_whatsapp_instance_takes_all_but_other_tenant
     make_instance(
         name="default",
         is_default=True,
+        legacy_mode=True,
         evolution_url="",
         evolution_key="",
         webhook_token="",

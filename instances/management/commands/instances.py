@@ -75,6 +75,23 @@ IsActive = Annotated[
         show_default=False,
     ),
 ]
+LegacyMode = Annotated[
+    bool | None,
+    typer.Option(
+        "--legacy-mode/--no-legacy-mode",
+        help="The single-tenant service's behaviour: session names without the instance's "
+        "name; with no Evolution URL, replies through the server deliveries name (pinned).",
+        show_default=False,
+    ),
+]
+LegacyServerUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--legacy-server-url",
+        help="Legacy mode without an Evolution URL: the only server replies go to "
+        "(blank: pinned from the next delivery).",
+    ),
+]
 WebhookToken = Annotated[
     str | None,
     typer.Option(
@@ -170,6 +187,8 @@ class Command(TyperCommand):
             ("name", instance.name),
             ("active", yes_no(instance.is_active)),
             ("default", yes_no(instance.is_default)),
+            ("legacy mode", yes_no(instance.legacy_mode)),
+            ("legacy reply server", instance.legacy_server_url or "-"),
             ("evolution url", instance.evolution_url or "-"),
             ("evolution key", _set_or_not(instance.evolution_key)),
             ("whatsapp instance", instance.whatsapp_instance or "-"),
@@ -211,6 +230,8 @@ class Command(TyperCommand):
         fallback_message: FallbackMessage = None,
         is_default: IsDefault = None,
         is_active: IsActive = None,
+        legacy_mode: LegacyMode = None,
+        legacy_server_url: LegacyServerUrl = None,
         webhook_token: WebhookToken = None,
         no_webhook_token: NoWebhookToken = False,
         set_values: Settings = None,
@@ -243,6 +264,8 @@ class Command(TyperCommand):
             fallback_message=fallback_message,
             is_default=is_default,
             is_active=is_active,
+            legacy_mode=legacy_mode,
+            legacy_server_url=legacy_server_url,
         )
         self._save(instance)
         if as_json:
@@ -284,6 +307,8 @@ class Command(TyperCommand):
         fallback_message: FallbackMessage = None,
         is_default: IsDefault = None,
         is_active: IsActive = None,
+        legacy_mode: LegacyMode = None,
+        legacy_server_url: LegacyServerUrl = None,
         webhook_token: WebhookToken = None,
         no_webhook_token: NoWebhookToken = False,
         set_values: Settings = None,
@@ -310,6 +335,8 @@ class Command(TyperCommand):
             fallback_message=fallback_message,
             is_default=is_default,
             is_active=is_active,
+            legacy_mode=legacy_mode,
+            legacy_server_url=legacy_server_url,
         )
         changed = changed_fields(before, instance)
         if changed:
