@@ -19,3 +19,17 @@ OMNIHUB_API_KEY = "test-api-key"
 OMNIHUB_EMBEDDED_WORKER = False
 # Database work runs on the test's own thread, inside its transaction.
 DB_GROUP_COMMIT = False
+
+# `make test` runs the pipeline's tests once more as production runs them
+# (TEST_GROUP_COMMIT=true): every database call of the webhook view and the
+# worker on the group committer's own thread and connection. A second
+# connection cannot share an in-memory SQLite database without its table
+# locks, so that pass uses a file, in WAL mode like production's.
+if os.environ.get("TEST_GROUP_COMMIT") == "true":
+    DB_GROUP_COMMIT = True
+    if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":  # noqa: F405
+        import tempfile
+
+        DATABASES["default"]["TEST"] = {  # noqa: F405
+            "NAME": os.path.join(tempfile.gettempdir(), f"omnihub-test-{os.getpid()}.sqlite3")
+        }
