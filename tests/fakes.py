@@ -6,6 +6,7 @@ gets, and answers from a small, changeable script.
 
 import contextlib
 import json
+import math
 import socket
 import sys
 import threading
@@ -14,6 +15,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,9 @@ class Recorded:
 
 # An answer is (status, body); a bytes body is sent as is, anything else as JSON.
 Answer = tuple[int, Any]
+# As a body: the server acts on the request (the status is recorded) but hangs
+# up before answering, as when a connection drops after the request was written.
+DROP = object()
 Responder = Callable[[Recorded], Answer]
 
 
@@ -108,6 +113,10 @@ class FakeServer:
                     outer.requests.append(record)
                     outer._arrived.notify_all()
                 status, answer = outer._answer_for(record)
+                if answer is DROP:
+                    record.status = status
+                    self.close_connection = True
+                    return
                 data = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
                 record.status, record.answer = status, answer
                 try:
@@ -224,17 +233,25 @@ def _evolution_error(status: int, error: str, message: Any) -> Answer:
 
 
 class FakeEvolution(FakeServer):
-    """Answers like Evolution 2.3.7: sendText and sendPresence (201 + message key), and
-    the provisioning routes (instance create/connect/connectionState, webhook set/find).
+    """Answers like Evolution 2.3.7: sendText and sendPresence (201 + message key),
+    findMessages (from what it sent and was given with `receive`), and the
+    provisioning routes (instance create/connect/connectionState, webhook set/find).
 
     `api_key`, when set, is the only key accepted (others: 401); `license_required`
     makes the provisioning routes answer Evolution 2.4's 503 license body.
+    `keeps_messages = False` is an Evolution run with DATABASE_SAVE_DATA_NEW_MESSAGE=false:
+    findMessages answers an empty page. `drop_sends = n`: the next n texts are sent, but
+    the connection drops before sendText answers.
     """
 
     def __init__(self, *, port: int = 0, api_key: str | None = None) -> None:
         self.failure: Answer | None = None
         self.api_key = api_key
         self.license_required = False
+        self.keeps_messages = True
+        self.drop_sends = 0
+        # Evolution's Message table: what it sent and received, as findMessages reads it.
+        self.stored: list[dict[str, Any]] = []
         # Seconds a create with qrcode: true waits before answering (the real
         # server waits 5 s for the first QR code), after the instance exists.
         self.create_delay = 0.0
@@ -260,23 +277,104 @@ class FakeEvolution(FakeServer):
         if self.failure is not None and "/message/sendText/" in record.path:
             return self.failure
         if "/message/sendText/" in record.path:
-            number = (record.body or {}).get("number", "")
-            return 201, {
-                "key": {
-                    "remoteJid": f"{number}@s.whatsapp.net",
-                    "fromMe": True,
-                    # Each message its own id, as WhatsApp gives it.
-                    "id": f"3EB0{uuid.uuid4().hex[:18].upper()}",
-                },
-                "status": "PENDING",
-            }
+            return self._send_text(record)
+        if "/chat/findMessages/" in record.path and record.method == "POST":
+            return self._find_messages(record)
         if "/chat/sendPresence/" in record.path:
             return 201, {}
         return 404, {"status": 404, "error": "Not Found", "response": {"message": ["nope"]}}
 
     def sent(self) -> list[Recorded]:
-        """sendText requests that were answered with success."""
+        """sendText requests whose text went out (answered with success, or dropped after)."""
         return [r for r in self.received("/message/sendText/") if r.status and r.status < 300]
+
+    def receive(self, data: dict[str, Any]) -> None:
+        """A message came in from WhatsApp (a messages.upsert's data): kept as Evolution does."""
+        self._keep(
+            key=data["key"],
+            message=data.get("message") or {},
+            timestamp=int(data.get("messageTimestamp") or time.time()),
+            push_name=data.get("pushName", ""),
+        )
+
+    def _keep(
+        self, *, key: dict[str, Any], message: dict[str, Any], timestamp: int, push_name: str
+    ) -> None:
+        with self.lock:
+            if not self.keeps_messages:
+                return
+            # The columns findMessages selects (channel.service.ts, fetchMessages).
+            self.stored.append(
+                {
+                    "id": uuid.uuid4().hex[:25],
+                    "key": key,
+                    "pushName": push_name,
+                    "messageType": "conversation",
+                    "message": message,
+                    "messageTimestamp": timestamp,
+                    "instanceId": "6f1c2b7e-9a4d-4c51-8e2f-3b0d5a7c9e11",
+                    "source": "unknown",
+                    "contextInfo": None,
+                    "MessageUpdate": [],
+                }
+            )
+
+    def _send_text(self, record: Recorded) -> Answer:
+        body = record.body if isinstance(record.body, dict) else {}
+        number = str(body.get("number", ""))
+        key = {
+            "remoteJid": number if "@" in number else f"{number}@s.whatsapp.net",
+            "fromMe": True,
+            # Each message its own id, as WhatsApp gives it.
+            "id": f"3EB0{uuid.uuid4().hex[:18].upper()}",
+        }
+        # Sent, then saved (when kept), then answered: as sendMessageWithTyping does.
+        self._keep(
+            key=key,
+            message={"conversation": body.get("text", "")},
+            timestamp=int(time.time()),
+            push_name="Você",
+        )
+        with self.lock:
+            dropped = self.drop_sends > 0
+            self.drop_sends -= int(dropped)
+        if dropped:
+            return 201, DROP
+        return 201, {"key": key, "status": "PENDING"}
+
+    def _find_messages(self, record: Recorded) -> Answer:
+        """Evolution 2.x's fetchMessages: key.id/fromMe/remoteJid equal (fromMe only when
+        true), messageTimestamp only with both gte and lte, newest first, paginated."""
+        query = record.body if isinstance(record.body, dict) else {}
+        where = query.get("where") or {}
+        key = where.get("key") or {}
+        stamps = where.get("messageTimestamp") or {}
+        span = None
+        if stamps.get("gte") and stamps.get("lte"):
+            span = [int(datetime.fromisoformat(stamps[end]).timestamp()) for end in ("gte", "lte")]
+        with self.lock:
+            found = [
+                row
+                for row in self.stored
+                if all(
+                    row["key"].get(name) == key[name]
+                    for name in ("id", "remoteJid")
+                    if key.get(name)
+                )
+                and (not key.get("fromMe") or row["key"].get("fromMe") is True)
+                and (span is None or span[0] <= row["messageTimestamp"] <= span[1])
+            ]
+        found.sort(key=lambda row: row["messageTimestamp"], reverse=True)
+        size = query.get("offset") or 50
+        page = query.get("page") or 1
+        return 200, {
+            "messages": {
+                "total": len(found),
+                "pages": math.ceil(len(found) / size),
+                "currentPage": page,
+                "records": found[size * (page - 1) : size * page],
+            }
+        }
 
     def _provisioning(self, record: Recorded) -> Answer:
         if self.license_required:

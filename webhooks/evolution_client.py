@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -27,6 +28,28 @@ class EvolutionTarget:
     base_url: str
     api_key: str
     instance_name: str
+
+
+# Evolution's own default page size for findMessages.
+FIND_PAGE_SIZE = 50
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """A message as Evolution's findMessages answers it: the fields the hub reads."""
+
+    key_id: str
+    remote_jid: str
+    from_me: bool
+    text: str
+    # messageTimestamp, unix seconds (Evolution's clock); None when missing.
+    timestamp: int | None
+
+
+@dataclass(frozen=True)
+class FoundMessages:
+    records: list[StoredMessage]
+    pages: int
 
 
 class EvolutionClient:
@@ -64,6 +87,7 @@ class EvolutionClient:
                 f"Evolution did not finish answering in {settings.EVOLUTION_TIMEOUT:g}s; "
                 "not retried, the reply may have been sent",
                 retryable=False,
+                maybe_sent=True,
             ) from exc
         except OutboundRefused as exc:
             # Refused by the hub (address or answer size): trying again changes nothing.
@@ -77,9 +101,15 @@ class EvolutionClient:
                 f"Evolution did not answer in {settings.EVOLUTION_TIMEOUT:g}s; "
                 "not retried, the reply may have been sent",
                 retryable=False,
+                maybe_sent=True,
             ) from exc
         except httpx.TransportError as exc:
-            raise OutboundError(f"Evolution connection failed: {exc!r}", retryable=True) from exc
+            # The connection dropped after the request was written: Evolution may
+            # have sent the text. Retried, but only after asking Evolution
+            # whether it did (webhooks/duplicates.py).
+            raise OutboundError(
+                f"Evolution connection failed: {exc!r}", retryable=True, maybe_sent=True
+            ) from exc
         if response.status_code >= 300:
             # Evolution's own words, as provisioning shows them, not its raw body.
             raise OutboundError(
@@ -92,6 +122,62 @@ class EvolutionClient:
         except ValueError:
             body = {}
         return body if isinstance(body, dict) else {}
+
+    async def find_messages(
+        self,
+        *,
+        remote_jid: str | None = None,
+        from_me: bool | None = None,
+        key_id: str | None = None,
+        between: tuple[datetime, datetime] | None = None,
+        page: int = 1,
+        page_size: int = FIND_PAGE_SIZE,
+    ) -> FoundMessages:
+        """POST /chat/findMessages/{instance}: the stored messages that match, newest first.
+
+        Evolution 2.x filters on key.id / key.fromMe / key.remoteJid, and on
+        messageTimestamp only when both ends are given (dates, as JS parses
+        them). An instance that keeps no messages
+        (DATABASE_SAVE_DATA_NEW_MESSAGE=false) answers an empty page, as for
+        a message it does not have. Raises OutboundError; reading changes
+        nothing on Evolution, so every failure without an answer is retryable.
+        """
+        key: dict[str, Any] = {}
+        if key_id is not None:
+            key["id"] = key_id
+        if remote_jid is not None:
+            key["remoteJid"] = remote_jid
+        if from_me is not None:
+            key["fromMe"] = from_me
+        where: dict[str, Any] = {"key": key} if key else {}
+        if between is not None:
+            where["messageTimestamp"] = {"gte": _js_date(between[0]), "lte": _js_date(between[1])}
+        body = {"where": where, "page": page, "offset": page_size}
+        timeout = settings.EVOLUTION_TIMEOUT
+        try:
+            async with asyncio.timeout(timeout):
+                response = await self._post("chat/findMessages", body, timeout)
+        except OutboundRefused as exc:
+            raise OutboundError(
+                f"Evolution's findMessages refused: {exc}", retryable=False
+            ) from exc
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            raise OutboundError(
+                f"Evolution's findMessages did not answer in {timeout:g}s", retryable=True
+            ) from exc
+        except httpx.TransportError as exc:
+            raise OutboundError(
+                f"Evolution's findMessages failed: {transport_reason(exc)}", retryable=True
+            ) from exc
+        if response.status_code >= 300:
+            # 404: the instance (or, on another server, the route) is not there
+            # now; like a 5xx, worth asking again later.
+            raise OutboundError(
+                f"findMessages: {evolution_error_text(response)}",
+                retryable=response.status_code >= 500 or response.status_code == 404,
+                status=response.status_code,
+            )
+        return _found_messages(response, page_size=page_size)
 
     async def send_presence(self, *, number: str, delay_ms: int = 5000) -> None:
         """Show "typing..." while the agent works; a failure here changes nothing."""
@@ -235,6 +321,77 @@ class EvolutionClient:
             "POST", f"/webhook/set/{self.instance_path}", {"webhook": webhook}, timeout=timeout
         )
         self._read_json(response)
+
+
+def _js_date(value: datetime) -> str:
+    """2025-12-06T09:26:23.101Z: the form JavaScript's Date parses everywhere."""
+    utc = value.astimezone(UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+def _stored_text(message: Any) -> str:
+    if not isinstance(message, dict):
+        return ""
+    if isinstance(message.get("conversation"), str):
+        return message["conversation"]
+    extended = message.get("extendedTextMessage")
+    text = extended.get("text") if isinstance(extended, dict) else None
+    return text if isinstance(text, str) else ""
+
+
+def _timestamp(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return int(value)
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    if isinstance(value, dict) and isinstance(value.get("low"), int):
+        # A Long.js value {low, high, unsigned}: low is signed 32-bit.
+        return (value["low"] & 0xFFFFFFFF) + (int(value.get("high") or 0) << 32)
+    return None
+
+
+def _stored_message(record: Any) -> StoredMessage | None:
+    key = record.get("key") if isinstance(record, dict) else None
+    if not isinstance(key, dict) or not isinstance(key.get("id"), str):
+        return None
+    remote_jid = key.get("remoteJid")
+    return StoredMessage(
+        key_id=key["id"],
+        remote_jid=remote_jid if isinstance(remote_jid, str) else "",
+        from_me=key.get("fromMe") is True,
+        text=_stored_text(record.get("message")),
+        timestamp=_timestamp(record.get("messageTimestamp")),
+    )
+
+
+def _found_messages(response: httpx.Response, *, page_size: int) -> FoundMessages:
+    """2.x answers {"messages": {"total", "pages", "currentPage", "records"}}; 1.8 a list."""
+    try:
+        body = response.json()
+    except ValueError as exc:
+        raise OutboundError(
+            f"Evolution's findMessages answered {response.status_code} with a body that is "
+            f"not JSON: {describe_body(response)}",
+            retryable=False,
+        ) from exc
+    pages = 1
+    if isinstance(body, dict) and isinstance(body.get("messages"), dict):
+        found = body["messages"]
+        records = found.get("records")
+        pages = found.get("pages") if isinstance(found.get("pages"), int) else 1
+    else:
+        records = body
+    if not isinstance(records, list):
+        raise OutboundError(
+            "Evolution's findMessages answer has no messages.records list: "
+            f"{describe_body(response)}",
+            retryable=False,
+        )
+    # A page is at most what was asked for, whatever the server sent.
+    parsed = [_stored_message(record) for record in records[:page_size]]
+    return FoundMessages(records=[m for m in parsed if m is not None], pages=pages)
 
 
 def transport_reason(exc: BaseException) -> str:

@@ -49,12 +49,24 @@ def new_http_client(*, max_connections: int = 200) -> httpx.AsyncClient:
 
 
 class OutboundError(Exception):
-    """An outbound call failed. `retryable` says whether trying again is safe."""
+    """An outbound call failed. `retryable` says whether trying again is safe.
 
-    def __init__(self, message: str, *, retryable: bool, status: int | None = None) -> None:
+    `maybe_sent`: the request was written and no answer came back (a timeout, a
+    dropped connection), so the server may have acted on it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool,
+        status: int | None = None,
+        maybe_sent: bool = False,
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.status = status
+        self.maybe_sent = maybe_sent
 
 
 def clean_text(text: str, *, limit: int = DETAIL_LIMIT) -> str:

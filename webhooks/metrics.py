@@ -57,6 +57,12 @@ outbound_errors = Counter(
     "Failed calls to agents and Evolution, by target and HTTP status ('none' when no answer).",
     ["instance", "target", "status"],
 )
+resend_checks = Counter(
+    "omnihub_resend_checks_total",
+    "Replies whose earlier attempt may have reached Evolution, by what findMessages said "
+    "(sent, not_sent, no_messages_kept, unknown: the last two are sent again).",
+    ["instance", "verdict"],
+)
 takeovers = Counter(
     "omnihub_takeovers_total",
     "Messages written from the business's phone that paused the bot in their chat.",

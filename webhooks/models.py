@@ -170,6 +170,10 @@ class OutboundStatus(models.TextChoices):
     SENDING = "sending"
     SENT = "sent"
     FAILED = "failed"
+    # The attempt ended without Evolution's answer (a timeout, a connection
+    # dropped after the request was written): it may have been sent. Before the
+    # reply goes again, Evolution is asked whether it was (webhooks/duplicates.py).
+    UNCONFIRMED = "unconfirmed"
 
 
 class OutboundMessage(models.Model):
@@ -178,7 +182,8 @@ class OutboundMessage(models.Model):
     Its Evolution id (sendText's key.id) is how the hub tells its own messages'
     echoes from a human's messages written on the phone; a row is written
     before the send, so an echo that arrives before sendText answers is known
-    by its text.
+    by its text. A row still `sending` when its message is handled again, or
+    `unconfirmed`, is an attempt that may have reached Evolution.
     """
 
     instance = models.ForeignKey(InstanceConfig, on_delete=models.CASCADE, related_name="sent")

@@ -26,9 +26,11 @@ from webhooks import metrics
 from webhooks.agent_client import AgentClient, build_agent_request, session_name
 from webhooks.chat_rules import is_reset
 from webhooks.db import run_db
+from webhooks.duplicates import SendCheck, Verdict, check_earlier_send
 from webhooks.evolution_client import EvolutionClient, EvolutionTarget
 from webhooks.http import OutboundError
-from webhooks.models import Conversation, InboundMessage, Status
+from webhooks.models import Conversation, InboundMessage, OutboundStatus, Status
+from webhooks.rows import EarlierAttempt, earlier_attempt, recorded_ids
 from webhooks.transitions import (
     HOLD_REASON,
     Batch,
@@ -409,13 +411,42 @@ async def _send_reply(step: Step, *, message: InboundMessage, http: httpx.AsyncC
         return True
     # Recorded before the send: its echo may arrive before sendText answers.
     if message.pk in step.prepared:
+        # The common path: the row was written with the agent's answer.
         outbound_id = step.prepared.pop(message.pk)
     else:
-        no_longer_held = {"ignore_reason": ""} if message.ignore_reason == HOLD_REASON else {}
+        fields: dict[str, Any] = {}
+        if message.ignore_reason == HOLD_REASON:
+            fields["ignore_reason"] = ""
+        settled: SendEnd | None = None
+        # Only a message handled before can have an attempt that may have
+        # reached Evolution: a first claim costs no extra query.
+        earlier = (
+            await run_db(earlier_attempt, message_pk=message.pk) if message.attempts > 1 else None
+        )
+        if earlier is not None:
+            check = await _check_earlier_send(
+                step, message=message, target=target, earlier=earlier, http=http
+            )
+            if check is None:
+                # Requeued (False: it holds back the rest of its chat) or failed.
+                return message.status == Status.FAILED
+            if check.verdict is Verdict.SENT:
+                await _confirm_sent(
+                    step, message=message, earlier=earlier, evolution_id=check.evolution_id
+                )
+                return True
+            settled = _settle_earlier(check, earlier=earlier, fields=fields, message=message)
+            await run_db(
+                renew_lease,
+                conversation_id=step.batch.conversation.pk,
+                token=step.batch.token,
+                agent_timeout=step.batch.instance.agent_timeout,
+            )
         held, outbound_id = await step.update(
             message,
             send_start=SendStart(chat_jid=message.chat_jid, text=message.reply_text),
-            **no_longer_held,
+            send_end=settled,
+            **fields,
         )
         if not held:
             return False
@@ -430,6 +461,119 @@ async def _send_reply(step: Step, *, message: InboundMessage, http: httpx.AsyncC
     _sends.add(send)
     send.add_done_callback(_sends.discard)
     return await asyncio.shield(send)
+
+
+async def _check_earlier_send(
+    step: Step,
+    *,
+    message: InboundMessage,
+    target: EvolutionTarget,
+    earlier: EarlierAttempt,
+    http: httpx.AsyncClient,
+) -> SendCheck | None:
+    """Ask Evolution whether the earlier attempt went out; None when the message
+    was requeued or failed because Evolution could not be asked."""
+    instance = step.batch.instance
+
+    async def recorded(evolution_ids: list[str]) -> set[str]:
+        return await run_db(
+            recorded_ids,
+            instance_id=instance.pk,
+            evolution_ids=evolution_ids,
+            excluding=earlier.outbound_id,
+        )
+
+    try:
+        check = await check_earlier_send(
+            EvolutionClient(target=target, http=http),
+            attempt=earlier,
+            chat_jid=message.chat_jid,
+            text=message.reply_text or "",
+            answered_id=message.message_id,
+            now=timezone.now(),
+            recorded_ids=recorded,
+        )
+    except OutboundError as exc:
+        metrics.outbound_errors.labels(instance.name, "evolution", exc.status or "none").inc()
+        if not exc.retryable:
+            # Evolution cannot answer the question (a query it refuses, an
+            # answer the hub cannot read): the reply goes again, as before.
+            note = f"could not ask Evolution ({exc}): sent again, may be a duplicate"
+            check = SendCheck(Verdict.UNKNOWN, note=note)
+        else:
+            error = f"could not ask Evolution whether the reply was sent: {exc}"
+            await _retry_or_fail(step, message=message, error=error, attempt=message.send_attempts)
+            return None
+    metrics.resend_checks.labels(instance.name, check.verdict.value).inc()
+    return check
+
+
+async def _confirm_sent(
+    step: Step, *, message: InboundMessage, earlier: EarlierAttempt, evolution_id: str
+) -> None:
+    """Evolution has the reply: recorded as sent with its id, not sent again."""
+    # A worker that died mid-send never counted its attempt.
+    attempts = message.send_attempts + (1 if earlier.status == OutboundStatus.SENDING else 0)
+    sent = SendEnd(outbound_id=earlier.outbound_id, evolution_id=evolution_id, ok=True)
+    _log(message, "found_sent", evolution_id=evolution_id)
+    await step.finish(
+        message, Status.REPLIED, send_attempts=attempts, sent_at=timezone.now(), send_end=sent
+    )
+
+
+def _settle_earlier(
+    check: SendCheck, *, earlier: EarlierAttempt, fields: dict[str, Any], message: InboundMessage
+) -> SendEnd:
+    """The earlier attempt's row once Evolution was asked (written with the new one)."""
+    if check.verdict is Verdict.NOT_SENT:
+        return SendEnd(
+            outbound_id=earlier.outbound_id,
+            evolution_id="",
+            ok=False,
+            error="not among Evolution's messages: sent again",
+        )
+    # It may still have gone out: the row stays unconfirmed, and says why.
+    fields["last_error"] = check.note
+    logger.warning(
+        "message %s", kv(instance=message.instance.name, id=message.message_id, note=check.note)
+    )
+    return SendEnd(
+        outbound_id=earlier.outbound_id,
+        evolution_id="",
+        ok=False,
+        unconfirmed=True,
+        error=check.note,
+    )
+
+
+async def _retry_or_fail(
+    step: Step,
+    *,
+    message: InboundMessage,
+    error: str,
+    attempt: int,
+    send_end: SendEnd | None = None,
+    retryable: bool = True,
+) -> bool:
+    """A send (or the question before it) failed: retried within the retry window,
+    else failed for good. False when the message was requeued."""
+    now = timezone.now()
+    first_failure = message.first_send_failed_at or now
+    window = timedelta(seconds=settings.EVOLUTION_RETRY_WINDOW)
+    if retryable and now - first_failure < window:
+        await step.retry_later(
+            message,
+            attempt=max(attempt, 1),
+            error=error,
+            send_attempts=attempt,
+            first_send_failed_at=first_failure,
+            send_end=send_end,
+        )
+        return False
+    await step.finish(
+        message, Status.FAILED, send_attempts=attempt, last_error=error, send_end=send_end
+    )
+    return True
 
 
 async def _hold(step: Step, *, message: InboundMessage) -> bool:
@@ -483,24 +627,22 @@ async def _send_and_record(
         metrics.outbound_errors.labels(
             message.instance.name, "evolution", exc.status or "none"
         ).inc()
-        now = timezone.now()
-        first_failure = message.first_send_failed_at or now
-        window = timedelta(seconds=settings.EVOLUTION_RETRY_WINDOW)
-        failed = SendEnd(outbound_id=outbound_id, evolution_id="", ok=False, error=str(exc))
-        if exc.retryable and now - first_failure < window:
-            await step.retry_later(
-                message,
-                attempt=attempt,
-                error=str(exc),
-                send_attempts=attempt,
-                first_send_failed_at=first_failure,
-                send_end=failed,
-            )
-            return False
-        await step.finish(
-            message, Status.FAILED, send_attempts=attempt, last_error=str(exc), send_end=failed
+        failed = SendEnd(
+            outbound_id=outbound_id,
+            evolution_id="",
+            ok=False,
+            error=str(exc),
+            # Before this reply goes again, Evolution is asked whether it went.
+            unconfirmed=exc.maybe_sent,
         )
-        return True
+        return await _retry_or_fail(
+            step,
+            message=message,
+            error=str(exc),
+            attempt=attempt,
+            send_end=failed,
+            retryable=exc.retryable,
+        )
     sent = SendEnd(outbound_id=outbound_id, evolution_id=_key_id(answer), ok=True)
     await step.finish(
         message, Status.REPLIED, send_attempts=attempt, sent_at=timezone.now(), send_end=sent

@@ -351,7 +351,7 @@ def _own_sql() -> str:
         f"SELECT 1 FROM {t} WHERE {col['instance']} = %s AND ({col['evolution_id']} = %s "
         # An echo may arrive before sendText has answered with the id (or after
         # it timed out): then the chat's unconfirmed send with the same text.
-        f"OR ({col['chat_jid']} = %s AND {col['status']} IN (%s, %s) "
+        f"OR ({col['chat_jid']} = %s AND {col['status']} IN (%s, %s, %s) "
         f"AND {col['evolution_id']} = '' AND {col['text']} = %s)) LIMIT 1"
     )
 
@@ -364,11 +364,50 @@ def is_own_message(*, instance_id: int, chat_jid: str, message_id: str, text: st
         chat_jid,
         OutboundStatus.SENDING.value,
         OutboundStatus.FAILED.value,
+        OutboundStatus.UNCONFIRMED.value,
         text,
     ]
     with connection.cursor() as cursor:
         cursor.execute(_own_sql(), params)
         return cursor.fetchone() is not None
+
+
+@dataclass(frozen=True)
+class EarlierAttempt:
+    """A send of this reply that may have reached Evolution: a row left `sending`
+    (its worker died) or `unconfirmed` (no answer came back)."""
+
+    outbound_id: int
+    started_at: datetime
+    evolution_id: str
+    status: str
+
+
+def earlier_attempt(*, message_pk: int) -> EarlierAttempt | None:
+    """The first such attempt of the message's reply, if any.
+
+    Asked only for a message handled again (not on the common path), so the
+    ORM's cost does not matter here.
+    """
+    found = (
+        OutboundMessage.objects.filter(
+            in_reply_to_id=message_pk,
+            status__in=(OutboundStatus.SENDING, OutboundStatus.UNCONFIRMED),
+        )
+        .order_by("id")
+        .values_list("id", "created_at", "evolution_id", "status")
+        .first()
+    )
+    return None if found is None else EarlierAttempt(*found)
+
+
+def recorded_ids(*, instance_id: int, evolution_ids: list[str], excluding: int) -> set[str]:
+    """Which of these Evolution ids are other replies of the hub's, already recorded."""
+    return set(
+        OutboundMessage.objects.filter(instance_id=instance_id, evolution_id__in=evolution_ids)
+        .exclude(pk=excluding)
+        .values_list("evolution_id", flat=True)
+    )
 
 
 def hub_sent(*, instance_id: int, message_id: str) -> bool:
@@ -472,10 +511,12 @@ def _outbound_update_sql() -> str:
     )
 
 
-def finish_outbound(*, outbound_id: int, ok: bool, evolution_id: str, error: str) -> None:
-    sent_at = timezone.now() if ok else None
+def finish_outbound(
+    *, outbound_id: int, status: OutboundStatus, evolution_id: str, error: str
+) -> None:
+    sent_at = timezone.now() if status == OutboundStatus.SENT else None
     params = [
-        (OutboundStatus.SENT if ok else OutboundStatus.FAILED).value,
+        status.value,
         evolution_id[:128],
         error,
         _out.get_field("sent_at").get_db_prep_save(sent_at, connection),

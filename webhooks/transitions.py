@@ -29,6 +29,7 @@ from webhooks.models import (
     ConnectionState,
     Conversation,
     InboundMessage,
+    OutboundStatus,
     PauseReason,
     Status,
 )
@@ -262,6 +263,14 @@ class SendEnd:
     evolution_id: str
     ok: bool
     error: str = ""
+    # Failed without Evolution's answer: it may have been sent (see OutboundStatus).
+    unconfirmed: bool = False
+
+    @property
+    def status(self) -> OutboundStatus:
+        if self.ok:
+            return OutboundStatus.SENT
+        return OutboundStatus.UNCONFIRMED if self.unconfirmed else OutboundStatus.FAILED
 
 
 def save_claimed(
@@ -281,6 +290,15 @@ def save_claimed(
     """
     if not update_claimed_row(pk=message_pk, claim_token=token, fields=fields):
         return False, None
+    if send_end is not None:
+        # First: with a send_start too, it settles an earlier attempt's row
+        # whatever becomes of the new one.
+        rows.finish_outbound(
+            outbound_id=send_end.outbound_id,
+            status=send_end.status,
+            evolution_id=send_end.evolution_id,
+            error=send_end.error,
+        )
     outbound_id = None
     if send_start is not None:
         assert instance_id is not None
@@ -291,13 +309,6 @@ def save_claimed(
             chat_jid=send_start.chat_jid,
             text=send_start.text,
             in_reply_to=message_pk,
-        )
-    if send_end is not None:
-        rows.finish_outbound(
-            outbound_id=send_end.outbound_id,
-            ok=send_end.ok,
-            evolution_id=send_end.evolution_id,
-            error=send_end.error,
         )
     return True, outbound_id
 

@@ -181,6 +181,8 @@ class Tenant:
 
     def send_text(self, text: str = "hello", **fields: Any) -> tuple[str, httpx.Response]:
         body = self.delivery(text=text, **fields)
+        # Evolution keeps what it receives from WhatsApp before it delivers it.
+        self.evolution.receive(body["data"])
         response = self.post(body)
         return body["data"]["key"]["id"], response
 

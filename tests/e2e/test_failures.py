@@ -129,3 +129,44 @@ def test_a_silent_or_empty_agent_answer_sends_nothing(
     assert row["reply_text"] == ""
     assert json.loads(row["agent_response"])["message"] == answer
     assert tenant.evolution.received("/message/sendText/") == []
+
+
+def test_a_reply_whose_connection_dropped_after_the_request_is_not_sent_twice(
+    make_tenant: Callable[..., Tenant],
+) -> None:
+    tenant = make_tenant()
+    # Evolution sends the text, then the connection drops before its answer.
+    tenant.evolution.drop_sends = 1
+    message_id, _ = tenant.send_text("did it go?")
+    row = tenant.wait_finished(message_id)
+    assert row["status"] == "replied"
+    time.sleep(0.3)  # a second send would arrive now
+    [reply] = tenant.evolution.sent()
+    assert reply.body["text"] == "reply: [Maria Souza]: did it go?"
+    # Asked once: the chat's own messages held the reply.
+    assert len(tenant.evolution.received("/chat/findMessages/")) == 1
+    [outbound] = tenant.hub.query(
+        "SELECT status, evolution_id FROM webhooks_outboundmessage WHERE in_reply_to_id = ?",
+        [row["id"]],
+    )
+    [kept] = [m for m in tenant.evolution.stored if m["key"]["fromMe"]]
+    assert outbound == {"status": "sent", "evolution_id": kept["key"]["id"]}
+
+
+def test_an_evolution_that_keeps_no_messages_gets_a_dropped_reply_again_and_the_row_says_so(
+    make_tenant: Callable[..., Tenant],
+) -> None:
+    tenant = make_tenant()
+    tenant.evolution.keeps_messages = False  # DATABASE_SAVE_DATA_NEW_MESSAGE=false
+    tenant.evolution.drop_sends = 1
+    message_id, _ = tenant.send_text("once or twice?")
+    row = tenant.wait_finished(message_id)
+    assert row["status"] == "replied"
+    texts = [reply.body["text"] for reply in tenant.evolution.sent()]
+    assert texts == ["reply: [Maria Souza]: once or twice?"] * 2  # at least once
+    assert row["last_error"] == "Evolution keeps no messages: sent again, may be a duplicate"
+    statuses = tenant.hub.query(
+        "SELECT status FROM webhooks_outboundmessage WHERE in_reply_to_id = ? ORDER BY id",
+        [row["id"]],
+    )
+    assert [s["status"] for s in statuses] == ["unconfirmed", "sent"]

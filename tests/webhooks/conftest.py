@@ -36,6 +36,8 @@ class Upstream:
     def __init__(self) -> None:
         self.agent: Answer = (200, {"message": AGENT_REPLY, "success": True})
         self.evolution: Answer = (201, {"key": {"id": "3EB0"}, "status": "PENDING"})
+        # POST /chat/findMessages/: by default an Evolution that has nothing stored.
+        self.find_messages: Answer = (200, found_page([]))
         self.requests: list[httpx.Request] = []
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
@@ -43,7 +45,12 @@ class Upstream:
         path = request.url.path
         if path.startswith("/chat/sendPresence/"):
             return httpx.Response(201, json={})
-        answer = self.agent if path.startswith("/api/v1/agent/") else self.evolution
+        if path.startswith("/api/v1/agent/"):
+            answer = self.agent
+        elif path.startswith("/chat/findMessages/"):
+            answer = self.find_messages
+        else:
+            answer = self.evolution
         if callable(answer):
             answer = await answer(request)
         if isinstance(answer, Exception):
@@ -64,6 +71,22 @@ class Upstream:
     @property
     def sent(self) -> list[httpx.Request]:
         return self.calls("/message/sendText/")
+
+    @property
+    def finds(self) -> list[httpx.Request]:
+        return self.calls("/chat/findMessages/")
+
+
+def found_page(records: list[dict[str, Any]], *, size: int = 50) -> dict[str, Any]:
+    """Evolution 2.x's findMessages answer (channel.service.ts fetchMessages)."""
+    return {
+        "messages": {
+            "total": len(records),
+            "pages": -(-len(records) // size),
+            "currentPage": 1,
+            "records": records[:size],
+        }
+    }
 
 
 @pytest.fixture

@@ -1,13 +1,20 @@
 """Sending replies through Evolution: URL, key, body, and which failures may be retried."""
 
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
 from django.conf import settings
 
-from webhooks.evolution_client import EvolutionClient, EvolutionTarget, evolution_error_text
+from webhooks.evolution_client import (
+    EvolutionClient,
+    EvolutionTarget,
+    FoundMessages,
+    StoredMessage,
+    evolution_error_text,
+)
 from webhooks.http import OutboundError, describe_body
 
 TARGET = EvolutionTarget(
@@ -219,3 +226,134 @@ def test_a_long_text_answer_shows_at_most_200_characters() -> None:
 
     assert len(detail) <= 200
     assert detail.startswith("oops oops")
+
+
+# --- findMessages: was a reply sent? -----------------------------------------------
+async def find(answer: Any, **query: Any) -> tuple[FoundMessages, list[httpx.Request]]:
+    requests: list[httpx.Request] = []
+    async with client_answering(answer, requests) as http:
+        found = await EvolutionClient(target=TARGET, http=http).find_messages(**query)
+    return found, requests
+
+
+RECORD = {
+    "id": "cmiu0x0qf0001",
+    "key": {
+        "id": "3EB0FD63D733EA80664A56",
+        "fromMe": True,
+        "remoteJid": "5511987654321@s.whatsapp.net",
+    },
+    "pushName": "Você",
+    "messageType": "conversation",
+    "message": {"conversation": "Abrimos às 9h."},
+    "messageTimestamp": 1765023987,
+    "instanceId": "6f1c2b7e-9a4d-4c51-8e2f-3b0d5a7c9e11",
+    "source": "web",
+    "contextInfo": None,
+    "MessageUpdate": [{"status": "SERVER_ACK"}],
+}
+PAGE = {"messages": {"total": 1, "pages": 1, "currentPage": 1, "records": [RECORD]}}
+
+
+@pytest.mark.asyncio
+async def test_find_messages_asks_for_the_chats_own_messages_between_two_dates() -> None:
+    since = datetime(2025, 12, 6, 9, 26, 23, 101999, tzinfo=UTC)
+    until = since + timedelta(minutes=2)
+
+    found, [request] = await find(
+        (200, PAGE), remote_jid="5511987654321@s.whatsapp.net", from_me=True, between=(since, until)
+    )
+
+    assert request.method == "POST"
+    assert str(request.url) == "http://evolution.acme.test/chat/findMessages/acme-wa"
+    assert request.headers["apikey"] == "acme-evolution-key"
+    assert json.loads(request.content) == {
+        "where": {
+            "key": {"remoteJid": "5511987654321@s.whatsapp.net", "fromMe": True},
+            # Evolution filters on the timestamp only with both ends, as JS dates.
+            "messageTimestamp": {
+                "gte": "2025-12-06T09:26:23.101Z",
+                "lte": "2025-12-06T09:28:23.101Z",
+            },
+        },
+        "page": 1,
+        "offset": 50,
+    }
+    assert found == FoundMessages(
+        records=[
+            StoredMessage(
+                key_id="3EB0FD63D733EA80664A56",
+                remote_jid="5511987654321@s.whatsapp.net",
+                from_me=True,
+                text="Abrimos às 9h.",
+                timestamp=1765023987,
+            )
+        ],
+        pages=1,
+    )
+
+
+@pytest.mark.asyncio
+async def test_find_messages_reads_extended_text_long_timestamps_and_1_8_lists() -> None:
+    record = {
+        "key": {"id": "X", "fromMe": True, "remoteJid": "a@s.whatsapp.net"},
+        "message": {"extendedTextMessage": {"text": "link https://a.example"}},
+        "messageTimestamp": {"low": 1765023987, "high": 0, "unsigned": False},
+    }
+
+    found, _ = await find((200, [record, {"key": "broken"}]), key_id="X")
+
+    assert found.records == [
+        StoredMessage("X", "a@s.whatsapp.net", True, "link https://a.example", 1765023987)
+    ]
+
+
+@pytest.mark.asyncio
+async def test_an_evolution_that_keeps_no_messages_answers_an_empty_page() -> None:
+    empty = {"messages": {"total": 0, "pages": 0, "currentPage": 1, "records": []}}
+
+    found, _ = await find((200, empty), key_id="3EB0")
+
+    assert found == FoundMessages(records=[], pages=0)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("answer", "retryable"),
+    [
+        ((500, {"error": "Internal Server Error"}), True),
+        ((404, {"response": {"message": ['The "acme-wa" instance does not exist']}}), True),
+        (httpx.ReadTimeout("slow"), True),
+        (httpx.RemoteProtocolError("dropped"), True),
+        ((400, {"response": {"message": ["where.key is invalid"]}}), False),
+        (httpx.Response(200, text="<html><title>Login</title></html>"), False),
+        ((200, {"messages": "none"}), False),
+    ],
+)
+async def test_a_failed_find_messages_says_whether_asking_again_can_help(
+    answer: Any, retryable: bool
+) -> None:
+    with pytest.raises(OutboundError) as caught:
+        await find(answer, key_id="3EB0")
+
+    assert caught.value.retryable is retryable
+    assert "findMessages" in str(caught.value)
+    assert caught.value.maybe_sent is False
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("error", "maybe_sent"),
+    [
+        (httpx.ConnectError("refused"), False),
+        (httpx.ReadTimeout("slow"), True),
+        (httpx.RemoteProtocolError("Server disconnected"), True),
+    ],
+)
+async def test_send_text_says_when_the_text_may_have_gone_out(
+    error: Exception, maybe_sent: bool
+) -> None:
+    with pytest.raises(OutboundError) as caught:
+        await send(error)
+
+    assert caught.value.maybe_sent is maybe_sent
