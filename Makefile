@@ -66,9 +66,14 @@ test: install
 		|| { echo "PostgreSQL is not reachable at $(TEST_POSTGRES_URL): start it (.ci/run does), or set TEST_POSTGRES_URL."; exit 1; }
 	@# SQLite pass: everything but the scale-out test, which is PostgreSQL's own.
 	TEST_POSTGRES_URL=$(TEST_POSTGRES_URL) $(BIN)/pytest -m "not scale_out"
+	@# The pipeline's tests again with production's database path: every call of the
+	@# webhook and the worker on the group committer's thread (end-to-end tests run the
+	@# real server, where it is always on).
+	TEST_GROUP_COMMIT=true $(BIN)/pytest -m pipeline
 	@# PostgreSQL pass: the suite again, without the browser tests (they drive a
 	@# hub on SQLite) and the minute-long fault tests already run above.
 	DATABASE_URL=$(TEST_POSTGRES_URL) $(BIN)/pytest -m "not browser and (scale_out or not slow)"
+	DATABASE_URL=$(TEST_POSTGRES_URL) TEST_GROUP_COMMIT=true $(BIN)/pytest -m pipeline
 
 clean:
 	rm -rf $(VENV) staticfiles

@@ -22,6 +22,15 @@ from tests.conftest import instance_fields, load_fixture
 from webhooks.ingest import Outcome, record_delivery
 from webhooks.models import InboundMessage
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "pipeline: the worker's and the webhook's database work; make test runs these once "
+        "more with the production database path (TEST_GROUP_COMMIT=true)",
+    )
+
+
 PHONE = "5511987654321"
 AGENT_REPLY = "Abrimos das 9h às 18h."
 

@@ -27,7 +27,7 @@ from webhooks.models import (
 )
 from webhooks.processing import handle_batch
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True), pytest.mark.pipeline]
 
 PHONE = "5511987654321"
 OTHER = "5511911112222"

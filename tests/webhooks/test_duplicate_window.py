@@ -21,7 +21,7 @@ from webhooks.models import Conversation, InboundMessage, OutboundMessage, Outbo
 from webhooks.processing import handle_batch
 from webhooks.transitions import claim_conversations
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True), pytest.mark.pipeline]
 
 REPLY = "Já respondido."
 CHAT = f"{PHONE}@s.whatsapp.net"

@@ -5,6 +5,8 @@ The ORM runs in asgiref's executor thread, hence transaction=True (see conftest)
 
 import asyncio
 import json
+import os
+import threading
 from datetime import timedelta
 from typing import Any
 
@@ -16,11 +18,12 @@ from django.utils import timezone
 
 from instances.models import DEFAULT_FALLBACK_MESSAGE, InstanceConfig
 from tests.webhooks.conftest import AGENT_REPLY, PHONE, Upstream, queue_message
+from webhooks.db import run_db
 from webhooks.models import Conversation, InboundMessage, Status
 from webhooks.processing import NO_TARGET, handle_batch
 from webhooks.transitions import Batch, claim_conversations
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True), pytest.mark.pipeline]
 
 FIXTURE_APIKEY = "B6D9E2A4-1F3C-4E8A-9C7B-2D5E8F0A1B3C"
 
@@ -365,3 +368,14 @@ async def test_an_agent_that_trickles_its_answer_past_its_timeout_is_cut_off(
     assert row.status == Status.FAILED
     assert "timed out: no complete answer within 1s" in row.last_error
     assert upstream.sent == []
+
+
+async def test_its_database_calls_run_where_this_pass_says() -> None:
+    thread = await run_db(lambda: threading.current_thread().name)
+
+    # make test's pipeline pass (TEST_GROUP_COMMIT=true) is production's path:
+    # the group committer's one database thread, not the test's own.
+    if os.environ.get("TEST_GROUP_COMMIT") == "true":
+        assert thread.startswith("omnihub-db")
+    else:
+        assert not thread.startswith("omnihub-db")

@@ -16,7 +16,7 @@ from webhooks import views
 from webhooks.models import InboundMessage, Status
 from webhooks.transitions import Batch
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True), pytest.mark.pipeline]
 
 
 class LocalWorker:

@@ -26,6 +26,9 @@ from webhooks.transitions import (
 )
 from webhooks.worker import Worker
 
+# Also run with the production database path (make test: TEST_GROUP_COMMIT=true -m pipeline).
+pytestmark = pytest.mark.pipeline
+
 CHAT_A = "5511911110001"
 CHAT_B = "5511922220002"
 
