@@ -16,12 +16,13 @@ from datetime import datetime
 from functools import cache
 from typing import Any
 
-from django.db import connection
+from django.db import DEFAULT_DB_ALIAS, connection, connections
 from django.db.models import DateTimeField, Field, JSONField
 from django.utils import timezone
 
 from instances.models import InstanceConfig
 from webhooks.models import (
+    ConnectionState,
     Conversation,
     InboundMessage,
     OutboundMessage,
@@ -54,18 +55,33 @@ def _insert_sql() -> str:
     )
 
 
-def _prepare(field: Field, value: Any) -> Any:
+def _prepare(field: Field, value: Any, db: Any = connection) -> Any:
     # Only dates and JSON change on the way to the database; the other fields
     # (text, numbers, booleans, the instance's id) hold their stored value already.
-    if isinstance(field, DateTimeField | JSONField):
-        return field.get_db_prep_save(value, connection)
+    # None is NULL for both (JSONField's get_db_prep_save says so too).
+    if value is not None and isinstance(field, DateTimeField | JSONField):
+        return field.get_db_prep_save(value, db)
     return value
 
 
 def insert_message(*, row: InboundMessage) -> bool:
     """Store a new row (setting its pk); False when this delivery is already stored."""
-    values = [_prepare(f, getattr(row, f.attname)) for f in _INSERT_FIELDS]
-    with connection.cursor() as cursor:
+    # The connection itself, looked up once: each attribute read through the
+    # `connection` proxy is a context-local lookup, a dozen per row.
+    db = connections[DEFAULT_DB_ALIAS]
+    # Its times are mostly the same `now`: converted once.
+    times: dict[datetime, Any] = {}
+    values = []
+    for f in _INSERT_FIELDS:
+        value = getattr(row, f.attname)
+        if isinstance(value, datetime):
+            if value not in times:
+                times[value] = _prepare(f, value, db)
+            value = times[value]
+        else:
+            value = _prepare(f, value, db)
+        values.append(value)
+    with db.cursor() as cursor:
         cursor.execute(_insert_sql(), values)
         found = cursor.fetchone()
     if found is None:
@@ -447,19 +463,39 @@ def _outbound_insert_sql() -> str:
         "created_at",
     )
     names = ", ".join(q(_out.get_field(name).column) for name in columns)
+    state = ConnectionState._meta
+    # The connection check in the same statement: it was an ORM query of its
+    # own, compiled anew for every reply (more than half of the worker's
+    # database time per message on SQLite).
     return (
         f"INSERT INTO {q(_out.db_table)} ({names}) "
-        "VALUES (%s, %s, %s, %s, '', %s, '', %s) RETURNING id"
+        "SELECT %s, %s, %s, %s, '', %s, '', %s "
+        f"WHERE NOT EXISTS (SELECT 1 FROM {q(state.db_table)} "
+        f"WHERE {q(state.get_field('instance').column)} = %s "
+        f"AND {q(state.get_field('state').column)} IN (%s, %s)) RETURNING id"
     )
 
 
-def insert_outbound(*, instance_id: int, chat_jid: str, text: str, in_reply_to: int) -> int:
-    """Record a reply about to be sent; its id."""
+def insert_outbound(
+    *, instance_id: int, chat_jid: str, text: str, in_reply_to: int, not_connected: Sequence[str]
+) -> int | None:
+    """Record a reply about to be sent; its id, or None (nothing written) while the
+    instance's last connection state is one of `not_connected`."""
     now = _out.get_field("created_at").get_db_prep_save(timezone.now(), connection)
-    params = [instance_id, chat_jid, text, in_reply_to, OutboundStatus.SENDING.value, now]
+    params = [
+        instance_id,
+        chat_jid,
+        text,
+        in_reply_to,
+        OutboundStatus.SENDING.value,
+        now,
+        instance_id,
+        *not_connected,
+    ]
     with connection.cursor() as cursor:
         cursor.execute(_outbound_insert_sql(), params)
-        return int(cursor.fetchone()[0])
+        found = cursor.fetchone()
+    return None if found is None else int(found[0])
 
 
 @cache

@@ -26,7 +26,6 @@ from instances.models import InstanceConfig
 from webhooks import rows
 from webhooks.chat_rules import OpenMessage, OwnerAction, debounce_limit, due_time
 from webhooks.models import (
-    ConnectionState,
     Conversation,
     InboundMessage,
     PauseReason,
@@ -183,7 +182,10 @@ def _take_due(conversation: Conversation, *, token: str, now: datetime) -> list[
     return taken
 
 
-@transaction.atomic
+# No savepoint: inside the database thread's transaction this needs only to be
+# part of it (a failure fails the batch, which runs again call by call); a
+# savepoint would cost two statements per message.
+@transaction.atomic(savepoint=False)
 def take_more_or_settle(*, conversation: Conversation, token: str) -> list[InboundMessage]:
     """A worker done with its messages: the chat's next due ones, or the chat let go.
 
@@ -209,7 +211,7 @@ def take_more_or_settle(*, conversation: Conversation, token: str) -> list[Inbou
     return _take_due(conversation, token=token, now=timezone.now())
 
 
-@transaction.atomic
+@transaction.atomic(savepoint=False)
 def settle_conversation(*, conversation: Conversation, token: str) -> None:
     """Let a held conversation go, due again when its next open message is."""
     held = (
@@ -284,13 +286,14 @@ def save_claimed(
     outbound_id = None
     if send_start is not None:
         assert instance_id is not None
-        if not can_send_now(instance_id=instance_id):
-            return True, None
+        # None, nothing written, while the instance's last connection.update says
+        # it is not connected (no update yet: unknown, so the send is tried).
         outbound_id = rows.insert_outbound(
             instance_id=instance_id,
             chat_jid=send_start.chat_jid,
             text=send_start.text,
             in_reply_to=message_pk,
+            not_connected=NOT_CONNECTED,
         )
     if send_end is not None:
         rows.finish_outbound(
@@ -306,17 +309,6 @@ HOLD_REASON = "waiting for connection"
 # Evolution's states in which a sendText cannot go out (2.3.7 holds it ~60 s
 # and answers 500 while `connecting`, 500 at once while `close`).
 NOT_CONNECTED = ("close", "connecting")
-
-
-def can_send_now(*, instance_id: int) -> bool:
-    """False while the instance's last connection.update says it is not connected
-    (no update yet: unknown, so the send is tried)."""
-    state = (
-        ConnectionState.objects.filter(instance_id=instance_id)
-        .values_list("state", flat=True)
-        .first()
-    )
-    return state not in NOT_CONNECTED
 
 
 def connected_again(*, instance_id: int) -> int:
@@ -371,7 +363,7 @@ def release_messages(
         ).update(**fields)
 
 
-@transaction.atomic
+@transaction.atomic(savepoint=False)
 def release_batch(*, batch: Batch, error: str = "", delay: float = 0.0) -> None:
     release_messages(messages=batch.messages, error=error, delay=delay)
     settle_conversation(conversation=batch.conversation, token=batch.token)
