@@ -117,7 +117,9 @@ class Delivery:
 
 def read_delivery(raw: bytes) -> Delivery:
     try:
-        body = parsing.make_storable(json.loads(raw, parse_constant=_reject_constant))
+        body = json.loads(raw, parse_constant=_reject_constant)
+        if parsing.storable_needs_walk(raw):
+            body = parsing.make_storable(body)
     except (ValueError, RecursionError):
         # ParseError (too deep) is a ValueError too: not a usable JSON object.
         return Delivery(body=None)

@@ -302,22 +302,25 @@ def touch_conversation(
     is open in it and its tenant has room: the returned claim_token says which.
     """
     q = queueing
+    stamp = _dt(now)
     params: dict[str, Any] = {
         "instance": instance_id,
         "chat_jid": chat_jid,
         "phone": phone,
         "push_name": push_name,
         "is_group": is_group,
-        "now": _dt(now),
+        "now": stamp,
         "idle": idle_cutoff is not None,
-        "cutoff": _dt(idle_cutoff or now),
+        "cutoff": _dt(idle_cutoff) if idle_cutoff else stamp,
     }
     if q is not None:
+        # Without debounce the chat is due now: that time is converted once.
+        due = stamp if q.due == now else _dt(q.due)
         params.update(
-            due=_dt(q.due),
+            due=due,
             limit=_dt(q.limit) if q.limit else None,
             token=q.token,
-            lease=_dt(q.lease_until or q.due),
+            lease=_dt(q.lease_until) if q.lease_until else due,
             max_concurrent=q.max_concurrent,
         )
     sql = _touch_sql(
@@ -332,8 +335,11 @@ def touch_conversation(
     return ChatState(*_convert(_conv_state_reading(connection.vendor), found))
 
 
+_DUE_AT = _conv.get_field("due_at")
+
+
 def _dt(value: datetime) -> Any:
-    return _conv.get_field("due_at").get_db_prep_save(value, connection)
+    return _DUE_AT.get_db_prep_save(value, connections[DEFAULT_DB_ALIAS])
 
 
 @cache
