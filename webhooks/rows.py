@@ -209,6 +209,14 @@ def _lease_sql(held_only: bool) -> str:
     )
 
 
+def any_conversation_due(*, now: datetime) -> bool:
+    """Whether any chat is due (or its lease ran out): one look at webhooks_conversation_due."""
+    sql = f"SELECT 1 FROM {_conv_table()} WHERE {_conv_column('due_at')} <= %s LIMIT 1"
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [_dt(now)])
+        return cursor.fetchone() is not None
+
+
 def lease_conversation(*, conversation_id: int, token: str, lease: datetime) -> None:
     """Hold a claimed chat with this token until `lease`."""
     with connection.cursor() as cursor:
