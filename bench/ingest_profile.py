@@ -295,7 +295,15 @@ def worker_phase(
     stmts.take()
     timing.clear()
     started = time.perf_counter()
+    cpu = time.process_time()
+    loop_profile = cProfile.Profile() if os.environ.get("PROFILE_LOOP") else None
+    if loop_profile:
+        loop_profile.enable()
     asyncio.run(work(claimed))
+    if loop_profile:
+        loop_profile.disable()
+        pstats.Stats(loop_profile).sort_stats("tottime").print_stats(30)
+    cpu = time.process_time() - cpu
     elapsed = time.perf_counter() - started
     db.close_database_threads()
     kinds = stmts.take()
@@ -305,6 +313,7 @@ def worker_phase(
         "replied": replied,
         "stored": stored,
         "ms_per_message_wall": 1000 * elapsed / max(stored, 1),
+        "process_cpu": 1000 * cpu / max(stored, 1),
         "ms_per_message_db": 1000 * sum(timing) / max(stored, 1),
         "statements": sum(kinds.values()) / max(stored, 1),
         "kinds": kinds,
@@ -377,7 +386,7 @@ def main() -> None:
     print(
         f"worker: {result['replied']}/{stored} replied; ms/message wall "
         f"{result['ms_per_message_wall']:.3f}, database thread {result['ms_per_message_db']:.3f} "
-        f"(cpu {result['cpu']:.3f}); "
+        f"(cpu {result['cpu']:.3f}); process cpu {result['process_cpu']:.3f}; "
         f"statements/message {result['statements']:.2f}"
     )
     if args.statements:
