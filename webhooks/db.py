@@ -21,6 +21,7 @@ import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from asgiref.sync import sync_to_async
@@ -96,7 +97,67 @@ class _SQLiteWriterLock:
 _writer_lock = _SQLiteWriterLock()
 
 
-def _execute(calls: list[tuple[Callable[..., Any], dict[str, Any]]]) -> list[tuple[bool, Any]]:
+@dataclass(frozen=True)
+class Then:
+    """What a call's first step (see `first_step`) leaves to run in the transaction."""
+
+    fn: Callable[..., Any]
+    kwargs: dict[str, Any]
+
+
+_FIRST_STEPS: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+
+def first_step(step: Callable[..., Any]) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """On the database thread, run `step` (same arguments) before the batch's lock.
+
+    It may only read: it returns the call's result, or a `Then` with what is
+    left to do in the transaction. Under load the work before the lock (for a
+    delivery: the tenant's lookup, the token, parsing the body) runs while
+    another process holds it, instead of adding to every writer's wait.
+    Called directly, the function does the whole (its own body must say so).
+    """
+
+    def mark(fn: Callable[..., T]) -> Callable[..., T]:
+        _FIRST_STEPS[fn] = step
+        return fn
+
+    return mark
+
+
+Calls = list[tuple[Callable[..., Any], dict[str, Any]]]
+
+
+def _execute(calls: Calls) -> list[tuple[bool, Any]]:
+    outcomes: list[tuple[bool, Any] | None] = [None] * len(calls)
+    locked: list[tuple[int, Callable[..., Any], dict[str, Any]]] = []
+    for index, (fn, kwargs) in enumerate(calls):
+        step = _FIRST_STEPS.get(fn)
+        if step is None:
+            locked.append((index, fn, kwargs))
+            continue
+        try:
+            value = step(**kwargs)
+        except DatabaseError as exc:
+            logger.warning("database read failed: %s", exc)
+            connection.close()
+            outcomes[index] = (False, exc)
+            continue
+        except Exception as exc:
+            outcomes[index] = (False, exc)
+            continue
+        if isinstance(value, Then):
+            locked.append((index, value.fn, value.kwargs))
+        else:
+            outcomes[index] = (True, value)
+    if locked:
+        done = _execute_locked([(fn, kwargs) for _, fn, kwargs in locked])
+        for (index, _, _), outcome in zip(locked, done, strict=True):
+            outcomes[index] = outcome
+    return [outcome for outcome in outcomes if outcome is not None]
+
+
+def _execute_locked(calls: Calls) -> list[tuple[bool, Any]]:
     if len(calls) == 1:
         return [_execute_alone(*calls[0])]
     try:

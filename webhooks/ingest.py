@@ -20,7 +20,7 @@ from instances import services
 from instances.models import InstanceConfig, normalized_url
 from instances.validators import EVENT_SLUGS, is_event_slug, validate_http_url
 from omnihub.logging import kv
-from webhooks import chat_rules, metrics, parsing, rows, transitions
+from webhooks import chat_rules, db, metrics, parsing, rows, transitions
 from webhooks.models import ConnectionState, Conversation, InboundMessage, Status
 from webhooks.notify import notify_new_message
 
@@ -119,7 +119,9 @@ class Delivery:
 
 def read_delivery(raw: bytes) -> Delivery:
     try:
-        body = parsing.make_storable(json.loads(raw, parse_constant=_reject_constant))
+        body = json.loads(raw, parse_constant=_reject_constant)
+        if parsing.storable_needs_walk(raw):
+            body = parsing.make_storable(body)
     except (ValueError, RecursionError):
         # ParseError (too deep) is a ValueError too: not a usable JSON object.
         return Delivery(body=None)
@@ -175,7 +177,7 @@ def too_large_delivery(*, prefix: bytes, size: int) -> Delivery:
     return Delivery(body=stub, event=event, message=message, ignore_reason=TOO_LARGE)
 
 
-def accept_delivery(
+def authenticate_delivery(
     *,
     segment: str | None,
     event: str | None,
@@ -183,14 +185,9 @@ def accept_delivery(
     raw: bytes,
     size: int | None = None,
     claim: bool = False,
-) -> Result:
-    """Authenticate a delivery, then read and store it.
-
-    The path and the token are checked before the body is looked at, so an
-    unknown or unauthenticated delivery costs one indexed SELECT and no parse.
-    `size` is the body's full length when `raw` is only its beginning (over
-    WEBHOOK_MAX_BODY_BYTES).
-    """
+) -> "Result | db.Then":
+    """What accept_delivery does before it writes: the answer to a delivery that
+    is not stored, or the store that is left to do. It only reads."""
     route = route_of(segment=segment, event=event)
     instance = None if route is None else rows.find_instance(name=route.name)
     if route is None or instance is None:
@@ -209,9 +206,40 @@ def accept_delivery(
         )
     else:
         delivery = read_delivery(raw)
-    return store_delivery(
-        instance=instance, legacy_route=route.name is None, delivery=delivery, claim=claim
+    return db.Then(
+        store_delivery,
+        {
+            "instance": instance,
+            "legacy_route": route.name is None,
+            "delivery": delivery,
+            "claim": claim,
+        },
     )
+
+
+# On the database thread the lookup, the token and the parse run before the
+# batch takes the write lock (webhooks/db.py).
+@db.first_step(authenticate_delivery)
+def accept_delivery(
+    *,
+    segment: str | None,
+    event: str | None,
+    token: str | None,
+    raw: bytes,
+    size: int | None = None,
+    claim: bool = False,
+) -> Result:
+    """Authenticate a delivery, then read and store it.
+
+    The path and the token are checked before the body is looked at, so an
+    unknown or unauthenticated delivery costs one indexed SELECT and no parse.
+    `size` is the body's full length when `raw` is only its beginning (over
+    WEBHOOK_MAX_BODY_BYTES).
+    """
+    step = authenticate_delivery(
+        segment=segment, event=event, token=token, raw=raw, size=size, claim=claim
+    )
+    return step if isinstance(step, Result) else step.fn(**step.kwargs)
 
 
 def store_delivery(

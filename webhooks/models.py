@@ -21,7 +21,11 @@ class InboundMessage(models.Model):
     never calls the agent a second time.
     """
 
-    instance = models.ForeignKey(InstanceConfig, on_delete=models.CASCADE, related_name="messages")
+    # No index of its own: webhooks_unique_delivery and webhooks_chat_open start
+    # with it (one index fewer for every stored message to update).
+    instance = models.ForeignKey(
+        InstanceConfig, on_delete=models.CASCADE, related_name="messages", db_index=False
+    )
     message_id = models.CharField(max_length=128)
     chat_jid = models.CharField(max_length=128)
     sender_jid = models.CharField(max_length=128, blank=True)
@@ -54,7 +58,13 @@ class InboundMessage(models.Model):
     used_fallback = models.BooleanField(default=False)
     # The message whose agent call answered this one too (a debounced burst).
     answered_by = models.ForeignKey(
-        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="folded"
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="folded",
+        # Indexed where set only (webhooks_answered_by): nearly every row has none.
+        db_index=False,
     )
     # A chat's open messages are handled in this order: a retried message goes
     # after what is already open in its chat.
@@ -84,6 +94,12 @@ class InboundMessage(models.Model):
             models.Index(
                 fields=["instance", "chat_jid", "status", "id"], name="webhooks_chat_open"
             ),
+            # Deleting a message (prune) clears the rows it answered for.
+            models.Index(
+                fields=["answered_by"],
+                condition=models.Q(answered_by__isnull=False),
+                name="webhooks_answered_by",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -110,8 +126,9 @@ class Conversation(models.Model):
     claim reads only due rows of this table, whatever the size of the inbox.
     """
 
+    # No index of its own: webhooks_one_conversation_per_chat starts with it.
     instance = models.ForeignKey(
-        InstanceConfig, on_delete=models.CASCADE, related_name="conversations"
+        InstanceConfig, on_delete=models.CASCADE, related_name="conversations", db_index=False
     )
     chat_jid = models.CharField(max_length=128)
     phone = models.CharField(max_length=32, blank=True)
@@ -186,7 +203,10 @@ class OutboundMessage(models.Model):
     `unconfirmed`, is an attempt that may have reached Evolution.
     """
 
-    instance = models.ForeignKey(InstanceConfig, on_delete=models.CASCADE, related_name="sent")
+    # No index of its own: webhooks_outbound_key and webhooks_outbound_chat start with it.
+    instance = models.ForeignKey(
+        InstanceConfig, on_delete=models.CASCADE, related_name="sent", db_index=False
+    )
     chat_jid = models.CharField(max_length=128)
     text = models.TextField()
     in_reply_to = models.ForeignKey(

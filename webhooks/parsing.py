@@ -333,6 +333,28 @@ def make_storable(value: Any, depth: int = 0) -> Any:
     return value
 
 
+# What in a UTF-8 JSON text can decode to NUL or a lone surrogate: its escapes
+# (\u0000, \uD800-\uDFFF), or a surrogate's own UTF-8 bytes (json.loads
+# decodes bytes with surrogatepass). A false alarm (an escaped backslash before
+# "u0000", a surrogate pair) only costs the full walk.
+_MAYBE_UNSTORABLE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])|\xed[\xa0-\xbf]")
+
+
+def storable_needs_walk(raw: bytes) -> bool:
+    """Whether make_storable could change or refuse this JSON text once parsed.
+
+    False when it holds no NUL byte (a UTF-16 or UTF-32 text always does), nothing
+    that decodes to an unstorable character, and fewer objects and arrays than
+    MAX_DEPTH, so none can be nested that deep: the parsed value is storable as
+    it is, and the walk (a third of a delivery's parse) is skipped.
+    """
+    return (
+        b"\x00" in raw
+        or raw.count(b"{") + raw.count(b"[") >= MAX_DEPTH
+        or _MAYBE_UNSTORABLE.search(raw) is not None
+    )
+
+
 def _dict(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
