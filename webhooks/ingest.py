@@ -4,6 +4,7 @@ This runs inside the webhook request and must stay fast: no outbound call,
 one read and one write. The worker does everything else.
 """
 
+import copy
 import json
 import logging
 from dataclasses import dataclass, replace
@@ -254,6 +255,10 @@ def store_delivery(
             logger.info("webhook of another instance on the legacy route: %s", foreign)
             return Result(Outcome.IGNORED, foreign, "", instance.name)
     if instance.is_legacy:
+        # The pin is noted on a copy: the database thread may run this call
+        # twice (webhooks/db.py), the second time after the first's pin was
+        # rolled back, so the argument itself must stay as it came.
+        instance = copy.copy(instance)
         refusal = legacy_reply_refusal(instance=instance, body=delivery.body)
         if refusal is not None:
             logger.warning(

@@ -18,6 +18,7 @@ from instances import services
 from instances.models import InstanceConfig
 from tests.webhooks.conftest import PHONE, Upstream, message_body
 from webhooks.agent_client import session_name
+from webhooks.ingest import record_delivery
 from webhooks.models import ConnectionState, InboundMessage, Status
 from webhooks.processing import handle_batch
 from webhooks.transitions import claim_conversations
@@ -147,8 +148,6 @@ async def test_the_agents_answer_goes_to_the_pinned_server_only(
         webhook_token="",
         legacy_server_url=REAL_SERVER,
     )
-    from webhooks.ingest import record_delivery
-
     stranger = await sync_to_async(record_delivery)(
         instance=legacy, body=naming(STRANGER, message_id="A2")
     )
@@ -213,3 +212,14 @@ def test_the_instance_seeded_from_the_env_is_in_legacy_mode(settings) -> None:
     seeded = services.seed_default_instance().instance
 
     assert (seeded.is_default, seeded.legacy_mode, seeded.legacy_server_url) == (True, True, "")
+
+
+@pytest.mark.django_db
+def test_storing_leaves_its_instance_argument_as_it_came(legacy) -> None:
+    # The database thread runs a failed batch's calls again: the second run
+    # must pin again, not trust a pin the first run rolled back.
+    record_delivery(instance=legacy, body=naming(REAL_SERVER, message_id="A1"))
+
+    assert legacy.legacy_server_url == ""
+    legacy.refresh_from_db()
+    assert legacy.legacy_server_url == REAL_SERVER
