@@ -84,6 +84,12 @@ class InboundMessage(models.Model):
             models.Index(
                 fields=["instance", "chat_jid", "status", "id"], name="webhooks_chat_open"
             ),
+            # An openai agent's memory: the session's latest answered rows, newest
+            # first, read without the chat's other sessions (webhooks/agents/history.py).
+            models.Index(
+                fields=["instance", "chat_jid", "session_name", "id"],
+                name="webhooks_session_history",
+            ),
         ]
 
     def __str__(self) -> str:
