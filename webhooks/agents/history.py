@@ -12,17 +12,19 @@ backwards from the newest row and stopped after `limit` rows: its cost is the
 limit, not the chat's nor the inbox's size.
 """
 
+from typing import Any
+
+from django.db.models import QuerySet
+
 from webhooks.agents.base import Exchange
 from webhooks.models import InboundMessage
 
 
-def session_history(
+def history_rows(
     *, instance_id: int, chat_jid: str, session: str, answering_pk: int, limit: int
-) -> tuple[Exchange, ...]:
-    """The session's last `limit` answered messages before `answering_pk`, oldest first."""
-    if limit <= 0:
-        return ()
-    rows = (
+) -> "QuerySet[InboundMessage, tuple[dict[str, Any], str, bool]]":
+    """The session's last `limit` answered rows before the one being answered, newest first."""
+    return (
         InboundMessage.objects.filter(
             instance_id=instance_id,
             chat_jid=chat_jid,
@@ -37,7 +39,22 @@ def session_history(
         .order_by("-id")
         .values_list("content", "reply_text", "used_fallback")[:limit]
     )
-    # Each row is one or two messages: `limit` rows hold at least `limit` messages.
+
+
+def session_history(
+    *, instance_id: int, chat_jid: str, session: str, answering_pk: int, limit: int
+) -> tuple[Exchange, ...]:
+    """The session's earlier exchanges, oldest first; each row is one or two
+    messages, so `limit` rows hold at least the `limit` messages asked for."""
+    if limit <= 0:
+        return ()
+    rows = history_rows(
+        instance_id=instance_id,
+        chat_jid=chat_jid,
+        session=session,
+        answering_pk=answering_pk,
+        limit=limit,
+    )
     # The fallback text was not the agent's: the model must not think it said it.
     return tuple(
         Exchange(content=content, reply="" if fallback else reply)
