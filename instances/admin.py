@@ -54,9 +54,12 @@ class InstanceConfigAdmin(ProvisioningAdminMixin, admin.ModelAdmin):
                 "Agent",
                 {
                     "fields": [
+                        "agent_kind",
                         "agent_api_url",
                         "agent_api_key",
                         "default_agent",
+                        "system_prompt",
+                        "history_limit",
                         "agent_timeout",
                         "session_id_prefix",
                     ]

@@ -49,6 +49,24 @@ CONVERSATION_FIELDS = (
     "session_idle_minutes",
     "max_concurrent",
 )
+# Which agent answers and how (webhooks/agents/), in the same order everywhere.
+AGENT_KIND_FIELDS = ("agent_kind", "system_prompt", "history_limit")
+MAX_HISTORY_LIMIT = 200
+
+
+class AgentKind(models.TextChoices):
+    AUTOMAGIK = "automagik", "Automagik Agent API (POST …/api/v1/agent/{agent}/run)"
+    OPENAI = "openai", "OpenAI-compatible (POST {base}/chat/completions)"
+    WEBHOOK = "webhook", "Webhook: n8n, Make, Flowise, any endpoint (POST {url})"
+
+
+# The kinds that send a bearer token only when one is set (a local Ollama, an
+# open n8n webhook); the Agent API always wants its key.
+KINDS_WITHOUT_KEY = frozenset({AgentKind.OPENAI, AgentKind.WEBHOOK})
+AGENT_KEY_REQUIRED = (
+    "Required for the automagik kind (sent as x-api-key); only openai and webhook "
+    "agents may have none."
+)
 
 
 class GroupPolicy(models.TextChoices):
@@ -145,13 +163,48 @@ class InstanceConfig(models.Model):
         "Blank accepts unauthenticated deliveries.",
     )
 
+    agent_kind = models.CharField(
+        max_length=16,
+        choices=AgentKind.choices,
+        default=AgentKind.AUTOMAGIK,
+        help_text="How the agent is called. automagik: the Agent API (it keeps the memory); "
+        "openai: any OpenAI-compatible server (the hub keeps the memory); webhook: a JSON "
+        "POST to a workflow (it keeps the memory).",
+    )
     agent_api_url = models.CharField(
-        "Agent API URL", max_length=500, validators=[validate_http_url, NO_NUL]
+        "Agent API URL",
+        max_length=500,
+        validators=[validate_http_url, NO_NUL],
+        help_text="automagik: the server's base URL; openai: the API base, e.g. "
+        "https://api.openai.com/v1 or http://127.0.0.1:11434/v1; webhook: the URL posted to.",
     )
     agent_api_key = EncryptedCharField(
-        "Agent API key", max_length=512, validators=[validate_secret]
+        "Agent API key",
+        max_length=512,
+        blank=True,
+        validators=[validate_secret],
+        help_text="automagik: sent as x-api-key (required); openai and webhook: sent as "
+        "'Authorization: Bearer …', blank sends no header.",
     )
-    default_agent = models.CharField(max_length=128, default="simple_agent", validators=[NO_NUL])
+    default_agent = models.CharField(
+        max_length=128,
+        default="simple_agent",
+        validators=[NO_NUL],
+        help_text="automagik: the agent's name; openai: the model (e.g. gpt-4o-mini, "
+        "llama3.2); webhook: unused.",
+    )
+    system_prompt = models.TextField(
+        blank=True,
+        validators=[NO_NUL],
+        help_text="openai only: sent first, as the system message. Blank sends none.",
+    )
+    history_limit = models.PositiveIntegerField(
+        default=20,
+        validators=[MaxValueValidator(MAX_HISTORY_LIMIT)],
+        help_text="openai only: how many earlier messages of the chat's session (user and "
+        "assistant together, the oldest dropped first) go with each request. A reset or "
+        f"an idle expiry starts empty. 0: none. At most {MAX_HISTORY_LIMIT}.",
+    )
     agent_timeout = models.PositiveIntegerField(
         default=60,
         validators=[MinValueValidator(1), MaxValueValidator(MAX_AGENT_TIMEOUT)],
@@ -368,6 +421,8 @@ class InstanceConfig(models.Model):
                     "change, so that the stored key is never sent to a host it was not "
                     "meant for."
                 )
+        if not self.agent_api_key and self.agent_kind not in KINDS_WITHOUT_KEY:
+            errors["agent_api_key"] = AGENT_KEY_REQUIRED
         if self._stored_name and self.name != self._stored_name:
             errors["name"] = (
                 "An instance cannot be renamed: Evolution posts to a URL holding its name. "

@@ -52,6 +52,10 @@ CONVERSATION_FORM_DEFAULTS = {
     "reset_reply": "Conversation restarted.",
     "session_idle_minutes": "0",
     "max_concurrent": "16",
+    # The agent kind's fields (the Agent group), at their defaults.
+    "agent_kind": "automagik",
+    "system_prompt": "",
+    "history_limit": "20",
 }
 
 

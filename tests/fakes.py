@@ -505,3 +505,48 @@ class FakeAgent(FakeServer):
             return self.failure
         content = (record.body or {}).get("message_content", "")
         return 200, {"message": f"{self.prefix}: {content}", "success": True}
+
+
+class FakeOpenAI(FakeServer):
+    """An OpenAI-compatible server: POST /v1/chat/completions answers
+    "<prefix> <n>: <last user message>"; `completions` are the `messages` it got."""
+
+    def __init__(self, *, prefix: str = "llm", port: int = 0) -> None:
+        self.prefix = prefix
+        super().__init__(self._answer, port=port)
+
+    def _answer(self, record: Recorded) -> Answer:
+        if not record.path.endswith("/chat/completions"):
+            return 404, {"error": {"message": f"no route {record.path}"}}
+        messages = (record.body or {}).get("messages") or [{"content": ""}]
+        count = len(self.received("/chat/completions"))
+        content = f"{self.prefix} {count}: {messages[-1]['content']}"
+        return 200, {
+            "id": f"chatcmpl-{count}",
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": "stop",
+                }
+            ],
+        }
+
+    @property
+    def completions(self) -> list[list[dict[str, str]]]:
+        return [r.body["messages"] for r in self.received("/chat/completions")]
+
+
+class FakeWebhookAgent(FakeServer):
+    """A workflow behind a webhook (n8n's "Respond to Webhook"): answers
+    {"output": "got: <text>"}, or `answer` when set."""
+
+    def __init__(self, *, port: int = 0) -> None:
+        self.answer: Answer | None = None
+        super().__init__(self._answer, port=port)
+
+    def _answer(self, record: Recorded) -> Answer:
+        if self.answer is not None:
+            return self.answer
+        return 200, {"output": f"got: {(record.body or {}).get('text', '')}"}

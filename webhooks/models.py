@@ -100,6 +100,12 @@ class InboundMessage(models.Model):
                 condition=models.Q(answered_by__isnull=False),
                 name="webhooks_answered_by",
             ),
+            # An openai agent's memory: the session's latest answered rows, newest
+            # first, read without the chat's other sessions (webhooks/agents/history.py).
+            models.Index(
+                fields=["instance", "chat_jid", "session_name", "id"],
+                name="webhooks_session_history",
+            ),
         ]
 
     def __str__(self) -> str:

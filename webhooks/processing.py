@@ -23,7 +23,8 @@ from django.utils import timezone
 from instances.models import InstanceConfig
 from omnihub.logging import kv
 from webhooks import metrics
-from webhooks.agent_client import AgentClient, build_agent_request, session_name
+from webhooks.agents import AgentCall, agent_for, session_name
+from webhooks.agents.history import session_history
 from webhooks.chat_rules import is_reset
 from webhooks.db import run_db
 from webhooks.duplicates import SendCheck, Verdict, check_earlier_send
@@ -333,16 +334,36 @@ async def _ask_agent(step: Step, *, message: InboundMessage, http: httpx.AsyncCl
     """Get the reply into message.reply_text; False when the row was requeued, failed or lost."""
     instance = step.batch.instance
     evolution = EvolutionClient(target=evolution_target(message=message), http=http)
-    session = _session(step.batch.conversation, instance)
-    request = build_agent_request(
-        instance=instance, content=message.content, payload=message.payload, session=session
+    conversation = step.batch.conversation
+    session = _session(conversation, instance)
+    agent = agent_for(instance=instance, http=http)
+    history = (
+        await run_db(
+            session_history,
+            instance_id=instance.pk,
+            chat_jid=message.chat_jid,
+            session=session,
+            answering_pk=message.pk,
+            limit=agent.history_limit,
+        )
+        if agent.history_limit
+        else ()
+    )
+    request = agent.build(
+        call=AgentCall(
+            content=message.content,
+            payload=message.payload,
+            session=session,
+            conversation_id=conversation.pk,
+            history=history,
+        )
     )
     started = timezone.now()
     typing = show_typing_later(evolution, number=reply_number(message=message))
     try:
         try:
             with metrics.agent_seconds.labels(instance.name).time():
-                reply = await AgentClient(instance=instance, http=http).run(request)
+                reply = await agent.run(request=request)
         finally:
             typing.cancel()
     except OutboundError as exc:
@@ -371,7 +392,7 @@ async def _ask_agent(step: Step, *, message: InboundMessage, http: httpx.AsyncCl
             message, reply_text=instance.fallback_message, used_fallback=True, **fields
         )
         return held
-    stored_request = {k: v for k, v in request.items() if k != "channel_payload"}
+    stored_request = agent.stored(request)
     text = reply.text if reply.should_send else ""
     target = evolution_target(message=message)
     # The reply's outbound row goes in the same write as the agent's answer:

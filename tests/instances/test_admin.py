@@ -2,7 +2,7 @@ from typing import Any
 
 import pytest
 
-from instances.models import InstanceConfig
+from instances.models import AGENT_KEY_REQUIRED, InstanceConfig
 from tests.conftest import CONVERSATION_FORM_DEFAULTS
 
 CHANGELIST = "/admin/instances/instanceconfig/"
@@ -114,7 +114,7 @@ def test_it_requires_the_agent_key_on_create(admin_client):
     response = admin_client.post(ADD, form_data(evolution_key="k"))
 
     assert response.status_code == 200
-    assert response.context["adminform"].form.errors["agent_api_key"] == ["This field is required."]
+    assert response.context["adminform"].form.errors["agent_api_key"] == [AGENT_KEY_REQUIRED]
     assert not InstanceConfig.objects.exists()
 
 

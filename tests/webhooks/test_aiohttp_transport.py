@@ -16,7 +16,7 @@ from django.test import override_settings
 
 from tests.fakes import FakeAgent, FakeEvolution
 from tests.webhooks.conftest import unsaved_instance
-from webhooks.agent_client import AgentClient
+from webhooks.agents.automagik.transport import Automagik
 from webhooks.aiohttp_transport import AiohttpTransport
 from webhooks.evolution_client import EvolutionClient, EvolutionTarget
 from webhooks.http import DestinationRefused, OutboundError, ResponseTooLarge, new_http_client
@@ -254,7 +254,7 @@ async def test_a_refused_destination_fails_the_agent_call_without_a_retry() -> N
     try:
         async with transport_client(allow_private=False) as http:
             with pytest.raises(OutboundError) as caught:
-                await AgentClient(instance=instance, http=http).run({"message_content": "hi"})
+                await Automagik(instance=instance, http=http).run(request={"message_content": "hi"})
     finally:
         agent.stop()
 
@@ -302,7 +302,7 @@ async def test_a_too_large_agent_answer_fails_the_call_with_a_clear_error(raw_se
 
     async with transport_client(max_response_bytes=1000) as http:
         with pytest.raises(OutboundError) as caught:
-            await AgentClient(instance=instance, http=http).run({"message_content": "hi"})
+            await Automagik(instance=instance, http=http).run(request={"message_content": "hi"})
 
     # The agent answered (it acted): calling it again could act twice.
     assert caught.value.retryable is False

@@ -17,7 +17,7 @@ from django.test import Client
 from instances import services
 from instances.models import InstanceConfig
 from tests.webhooks.conftest import PHONE, Upstream, message_body
-from webhooks.agent_client import session_name
+from webhooks.agents import session_name
 from webhooks.ingest import record_delivery
 from webhooks.models import ConnectionState, InboundMessage, Status
 from webhooks.processing import handle_batch

@@ -18,7 +18,15 @@ from instances.cli import (
     validation_error_lines,
     yes_no,
 )
-from instances.models import CONVERSATION_FIELDS, MAX_AGENT_TIMEOUT, InstanceConfig
+from instances.models import (
+    AGENT_KIND_FIELDS,
+    CONVERSATION_FIELDS,
+    MAX_AGENT_TIMEOUT,
+    InstanceConfig,
+)
+
+# The fields --set takes: the agent's kind and memory, and the conversation settings.
+SET_FIELDS = (*AGENT_KIND_FIELDS, *CONVERSATION_FIELDS)
 
 NameArg = Annotated[str, typer.Argument(help="The instance's name.", show_default=False)]
 Json = Annotated[
@@ -113,9 +121,10 @@ Settings = Annotated[
     list[str] | None,
     typer.Option(
         "--set",
-        help="A conversation setting as NAME=VALUE, repeatable: "
-        + ", ".join(CONVERSATION_FIELDS)
-        + ". Lists as JSON or comma-separated, e.g. --set allow_list=5511*,5521*.",
+        help="A setting as NAME=VALUE, repeatable: "
+        + ", ".join(SET_FIELDS)
+        + " (agent_kind: automagik, openai or webhook). Lists as JSON or comma-separated, "
+        "e.g. --set allow_list=5511*,5521*.",
     ),
 ]
 
@@ -126,9 +135,9 @@ def parse_settings(values: list[str] | None) -> dict[str, Any]:
     for item in values or []:
         name, equals, raw = item.partition("=")
         name = name.strip()
-        if not equals or name not in CONVERSATION_FIELDS:
+        if not equals or name not in SET_FIELDS:
             raise ValidationError(
-                f"--set {item!r}: use NAME=VALUE with NAME one of {', '.join(CONVERSATION_FIELDS)}."
+                f"--set {item!r}: use NAME=VALUE with NAME one of {', '.join(SET_FIELDS)}."
             )
         field = InstanceConfig._meta.get_field(name)
         if field.get_internal_type() == "JSONField":
@@ -192,9 +201,12 @@ class Command(TyperCommand):
             ("evolution url", instance.evolution_url or "-"),
             ("evolution key", _set_or_not(instance.evolution_key)),
             ("whatsapp instance", instance.whatsapp_instance or "-"),
+            ("agent kind", instance.agent_kind),
             ("agent api url", instance.agent_api_url),
             ("agent api key", _set_or_not(instance.agent_api_key)),
             ("default agent", instance.default_agent),
+            ("system prompt", instance.system_prompt.replace("\n", "\\n") or "-"),
+            ("history limit", str(instance.history_limit)),
             ("agent timeout", f"{instance.agent_timeout}s"),
             ("session id prefix", instance.session_id_prefix or "-"),
             # One line per field: show a multi-line message with visible \n.

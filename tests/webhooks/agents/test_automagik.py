@@ -1,4 +1,5 @@
-"""The Agent API contract: the request body, the call, and how answers and failures read."""
+"""The automagik kind (the Agent API contract): the request body, the call, and how
+answers and failures read."""
 
 import json
 from typing import Any
@@ -8,7 +9,8 @@ import pytest
 
 from tests.conftest import FIXTURES
 from tests.webhooks.conftest import message_body, unsaved_instance
-from webhooks.agent_client import AgentClient, AgentReply, build_agent_request
+from webhooks.agents import AgentReply, session_name
+from webhooks.agents.automagik.transport import Automagik, build_agent_request
 from webhooks.http import OutboundError
 from webhooks.parsing import parse_message, strip_secrets
 
@@ -17,11 +19,10 @@ PHONE = "5511987654321"
 
 def request_for(body: dict[str, Any], **instance_fields: Any) -> dict[str, Any]:
     """The agent request for a delivery, built from what ingest stores."""
-    return build_agent_request(
-        instance=unsaved_instance(**instance_fields),
-        content=parse_message(body).to_content(),
-        payload=strip_secrets(body),
-    )
+    instance = unsaved_instance(**instance_fields)
+    content = parse_message(body).to_content()
+    session = session_name(instance=instance, phone=content["phone"], chat_jid=content["chat_jid"])
+    return build_agent_request(content=content, payload=strip_secrets(body), session=session)
 
 
 def test_it_builds_exactly_the_contract_of_the_run_request_fixture() -> None:
@@ -146,7 +147,7 @@ def test_a_type_the_agent_does_not_know_is_sent_as_text() -> None:
     assert "media_contents" not in request
 
 
-# --- AgentClient.run --------------------------------------------------------
+# --- Automagik.run ----------------------------------------------------------
 
 
 def client_answering(answer: Any, requests: list[httpx.Request]) -> httpx.AsyncClient:
@@ -165,8 +166,8 @@ def client_answering(answer: Any, requests: list[httpx.Request]) -> httpx.AsyncC
 async def run(answer: Any, **instance_fields: Any) -> tuple[AgentReply, list[httpx.Request]]:
     requests: list[httpx.Request] = []
     async with client_answering(answer, requests) as http:
-        agent = AgentClient(instance=unsaved_instance(**instance_fields), http=http)
-        reply = await agent.run({"message_content": "[Maria]: oi"})
+        agent = Automagik(instance=unsaved_instance(**instance_fields), http=http)
+        reply = await agent.run(request={"message_content": "[Maria]: oi"})
     return reply, requests
 
 

@@ -1,0 +1,45 @@
+"""Helpers for the per-kind transport tests: each kind's test file has the same
+shape (the request, the headers, how replies read, the failure rules)."""
+
+from typing import Any
+
+import httpx
+
+from tests.webhooks.conftest import unsaved_instance
+from webhooks.agents import AgentCall, AgentReply, agent_for
+from webhooks.parsing import parse_message, strip_secrets
+
+
+def client_answering(answer: Any, requests: list[httpx.Request]) -> httpx.AsyncClient:
+    """An httpx client whose transport answers `answer`: (status, JSON body), an
+    httpx.Response, or an exception to raise."""
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        if isinstance(answer, Exception):
+            raise answer
+        if isinstance(answer, httpx.Response):
+            return answer
+        status, body = answer
+        return httpx.Response(status, json=body)
+
+    return httpx.AsyncClient(transport=httpx.MockTransport(handle))
+
+
+def call_for(body: dict[str, Any], **fields: Any) -> AgentCall:
+    """The worker's call for a delivery, built from what ingest stores."""
+    content = parse_message(body).to_content()
+    return AgentCall(
+        content=content, payload=strip_secrets(body), session="acme_5511987654321", **fields
+    )
+
+
+async def ask(
+    answer: Any, *, call: AgentCall, **instance_fields: Any
+) -> tuple[AgentReply, list[httpx.Request]]:
+    """Build the request for `call` with the instance's kind and run it."""
+    requests: list[httpx.Request] = []
+    async with client_answering(answer, requests) as http:
+        agent = agent_for(instance=unsaved_instance(**instance_fields), http=http)
+        reply = await agent.run(request=agent.build(call=call))
+    return reply, requests

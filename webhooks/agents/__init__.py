@@ -1,0 +1,36 @@
+"""The agent behind a number: one interface for every kind.
+
+The worker (webhooks/processing.py) does
+
+    agent = agent_for(instance=instance, http=http)
+    request = agent.build(call=AgentCall(...))   # with history when agent.history_limit
+    reply = await agent.run(request=request)     # AgentReply, or raises OutboundError
+
+A kind is a package webhooks/agents/<kind>/ whose transport.py subclasses
+HttpAgent (where the request goes, its headers and body, how the answer
+reads); the failure rules are HttpAgent.run's, the same for all. Adding a kind:
+copy one of these packages and its tests/webhooks/agents/test_<kind>.py, list
+it in KINDS and in instances.models.AgentKind.
+"""
+
+import httpx
+
+from instances.models import InstanceConfig
+from webhooks.agents.automagik.transport import Automagik
+from webhooks.agents.base import (
+    AgentCall,
+    AgentReply,
+    Exchange,
+    HttpAgent,
+    session_name,
+)
+from webhooks.agents.openai.transport import OpenAI
+from webhooks.agents.webhook.transport import Webhook
+
+__all__ = ["KINDS", "AgentCall", "AgentReply", "Exchange", "HttpAgent", "agent_for", "session_name"]
+
+KINDS: dict[str, type[HttpAgent]] = {kind.kind: kind for kind in (Automagik, OpenAI, Webhook)}
+
+
+def agent_for(*, instance: InstanceConfig, http: httpx.AsyncClient) -> HttpAgent:
+    return KINDS[instance.agent_kind](instance=instance, http=http)

@@ -1,0 +1,153 @@
+"""What every agent kind shares: what the worker hands it, what it answers, and
+the one HTTP call with the hub's failure rules.
+
+A kind (webhooks/agents/<kind>/transport.py) only says where the request goes,
+with which headers and body, and how its answer reads; the retry rules are
+here so that no kind can get them wrong.
+"""
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import httpx
+
+from instances.models import InstanceConfig
+from webhooks.http import OutboundError, OutboundRefused, describe_body
+
+RETRYABLE_STATUSES = frozenset({502, 503, 504})
+SILENT_PREFIX = "AUTOMAGIK:"
+
+
+@dataclass(frozen=True)
+class AgentReply:
+    text: str
+    # The agent's answer as parsed JSON, kept on the row (agent_response).
+    body: Any
+
+    @property
+    def should_send(self) -> bool:
+        # Agents answer "AUTOMAGIK:..." for actions that must not reach the user.
+        return bool(self.text.strip()) and not self.text.startswith(SILENT_PREFIX)
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One earlier turn of the session: what the user wrote (the row's normalized
+    content) and what was sent back ("" when nothing the agent wrote was sent)."""
+
+    content: dict[str, Any]
+    reply: str
+
+
+@dataclass(frozen=True)
+class AgentCall:
+    """The message to answer, as the worker knows it."""
+
+    content: dict[str, Any]
+    payload: dict[str, Any]
+    session: str
+    conversation_id: int | None = None
+    # Oldest first; only for kinds whose history_limit is not 0.
+    history: tuple[Exchange, ...] = field(default=())
+
+
+def session_name(*, instance: InstanceConfig, phone: str, chat_jid: str, epoch: int = 1) -> str:
+    """The agent session of a chat: the first one keeps the single-tenant service's
+    name (prefix + phone digits; a group's own digits), later ones add -2, -3, ..."""
+    digits = chat_jid.split("@", 1)[0] if chat_jid.endswith("@g.us") else ""
+    digits = digits or phone or chat_jid.split("@", 1)[0]
+    name = f"{instance.session_prefix}{digits}"
+    return name if epoch <= 1 else f"{name}-{epoch}"
+
+
+def user_text(content: dict[str, Any]) -> str:
+    """The user's turn: a debounced burst's texts (`burst_texts`) one per line."""
+    texts = content.get("burst_texts")
+    return "\n".join(texts) if isinstance(texts, list) and texts else content.get("text", "")
+
+
+class HttpAgent:
+    """One agent kind. Subclasses set `kind` and define url, headers, build and read."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, *, instance: InstanceConfig, http: httpx.AsyncClient) -> None:
+        self.instance = instance
+        self.http = http
+        self.timeout = httpx.Timeout(float(instance.agent_timeout), connect=5.0)
+        self.deadline = float(instance.agent_timeout)
+
+    @property
+    def history_limit(self) -> int:
+        """How many earlier messages of the session the worker must load (0: none:
+        the agent keeps its own memory)."""
+        return 0
+
+    def url(self) -> str:
+        raise NotImplementedError
+
+    def headers(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def build(self, *, call: AgentCall) -> dict[str, Any]:
+        """The JSON body of the request."""
+        raise NotImplementedError
+
+    def stored(self, request: dict[str, Any]) -> dict[str, Any]:
+        """What of the request is kept on the row (agent_request)."""
+        return request
+
+    def read(self, *, body: Any) -> AgentReply:
+        """The reply in a 2xx answer's parsed JSON."""
+        raise NotImplementedError
+
+    def decode(self, response: httpx.Response) -> Any:
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise OutboundError(
+                f"agent answered non-JSON: {describe_body(response)}", retryable=False
+            ) from exc
+
+    async def run(self, *, request: dict[str, Any]) -> AgentReply:
+        try:
+            # httpx's timeout is per read: an agent trickling its answer a byte at
+            # a time would never hit it. The deadline bounds the whole call, so the
+            # chat's lease (agent_timeout + EVOLUTION_TIMEOUT + margin) outlasts it.
+            async with asyncio.timeout(self.deadline):
+                response = await self.http.post(
+                    self.url(), json=request, headers=self.headers(), timeout=self.timeout
+                )
+        except TimeoutError as exc:
+            raise OutboundError(
+                f"agent timed out: no complete answer within {self.deadline:g}s; not "
+                "retried (it may have acted)",
+                retryable=False,
+            ) from exc
+        except OutboundRefused as exc:
+            # Refused by the hub: the address is forbidden (nothing was sent), or
+            # the agent answered too much (it acted): no retry either way.
+            raise OutboundError(f"agent call refused: {exc}", retryable=False) from exc
+        except httpx.TimeoutException as exc:
+            # Once the request is sent the agent may have acted: calling it again
+            # could act twice. Connect and pool timeouts never reached it.
+            retryable = isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout)
+            raise OutboundError(
+                f"agent timed out ({type(exc).__name__})", retryable=retryable
+            ) from exc
+        except httpx.TransportError as exc:
+            raise OutboundError(f"agent unreachable: {exc!r}", retryable=True) from exc
+        if response.status_code >= 300:
+            # The body's message is kept (e.g. an OpenAI 401's "Incorrect API key").
+            raise OutboundError(
+                f"agent answered {response.status_code}: {describe_body(response)}",
+                retryable=response.status_code in RETRYABLE_STATUSES,
+                status=response.status_code,
+            )
+        return self.read(body=self.decode(response))
+
+
+def bearer(key: str) -> dict[str, str]:
+    """Authorization for the kinds that use a bearer token: none when the key is blank."""
+    return {"authorization": f"Bearer {key}"} if key else {}

@@ -1,0 +1,82 @@
+"""A generic webhook: n8n, Make, Flowise, or any HTTP endpoint.
+
+POST {agent_api_url} with the message as documented JSON (see build) and
+`Authorization: Bearer {agent_api_key}` when a key is set. The reply is the
+first of `reply`, `output`, `text`, `message`, `answer` that is a string (n8n's
+"Respond to Webhook" answers `output`); an array of such objects or strings is
+several messages, joined with blank lines into one reply (a blank line is
+where split replies will cut it); empty, `null` or no such key sends nothing.
+The workflow keeps its own memory, under `session_id` if it wants one.
+"""
+
+from typing import Any
+
+import httpx
+
+from webhooks.agents.base import AgentCall, AgentReply, HttpAgent, bearer, user_text
+
+REPLY_KEYS = ("reply", "output", "text", "message", "answer")
+
+
+def text_of(item: Any) -> str:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, dict):
+        for key in REPLY_KEYS:
+            value = item.get(key)
+            if isinstance(value, str):
+                return value
+    return ""
+
+
+def reply_text(body: Any) -> str:
+    if isinstance(body, list):
+        return "\n\n".join(t.strip() for t in map(text_of, body) if t.strip())
+    return text_of(body)
+
+
+def media_of(content: dict[str, Any]) -> dict[str, Any] | None:
+    media = content.get("media")
+    if not isinstance(media, dict):
+        return None
+    # The bytes are not stored; the workflow fetches them from the URL.
+    keys = ("mime_type", "url", "file_name", "caption", "size")
+    return {key: media.get(key) for key in keys}
+
+
+class Webhook(HttpAgent):
+    kind = "webhook"
+
+    def url(self) -> str:
+        return self.instance.agent_api_url
+
+    def headers(self) -> dict[str, str]:
+        return bearer(self.instance.agent_api_key)
+
+    def build(self, *, call: AgentCall) -> dict[str, Any]:
+        content = call.content
+        is_group = bool(content.get("is_group"))
+        chat_jid = content.get("chat_jid", "")
+        return {
+            "instance": self.instance.name,
+            "message_id": content.get("message_id", ""),
+            "chat_jid": chat_jid,
+            "phone": content.get("phone", ""),
+            "name": content.get("push_name", ""),
+            "is_group": is_group,
+            "group_jid": chat_jid if is_group else None,
+            "sender_jid": content.get("sender_jid", ""),
+            "message_type": content.get("message_type", "text"),
+            "text": user_text(content),
+            "media": media_of(content),
+            "session_id": call.session,
+            "conversation_id": call.conversation_id,
+            "timestamp": content.get("timestamp"),
+        }
+
+    def decode(self, response: httpx.Response) -> Any:
+        # A workflow with nothing to say may answer 200 or 204 with no body.
+        return None if not response.content.strip() else super().decode(response)
+
+    def read(self, *, body: Any) -> AgentReply:
+        return AgentReply(text=reply_text(body), body=body)
