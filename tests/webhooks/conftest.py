@@ -132,6 +132,22 @@ def queue_message(
     return row
 
 
+def client_answering(answer: Any, requests: list[httpx.Request]) -> httpx.AsyncClient:
+    """An httpx client whose transport answers `answer`: (status, JSON body), an
+    httpx.Response, or an exception to raise."""
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        if isinstance(answer, Exception):
+            raise answer
+        if isinstance(answer, httpx.Response):
+            return answer
+        status, body = answer
+        return httpx.Response(status, json=body)
+
+    return httpx.AsyncClient(transport=httpx.MockTransport(handle))
+
+
 def seconds_ago(seconds: float) -> Any:
     return timezone.now() - timedelta(seconds=seconds)
 

@@ -8,6 +8,7 @@ import httpx
 import pytest
 from django.conf import settings
 
+from tests.webhooks.conftest import client_answering
 from webhooks.evolution_client import (
     EvolutionClient,
     EvolutionTarget,
@@ -20,19 +21,6 @@ from webhooks.http import OutboundError, describe_body
 TARGET = EvolutionTarget(
     base_url="http://evolution.acme.test/", api_key="acme-evolution-key", instance_name="acme-wa"
 )
-
-
-def client_answering(answer: Any, requests: list[httpx.Request]) -> httpx.AsyncClient:
-    def handle(request: httpx.Request) -> httpx.Response:
-        requests.append(request)
-        if isinstance(answer, Exception):
-            raise answer
-        if isinstance(answer, httpx.Response):
-            return answer
-        status, body = answer
-        return httpx.Response(status, json=body)
-
-    return httpx.AsyncClient(transport=httpx.MockTransport(handle))
 
 
 async def send(

@@ -5,25 +5,9 @@ from typing import Any
 
 import httpx
 
-from tests.webhooks.conftest import unsaved_instance
+from tests.webhooks.conftest import client_answering, unsaved_instance
 from webhooks.agents import AgentCall, AgentReply, agent_for
 from webhooks.parsing import parse_message, strip_secrets
-
-
-def client_answering(answer: Any, requests: list[httpx.Request]) -> httpx.AsyncClient:
-    """An httpx client whose transport answers `answer`: (status, JSON body), an
-    httpx.Response, or an exception to raise."""
-
-    def handle(request: httpx.Request) -> httpx.Response:
-        requests.append(request)
-        if isinstance(answer, Exception):
-            raise answer
-        if isinstance(answer, httpx.Response):
-            return answer
-        status, body = answer
-        return httpx.Response(status, json=body)
-
-    return httpx.AsyncClient(transport=httpx.MockTransport(handle))
 
 
 def call_for(body: dict[str, Any], **fields: Any) -> AgentCall:

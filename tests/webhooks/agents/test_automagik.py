@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from tests.conftest import FIXTURES
-from tests.webhooks.conftest import message_body, unsaved_instance
+from tests.webhooks.conftest import client_answering, message_body, unsaved_instance
 from webhooks.agents import AgentReply, session_name
 from webhooks.agents.automagik.transport import Automagik, build_agent_request
 from webhooks.http import OutboundError
@@ -148,19 +148,6 @@ def test_a_type_the_agent_does_not_know_is_sent_as_text() -> None:
 
 
 # --- Automagik.run ----------------------------------------------------------
-
-
-def client_answering(answer: Any, requests: list[httpx.Request]) -> httpx.AsyncClient:
-    def handle(request: httpx.Request) -> httpx.Response:
-        requests.append(request)
-        if isinstance(answer, Exception):
-            raise answer
-        if isinstance(answer, httpx.Response):
-            return answer
-        status, body = answer
-        return httpx.Response(status, json=body)
-
-    return httpx.AsyncClient(transport=httpx.MockTransport(handle))
 
 
 async def run(answer: Any, **instance_fields: Any) -> tuple[AgentReply, list[httpx.Request]]:
