@@ -102,8 +102,11 @@ class InboundMessage(models.Model):
             ),
             # An openai agent's memory: the session's latest answered rows, newest
             # first, read without the chat's other sessions (webhooks/agents/history.py).
+            # Only answered rows: a message is stored unanswered, so the webhook's
+            # INSERT never updates this index; the worker's answer puts it in.
             models.Index(
                 fields=["instance", "chat_jid", "session_name", "id"],
+                condition=models.Q(reply_text__isnull=False),
                 name="webhooks_session_history",
             ),
         ]

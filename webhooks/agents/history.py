@@ -7,7 +7,8 @@ back (`reply_text`) and the session it was answered in (`session_name`, which
 a reset or an idle expiry changes). A copy would have to be kept in step with
 folds, retries and the pruning of old rows; this cannot disagree with the
 conversation page. The read is one query on the index
-webhooks_session_history (instance, chat_jid, session_name, id), walked
+webhooks_session_history (instance, chat_jid, session_name, id; answered rows
+only, so the webhook's INSERT of a new message never updates it), walked
 backwards from the newest row and stopped after `limit` rows: its cost is the
 limit, not the chat's nor the inbox's size.
 """

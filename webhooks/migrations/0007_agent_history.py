@@ -1,5 +1,5 @@
-# The index an openai agent's history is read with (webhooks/agents/history.py).
-# Named 0007 and depending on 0005 only: another branch adds webhooks 0006.
+# The index an openai agent's history is read with (webhooks/agents/history.py),
+# of answered rows only, so that storing a delivery does not write to it.
 
 from django.db import migrations, models
 
@@ -13,6 +13,6 @@ class Migration(migrations.Migration):
     operations = [
         migrations.AddIndex(
             model_name='inboundmessage',
-            index=models.Index(fields=['instance', 'chat_jid', 'session_name', 'id'], name='webhooks_session_history'),
+            index=models.Index(condition=models.Q(('reply_text__isnull', False)), fields=['instance', 'chat_jid', 'session_name', 'id'], name='webhooks_session_history'),
         ),
     ]
