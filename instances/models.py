@@ -92,6 +92,12 @@ KEY_OF_URL = {"evolution_url": "evolution_key", "agent_api_url": "agent_api_key"
 _TRACKED_SECRETS = frozenset(SECRET_FIELDS)
 
 
+# Where a delivery carries its instance's token (Evolution v2 custom headers;
+# provisioning sets it, the webhook view reads it); v1.8 can only put it in the
+# URL, as ?token=.
+TOKEN_HEADER = "X-Webhook-Token"
+
+
 def generate_webhook_token() -> str:
     return secrets.token_urlsafe(32)
 

@@ -14,20 +14,19 @@ from urllib.parse import unquote
 import httpx
 from asgiref.sync import async_to_sync
 from django.conf import settings
+from django.core.exceptions import ObjectDoesNotExist
 from django.db.models import OuterRef, QuerySet, Subquery
 
-from instances.models import SECRET_FIELDS, InstanceConfig
-from instances.validators import EVENT_SLUGS
-from webhooks.evolution_client import (
+from instances.clients.evolution import (
     CREATE_TIMEOUT,
     PROVISION_TIMEOUT,
     EvolutionClient,
     EvolutionTarget,
     transport_reason,
 )
-from webhooks.http import OutboundError, new_http_client
-from webhooks.ingest import TOKEN_HEADER
-from webhooks.models import ConnectionState, InboundMessage
+from instances.clients.http import OutboundError, new_http_client
+from instances.models import SECRET_FIELDS, TOKEN_HEADER, InstanceConfig
+from instances.validators import EVENT_SLUGS
 
 T = TypeVar("T")
 
@@ -527,21 +526,29 @@ def fetch_qr(*, instance: InstanceConfig) -> QrReport:
 # --- what the hub itself saw ---
 
 
+# The pipeline's rows are read through the reverse relations its models declare
+# (messages, connection): instances never imports webhooks.
+def _messages() -> QuerySet[Any]:
+    return InstanceConfig._meta.get_field("messages").related_model._default_manager.all()
+
+
 def with_activity(queryset: QuerySet[InstanceConfig]) -> QuerySet[InstanceConfig]:
     """Each instance with its last connection.update and last_message_at, in one query."""
     last = (
-        InboundMessage.objects.filter(instance=OuterRef("pk"))
+        _messages()
+        .filter(instance=OuterRef("pk"))
         .order_by("-received_at")
         .values("received_at")[:1]
     )
     return queryset.select_related("connection").annotate(last_message_at=Subquery(last))
 
 
-def stored_connection(instance: InstanceConfig) -> ConnectionState | None:
-    """The last connection.update Evolution delivered for this instance, if any."""
+def stored_connection(instance: InstanceConfig) -> Any | None:
+    """The last connection.update Evolution delivered for this instance, if any
+    (a webhooks.ConnectionState)."""
     try:
-        return instance.connection  # type: ignore[attr-defined, no-any-return]
-    except ConnectionState.DoesNotExist:
+        return instance.connection  # type: ignore[attr-defined]
+    except ObjectDoesNotExist:
         return None
 
 
@@ -549,7 +556,8 @@ def last_message_at(instance: InstanceConfig) -> datetime | None:
     if hasattr(instance, "last_message_at"):
         return instance.last_message_at  # type: ignore[no-any-return]
     return (
-        InboundMessage.objects.filter(instance=instance)
+        _messages()
+        .filter(instance=instance)
         .order_by("-received_at")
         .values_list("received_at", flat=True)
         .first()

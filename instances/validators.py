@@ -124,7 +124,7 @@ def validate_http_url(value: str) -> None:
 # --- where the hub may send requests (server-side request forgery) -------------
 # A tenant's URL is called by the hub's own server: pointed at a cloud metadata
 # service it would fetch the machine's credentials and show the answer in an
-# error. These are refused always; webhooks/aiohttp_transport.py applies the same
+# error. These are refused always; instances/clients/aiohttp_transport.py applies the same
 # rules to the addresses a host name resolves to, at connect time.
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 METADATA_ADDRESSES = frozenset(

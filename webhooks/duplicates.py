@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
 
-from webhooks.evolution_client import EvolutionClient, StoredMessage
+from instances.clients.evolution import EvolutionClient, StoredMessage
 from webhooks.rows import EarlierAttempt
 
 # The hub's clock and Evolution's (which stamps messageTimestamp, in whole

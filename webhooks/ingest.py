@@ -27,11 +27,6 @@ from webhooks.notify import notify_new_message
 
 logger = logging.getLogger(__name__)
 
-# Where a delivery carries its instance's token (Evolution v2 custom headers);
-# v1.8 can only put it in the URL, as ?token=.
-TOKEN_HEADER = "X-Webhook-Token"
-
-
 class Outcome(StrEnum):
     QUEUED = "queued"
     IGNORED = "ignored"

@@ -20,6 +20,8 @@ import httpx
 from django.conf import settings
 from django.utils import timezone
 
+from instances.clients.evolution import EvolutionClient, EvolutionTarget
+from instances.clients.http import OutboundError
 from instances.models import InstanceConfig
 from omnihub.logging import kv
 from webhooks import metrics
@@ -28,8 +30,6 @@ from webhooks.agents.history import session_history
 from webhooks.chat_rules import is_reset
 from webhooks.db import run_db
 from webhooks.duplicates import SendCheck, Verdict, check_earlier_send
-from webhooks.evolution_client import EvolutionClient, EvolutionTarget
-from webhooks.http import OutboundError
 from webhooks.models import Conversation, InboundMessage, OutboundStatus, Status
 from webhooks.rows import EarlierAttempt, earlier_attempt, recorded_ids
 from webhooks.transitions import (

@@ -11,10 +11,10 @@ from django.db import DatabaseError
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from instances.models import TOKEN_HEADER
 from webhooks import metrics, parsing, wakeup, worker
 from webhooks.db import run_db
 from webhooks.ingest import (
-    TOKEN_HEADER,
     Outcome,
     Result,
     accept_delivery,

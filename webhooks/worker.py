@@ -21,9 +21,9 @@ from django.conf import settings
 from django.db import DatabaseError
 from django.utils import timezone
 
+from instances.clients.http import new_http_client
 from webhooks import notify
 from webhooks.db import run_db
-from webhooks.http import new_http_client
 from webhooks.models import WorkerHeartbeat
 from webhooks.processing import handle_batch, sends_in_flight
 from webhooks.transitions import Batch, claim_conversations, release_batch

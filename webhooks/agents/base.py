@@ -12,8 +12,8 @@ from typing import Any, ClassVar
 
 import httpx
 
+from instances.clients.http import OutboundError, OutboundRefused, describe_body
 from instances.models import InstanceConfig
-from webhooks.http import OutboundError, OutboundRefused, describe_body
 
 RETRYABLE_STATUSES = frozenset({502, 503, 504})
 SILENT_PREFIX = "AUTOMAGIK:"

@@ -6,9 +6,9 @@ from typing import Any
 import httpx
 import pytest
 
+from instances.clients.http import OutboundError
 from tests.webhooks.agents.conftest import ask, call_for
 from tests.webhooks.conftest import PHONE, message_body
-from webhooks.http import OutboundError
 
 pytestmark = pytest.mark.asyncio
 

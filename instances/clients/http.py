@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 from django.conf import settings
 
-from webhooks.aiohttp_transport import (
+from instances.clients.aiohttp_transport import (
     AiohttpTransport,
     DestinationRefused,
     OutboundRefused,

@@ -12,7 +12,7 @@ from urllib.parse import quote
 import httpx
 from django.conf import settings
 
-from webhooks.http import OutboundError, OutboundRefused, clean_text, describe_body
+from instances.clients.http import OutboundError, OutboundRefused, clean_text, describe_body
 
 # Provisioning calls are made while an operator waits on a page.
 PROVISION_TIMEOUT = 10.0

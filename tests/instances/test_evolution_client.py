@@ -8,15 +8,15 @@ import httpx
 import pytest
 from django.conf import settings
 
-from tests.webhooks.conftest import client_answering
-from webhooks.evolution_client import (
+from instances.clients.evolution import (
     EvolutionClient,
     EvolutionTarget,
     FoundMessages,
     StoredMessage,
     evolution_error_text,
 )
-from webhooks.http import OutboundError, describe_body
+from instances.clients.http import OutboundError, describe_body
+from tests.webhooks.conftest import client_answering
 
 TARGET = EvolutionTarget(
     base_url="http://evolution.acme.test/", api_key="acme-evolution-key", instance_name="acme-wa"

@@ -14,12 +14,17 @@ import httpx
 import pytest
 from django.test import override_settings
 
+from instances.clients.aiohttp_transport import AiohttpTransport
+from instances.clients.evolution import EvolutionClient, EvolutionTarget
+from instances.clients.http import (
+    DestinationRefused,
+    OutboundError,
+    ResponseTooLarge,
+    new_http_client,
+)
 from tests.fakes import FakeAgent, FakeEvolution
 from tests.webhooks.conftest import unsaved_instance
 from webhooks.agents.automagik.transport import Automagik
-from webhooks.aiohttp_transport import AiohttpTransport
-from webhooks.evolution_client import EvolutionClient, EvolutionTarget
-from webhooks.http import DestinationRefused, OutboundError, ResponseTooLarge, new_http_client
 
 pytestmark = pytest.mark.asyncio
 
