@@ -49,7 +49,7 @@ CONVERSATION_FIELDS = (
     "session_idle_minutes",
     "max_concurrent",
 )
-# Which agent answers and how (webhooks/agents/), in the same order everywhere.
+# Which agent answers and how (instances/clients/agents/), in the same order everywhere.
 AGENT_KIND_FIELDS = ("agent_kind", "system_prompt", "history_limit")
 MAX_HISTORY_LIMIT = 200
 

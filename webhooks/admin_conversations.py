@@ -14,8 +14,8 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 from django.views.decorators.http import require_POST
 
+from instances.clients.agents import session_name
 from webhooks.admin import STATUS_COLORS, local_time
-from webhooks.agents import session_name
 from webhooks.models import Conversation, InboundMessage
 from webhooks.selectors import chat_messages, paused_now_q
 from webhooks.transitions import pause_conversation, reset_conversation, resume_conversation

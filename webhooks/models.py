@@ -101,7 +101,7 @@ class InboundMessage(models.Model):
                 name="webhooks_answered_by",
             ),
             # An openai agent's memory: the session's latest answered rows, newest
-            # first, read without the chat's other sessions (webhooks/agents/history.py).
+            # first, read without the chat's other sessions (webhooks/agent_history.py).
             # Only answered rows: a message is stored unanswered, so the webhook's
             # INSERT never updates this index; the worker's answer puts it in.
             models.Index(

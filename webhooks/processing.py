@@ -20,13 +20,13 @@ import httpx
 from django.conf import settings
 from django.utils import timezone
 
+from instances.clients.agents import AgentCall, agent_for, session_name
 from instances.clients.evolution import EvolutionClient, EvolutionTarget
 from instances.clients.http import OutboundError
 from instances.models import InstanceConfig
 from omnihub.logging import kv
 from webhooks import metrics
-from webhooks.agents import AgentCall, agent_for, session_name
-from webhooks.agents.history import session_history
+from webhooks.agent_history import session_history
 from webhooks.chat_rules import is_reset
 from webhooks.db import run_db
 from webhooks.duplicates import SendCheck, Verdict, check_earlier_send

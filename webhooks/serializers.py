@@ -145,7 +145,7 @@ class ConversationSerializer(serializers.ModelSerializer):
         }
 
     def get_session_name(self, obj: Conversation) -> str:
-        from webhooks.agents import session_name
+        from instances.clients.agents import session_name
 
         return session_name(
             instance=obj.instance, phone=obj.phone, chat_jid=obj.chat_jid, epoch=obj.session_epoch

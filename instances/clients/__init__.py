@@ -1,5 +1,8 @@
-"""The hub's outbound HTTP: one guarded httpx client (http.py over
-aiohttp_transport.py) and the Evolution API client built from one tenant row
-(evolution.py). Here, in the tenant registry, so that provisioning (instances)
-and the pipeline (webhooks) both use them and the arrow stays webhooks -> instances.
+"""The hub's outbound HTTP, each client built from one tenant row: the guarded
+httpx client (http.py over aiohttp_transport.py), the Evolution API client
+(evolution.py) and the agent kinds (agents/<kind>/transport.py).
+
+They live in the tenant registry so that provisioning and its connection tests
+(instances) and the pipeline (webhooks) both use them: the arrow stays
+webhooks -> instances.
 """

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from django.test import override_settings
 
+from instances.clients.agents.automagik.transport import Automagik
 from instances.clients.aiohttp_transport import AiohttpTransport
 from instances.clients.evolution import EvolutionClient, EvolutionTarget
 from instances.clients.http import (
@@ -24,7 +25,6 @@ from instances.clients.http import (
 )
 from tests.fakes import FakeAgent, FakeEvolution
 from tests.webhooks.conftest import unsaved_instance
-from webhooks.agents.automagik.transport import Automagik
 
 pytestmark = pytest.mark.asyncio
 

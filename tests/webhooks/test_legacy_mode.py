@@ -15,9 +15,9 @@ from asgiref.sync import sync_to_async
 from django.test import Client
 
 from instances import services
+from instances.clients.agents import session_name
 from instances.models import InstanceConfig
 from tests.webhooks.conftest import PHONE, Upstream, message_body
-from webhooks.agents import session_name
 from webhooks.ingest import record_delivery
 from webhooks.models import ConnectionState, InboundMessage, Status
 from webhooks.processing import handle_batch

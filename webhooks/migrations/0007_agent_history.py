@@ -1,4 +1,4 @@
-# The index an openai agent's history is read with (webhooks/agents/history.py),
+# The index an openai agent's history is read with (webhooks/agent_history.py),
 # of answered rows only, so that storing a delivery does not write to it.
 
 from django.db import migrations, models

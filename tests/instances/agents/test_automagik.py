@@ -7,11 +7,11 @@ from typing import Any
 import httpx
 import pytest
 
+from instances.clients.agents import AgentReply, session_name
+from instances.clients.agents.automagik.transport import Automagik, build_agent_request
 from instances.clients.http import OutboundError
 from tests.conftest import FIXTURES
 from tests.webhooks.conftest import client_answering, message_body, unsaved_instance
-from webhooks.agents import AgentReply, session_name
-from webhooks.agents.automagik.transport import Automagik, build_agent_request
 from webhooks.parsing import parse_message, strip_secrets
 
 PHONE = "5511987654321"

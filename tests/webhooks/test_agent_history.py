@@ -1,5 +1,5 @@
 """The memory the hub keeps for openai agents: the worker reads the session's
-earlier exchanges from the stored rows (webhooks/agents/history.py)."""
+earlier exchanges from the stored rows (webhooks/agent_history.py)."""
 
 import json
 from datetime import timedelta
@@ -16,7 +16,7 @@ from instances.models import InstanceConfig
 from tests.e2e.harness import text_delivery
 from tests.webhooks.conftest import Upstream
 from webhooks import transitions
-from webhooks.agents.history import history_rows
+from webhooks.agent_history import history_rows
 from webhooks.ingest import record_delivery
 from webhooks.models import Conversation, InboundMessage, Status
 from webhooks.processing import handle_batch

@@ -5,8 +5,8 @@ from typing import Any
 
 import httpx
 
+from instances.clients.agents import AgentCall, AgentReply, agent_for
 from tests.webhooks.conftest import client_answering, unsaved_instance
-from webhooks.agents import AgentCall, AgentReply, agent_for
 from webhooks.parsing import parse_message, strip_secrets
 
 

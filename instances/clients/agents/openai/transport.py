@@ -5,12 +5,19 @@ POST {agent_api_url}/chat/completions, `Authorization: Bearer {agent_api_key}`
 {"model": default_agent, "messages": [system, ...history, user]}; the reply is
 choices[0].message.content. Such servers keep no memory: the hub sends the
 session's last `history_limit` messages with each request
-(webhooks/agents/history.py).
+(webhooks/agent_history.py).
 """
 
 from typing import Any
 
-from webhooks.agents.base import AgentCall, AgentReply, Exchange, HttpAgent, bearer, user_text
+from instances.clients.agents.base import (
+    AgentCall,
+    AgentReply,
+    Exchange,
+    HttpAgent,
+    bearer,
+    user_text,
+)
 
 
 def user_message(content: dict[str, Any]) -> str:

@@ -6,10 +6,10 @@ from typing import Any
 import httpx
 import pytest
 
+from instances.clients.agents import Exchange
 from instances.clients.http import OutboundError
-from tests.webhooks.agents.conftest import ask, call_for
+from tests.instances.agents.conftest import ask, call_for
 from tests.webhooks.conftest import message_body
-from webhooks.agents import Exchange
 
 pytestmark = pytest.mark.asyncio
 

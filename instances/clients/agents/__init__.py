@@ -6,26 +6,26 @@ The worker (webhooks/processing.py) does
     request = agent.build(call=AgentCall(...))   # with history when agent.history_limit
     reply = await agent.run(request=request)     # AgentReply, or raises OutboundError
 
-A kind is a package webhooks/agents/<kind>/ whose transport.py subclasses
+A kind is a package instances/clients/agents/<kind>/ whose transport.py subclasses
 HttpAgent (where the request goes, its headers and body, how the answer
 reads); the failure rules are HttpAgent.run's, the same for all. Adding a kind:
-copy one of these packages and its tests/webhooks/agents/test_<kind>.py, list
+copy one of these packages and its tests/instances/agents/test_<kind>.py, list
 it in KINDS and in instances.models.AgentKind.
 """
 
 import httpx
 
-from instances.models import InstanceConfig
-from webhooks.agents.automagik.transport import Automagik
-from webhooks.agents.base import (
+from instances.clients.agents.automagik.transport import Automagik
+from instances.clients.agents.base import (
     AgentCall,
     AgentReply,
     Exchange,
     HttpAgent,
     session_name,
 )
-from webhooks.agents.openai.transport import OpenAI
-from webhooks.agents.webhook.transport import Webhook
+from instances.clients.agents.openai.transport import OpenAI
+from instances.clients.agents.webhook.transport import Webhook
+from instances.models import InstanceConfig
 
 __all__ = ["KINDS", "AgentCall", "AgentReply", "Exchange", "HttpAgent", "agent_for", "session_name"]
 

@@ -8,7 +8,7 @@ under `session_name`.
 from typing import Any
 from urllib.parse import quote
 
-from webhooks.agents.base import AgentCall, AgentReply, HttpAgent, user_text
+from instances.clients.agents.base import AgentCall, AgentReply, HttpAgent, user_text
 
 AGENT_MESSAGE_TYPES = frozenset({"text", "image", "audio", "video", "document"})
 MESSAGE_LIMIT = 100

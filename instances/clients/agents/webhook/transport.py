@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from webhooks.agents.base import AgentCall, AgentReply, HttpAgent, bearer, user_text
+from instances.clients.agents.base import AgentCall, AgentReply, HttpAgent, bearer, user_text
 
 REPLY_KEYS = ("reply", "output", "text", "message", "answer")
 

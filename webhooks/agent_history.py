@@ -17,7 +17,7 @@ from typing import Any
 
 from django.db.models import QuerySet
 
-from webhooks.agents.base import Exchange
+from instances.clients.agents.base import Exchange
 from webhooks.models import InboundMessage
 
 

@@ -1,7 +1,7 @@
 """What every agent kind shares: what the worker hands it, what it answers, and
 the one HTTP call with the hub's failure rules.
 
-A kind (webhooks/agents/<kind>/transport.py) only says where the request goes,
+A kind (instances/clients/agents/<kind>/transport.py) only says where the request goes,
 with which headers and body, and how its answer reads; the retry rules are
 here so that no kind can get them wrong.
 """

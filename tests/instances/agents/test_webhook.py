@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from instances.clients.http import OutboundError
-from tests.webhooks.agents.conftest import ask, call_for
+from tests.instances.agents.conftest import ask, call_for
 from tests.webhooks.conftest import PHONE, message_body
 
 pytestmark = pytest.mark.asyncio
