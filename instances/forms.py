@@ -6,6 +6,7 @@ from django import forms
 
 from instances.models import (
     CONVERSATION_FIELDS,
+    REPLY_FIELDS,
     SECRET_FIELDS,
     InstanceConfig,
     generate_webhook_token,
@@ -72,6 +73,7 @@ class InstanceConfigForm(forms.ModelForm):
             "session_id_prefix",
             "fallback_message",
             "webhook_token",
+            *REPLY_FIELDS,
             *CONVERSATION_FIELDS,
         ]
         field_classes = dict.fromkeys(SECRET_FIELDS, SecretField)

@@ -51,6 +51,9 @@ CONVERSATION_FIELDS = (
 )
 # Which agent answers and how (instances/clients/agents/), in the same order everywhere.
 AGENT_KIND_FIELDS = ("agent_kind", "system_prompt", "history_limit")
+# How a reply is sent (webhooks/reply_parts.py), in the same order everywhere.
+REPLY_FIELDS = ("split_replies", "typing_ms_per_char", "send_media_links", "quote_replies")
+MAX_TYPING_MS_PER_CHAR = 1000
 MAX_HISTORY_LIMIT = 200
 
 
@@ -229,6 +232,29 @@ class InstanceConfig(models.Model):
         blank=True,
         validators=[NO_NUL],
         help_text="Sent to the user when the agent fails for good. Blank sends nothing.",
+    )
+
+    # --- replies: sent like a person's (webhooks/reply_parts.py) ---
+    split_replies = models.BooleanField(
+        default=False,
+        help_text="Send a reply as several WhatsApp messages, split on blank lines, in order.",
+    )
+    typing_ms_per_char = models.PositiveIntegerField(
+        default=0,
+        validators=[MaxValueValidator(MAX_TYPING_MS_PER_CHAR)],
+        help_text="Before each message, WhatsApp shows \"typing…\" for its length times "
+        "this many milliseconds, clamped to 1 to 8 s. 0: off.",
+    )
+    send_media_links = models.BooleanField(
+        default=True,
+        help_text="A markdown image or file link, or a bare URL ending in a media "
+        "extension (.png, .pdf, .mp3…), is sent as the image, video, audio or document "
+        "itself, with its alt or link text as the caption.",
+    )
+    quote_replies = models.BooleanField(
+        default=False,
+        help_text="In one-to-one chats too, the reply quotes the message it answers "
+        "(in groups it always does).",
     )
 
     # --- conversations: how the bot behaves in a chat ---

@@ -10,7 +10,7 @@ from rest_framework import serializers
 from rest_framework.settings import api_settings
 
 from instances import provisioning
-from instances.models import CONVERSATION_FIELDS, SECRET_FIELDS, InstanceConfig
+from instances.models import CONVERSATION_FIELDS, REPLY_FIELDS, SECRET_FIELDS, InstanceConfig
 from instances.services import save_instance
 
 SECRET_HELP = "Write-only. Omit it on update to keep the stored value."
@@ -98,6 +98,7 @@ class InstanceConfigSerializer(serializers.ModelSerializer):
             "agent_timeout",
             "session_id_prefix",
             "fallback_message",
+            *REPLY_FIELDS,
             *CONVERSATION_FIELDS,
             "connection_state",
             "connection_updated_at",

@@ -56,6 +56,9 @@ CONVERSATION_FORM_DEFAULTS = {
     "agent_kind": "automagik",
     "system_prompt": "",
     "history_limit": "20",
+    # The Replies group at its defaults (split_replies and quote_replies unticked).
+    "typing_ms_per_char": "0",
+    "send_media_links": "on",
 }
 
 

@@ -233,7 +233,7 @@ def _evolution_error(status: int, error: str, message: Any) -> Answer:
 
 
 class FakeEvolution(FakeServer):
-    """Answers like Evolution 2.3.7: sendText and sendPresence (201 + message key),
+    """Answers like Evolution 2.3.7: sendText, sendMedia and sendPresence (201 + message key),
     findMessages (from what it sent and was given with `receive`), and the
     provisioning routes (instance create/connect/connectionState, webhook set/find).
 
@@ -276,7 +276,7 @@ class FakeEvolution(FakeServer):
             return _evolution_error(401, "Unauthorized", "Unauthorized")
         if self.failure is not None and "/message/sendText/" in record.path:
             return self.failure
-        if "/message/sendText/" in record.path:
+        if "/message/sendText/" in record.path or "/message/sendMedia/" in record.path:
             return self._send_text(record)
         if "/chat/findMessages/" in record.path and record.method == "POST":
             return self._find_messages(record)
@@ -287,6 +287,10 @@ class FakeEvolution(FakeServer):
     def sent(self) -> list[Recorded]:
         """sendText requests whose text went out (answered with success, or dropped after)."""
         return [r for r in self.received("/message/sendText/") if r.status and r.status < 300]
+
+    def sent_messages(self) -> list[Recorded]:
+        """sendText and sendMedia requests that went out, in the order they came."""
+        return [r for r in self.received("/message/send") if r.status and r.status < 300]
 
     def receive(self, data: dict[str, Any]) -> None:
         """A message came in from WhatsApp (a messages.upsert's data): kept as Evolution does."""
@@ -328,10 +332,17 @@ class FakeEvolution(FakeServer):
             # Each message its own id, as WhatsApp gives it.
             "id": f"3EB0{uuid.uuid4().hex[:18].upper()}",
         }
+        if "/message/sendMedia/" in record.path:
+            kind = str(body.get("mediatype", "document"))
+            message: dict[str, Any] = {
+                f"{kind}Message": {"caption": body.get("caption", ""), "url": body.get("media")}
+            }
+        else:
+            message = {"conversation": body.get("text", "")}
         # Sent, then saved (when kept), then answered: as sendMessageWithTyping does.
         self._keep(
             key=key,
-            message={"conversation": body.get("text", "")},
+            message=message,
             timestamp=int(time.time()),
             push_name="Você",
         )

@@ -31,7 +31,8 @@ from webhooks.chat_rules import is_reset
 from webhooks.db import run_db
 from webhooks.duplicates import SendCheck, Verdict, check_earlier_send
 from webhooks.models import Conversation, InboundMessage, OutboundStatus, Status
-from webhooks.rows import EarlierAttempt, earlier_attempt, recorded_ids
+from webhooks.reply_parts import Part, reply_parts, typing_ms
+from webhooks.rows import EarlierAttempt, earlier_attempt, recorded_ids, sent_reply_count
 from webhooks.transitions import (
     HOLD_REASON,
     Batch,
@@ -98,18 +99,24 @@ def reply_number(*, message: InboundMessage) -> str:
 
 
 def quote_of(*, message: InboundMessage) -> dict[str, Any] | None:
-    """In a group the reply quotes the message it answers (sendText's `quoted`)."""
-    if not message.content.get("is_group"):
+    """The reply quotes the message it answers (sendText's `quoted`): always in a
+    group, in a one-to-one chat when the instance's quote_replies is on."""
+    is_group = bool(message.content.get("is_group"))
+    if not is_group and not message.instance.quote_replies:
         return None
-    return {
-        "key": {
-            "id": message.message_id,
-            "remoteJid": message.chat_jid,
-            "fromMe": False,
-            "participant": message.sender_jid,
-        },
-        "message": {"conversation": message.text},
-    }
+    key: dict[str, Any] = {"id": message.message_id, "remoteJid": message.chat_jid, "fromMe": False}
+    if is_group:
+        key["participant"] = message.sender_jid
+    return {"key": key, "message": {"conversation": message.text}}
+
+
+def parts_of(*, instance: InstanceConfig, text: str, agent_response: Any) -> list[Part]:
+    """The messages a reply goes as. A webhook agent that answered an array asked
+    for several messages: they were joined with blank lines, and are cut there
+    again whatever split_replies says (the answer is kept on the row, so a retry
+    cuts the same way)."""
+    split = instance.split_replies or isinstance(agent_response, list)
+    return reply_parts(text=text, split=split, media_links=instance.send_media_links)
 
 
 class Step:
@@ -398,7 +405,10 @@ async def _ask_agent(step: Step, *, message: InboundMessage, http: httpx.AsyncCl
     # The reply's outbound row goes in the same write as the agent's answer:
     # one database round trip fewer between the answer and its sendText.
     send_start = (
-        SendStart(chat_jid=message.chat_jid, text=text)
+        SendStart(
+            chat_jid=message.chat_jid,
+            text=parts_of(instance=instance, text=text, agent_response=reply.body)[0].echo_text,
+        )
         if text and target.base_url and target.api_key
         else None
     )
@@ -430,11 +440,19 @@ async def _send_reply(step: Step, *, message: InboundMessage, http: httpx.AsyncC
             message, Status.FAILED, last_error="No Evolution URL/key to send the reply with."
         )
         return True
+    parts = parts_of(
+        instance=step.batch.instance, text=message.reply_text, agent_response=message.agent_response
+    )
+    index = 0
     # Recorded before the send: its echo may arrive before sendText answers.
     if message.pk in step.prepared:
         # The common path: the row was written with the agent's answer.
         outbound_id = step.prepared.pop(message.pk)
     else:
+        if len(parts) > 1 and message.attempts > 1:
+            # Sent in parts before: the parts that went out are not sent again.
+            sent = await run_db(sent_reply_count, message_pk=message.pk)
+            index = min(sent, len(parts) - 1)
         fields: dict[str, Any] = {}
         if message.ignore_reason == HOLD_REASON:
             fields["ignore_reason"] = ""
@@ -446,17 +464,29 @@ async def _send_reply(step: Step, *, message: InboundMessage, http: httpx.AsyncC
         )
         if earlier is not None:
             check = await _check_earlier_send(
-                step, message=message, target=target, earlier=earlier, http=http
+                step,
+                message=message,
+                target=target,
+                earlier=earlier,
+                text=parts[index].echo_text,
+                http=http,
             )
             if check is None:
                 # Requeued (False: it holds back the rest of its chat) or failed.
                 return message.status == Status.FAILED
-            if check.verdict is Verdict.SENT:
+            if check.verdict is Verdict.SENT and index == len(parts) - 1:
                 await _confirm_sent(
                     step, message=message, earlier=earlier, evolution_id=check.evolution_id
                 )
                 return True
-            settled = _settle_earlier(check, earlier=earlier, fields=fields, message=message)
+            if check.verdict is Verdict.SENT:
+                # That part went out: on with the next one.
+                index += 1
+                settled = SendEnd(
+                    outbound_id=earlier.outbound_id, evolution_id=check.evolution_id, ok=True
+                )
+            else:
+                settled = _settle_earlier(check, earlier=earlier, fields=fields, message=message)
             await run_db(
                 renew_lease,
                 conversation_id=step.batch.conversation.pk,
@@ -465,7 +495,7 @@ async def _send_reply(step: Step, *, message: InboundMessage, http: httpx.AsyncC
             )
         held, outbound_id = await step.update(
             message,
-            send_start=SendStart(chat_jid=message.chat_jid, text=message.reply_text),
+            send_start=SendStart(chat_jid=message.chat_jid, text=parts[index].echo_text),
             send_end=settled,
             **fields,
         )
@@ -477,7 +507,15 @@ async def _send_reply(step: Step, *, message: InboundMessage, http: httpx.AsyncC
     # stopped meanwhile: cancelled half-way, its text may be out while the row
     # goes back to the queue, and the next owner would send it again.
     send = asyncio.ensure_future(
-        _send_and_record(step, message=message, target=target, outbound_id=outbound_id, http=http)
+        _send_and_record(
+            step,
+            message=message,
+            target=target,
+            outbound_id=outbound_id,
+            http=http,
+            parts=parts,
+            index=index,
+        )
     )
     _sends.add(send)
     send.add_done_callback(_sends.discard)
@@ -490,6 +528,7 @@ async def _check_earlier_send(
     message: InboundMessage,
     target: EvolutionTarget,
     earlier: EarlierAttempt,
+    text: str,
     http: httpx.AsyncClient,
 ) -> SendCheck | None:
     """Ask Evolution whether the earlier attempt went out; None when the message
@@ -509,7 +548,7 @@ async def _check_earlier_send(
             EvolutionClient(target=target, http=http),
             attempt=earlier,
             chat_jid=message.chat_jid,
-            text=message.reply_text or "",
+            text=text,
             answered_id=message.message_id,
             now=timezone.now(),
             recorded_ids=recorded,
@@ -636,39 +675,99 @@ async def _send_and_record(
     target: EvolutionTarget,
     outbound_id: int,
     http: httpx.AsyncClient,
+    parts: list[Part],
+    index: int,
 ) -> bool:
-    attempt = message.send_attempts + 1
+    """Send the reply's parts from `index` on, each recorded before and after it goes;
+    a part failing stops the rest (retried from that part, or failed for good)."""
+    evolution = EvolutionClient(target=target, http=http)
+    while True:
+        attempt = message.send_attempts + 1
+        try:
+            answer = await _send_part(
+                evolution, message=message, part=parts[index], quote=index == 0
+            )
+        except OutboundError as exc:
+            metrics.outbound_errors.labels(
+                message.instance.name, "evolution", exc.status or "none"
+            ).inc()
+            failed = SendEnd(
+                outbound_id=outbound_id,
+                evolution_id="",
+                ok=False,
+                error=str(exc),
+                # Before this reply goes again, Evolution is asked whether it went.
+                unconfirmed=exc.maybe_sent,
+            )
+            error = str(exc) if len(parts) == 1 else f"part {index + 1} of {len(parts)}: {exc}"
+            return await _retry_or_fail(
+                step,
+                message=message,
+                error=error,
+                attempt=attempt,
+                send_end=failed,
+                retryable=exc.retryable,
+            )
+        sent = SendEnd(outbound_id=outbound_id, evolution_id=_key_id(answer), ok=True)
+        index += 1
+        if index == len(parts):
+            await step.finish(
+                message,
+                Status.REPLIED,
+                send_attempts=attempt,
+                sent_at=timezone.now(),
+                send_end=sent,
+            )
+            return True
+        # One write: this part sent, the next one about to go.
+        held, outbound_id_or_none = await step.update(
+            message,
+            send_attempts=attempt,
+            send_end=sent,
+            send_start=SendStart(chat_jid=message.chat_jid, text=parts[index].echo_text),
+        )
+        if not held:
+            return False
+        if outbound_id_or_none is None:
+            return await _hold(step, message=message)
+        outbound_id = outbound_id_or_none
+
+
+async def _send_part(
+    evolution: EvolutionClient, *, message: InboundMessage, part: Part, quote: bool
+) -> dict[str, Any]:
+    """One part out through Evolution; a quote Evolution refuses (4xx) goes once unquoted."""
+    quoted = quote_of(message=message) if quote else None
     try:
-        answer = await EvolutionClient(target=target, http=http).send_text(
-            number=reply_number(message=message),
-            text=message.reply_text,
-            quoted=quote_of(message=message),
-        )
+        return await _post_part(evolution, message=message, part=part, quoted=quoted)
     except OutboundError as exc:
-        metrics.outbound_errors.labels(
-            message.instance.name, "evolution", exc.status or "none"
-        ).inc()
-        failed = SendEnd(
-            outbound_id=outbound_id,
-            evolution_id="",
-            ok=False,
-            error=str(exc),
-            # Before this reply goes again, Evolution is asked whether it went.
-            unconfirmed=exc.maybe_sent,
+        if quoted is None or exc.status is None or not 400 <= exc.status < 500:
+            raise
+        _log(message, "quote_refused", error=str(exc))
+        return await _post_part(evolution, message=message, part=part, quoted=None)
+
+
+async def _post_part(
+    evolution: EvolutionClient,
+    *,
+    message: InboundMessage,
+    part: Part,
+    quoted: dict[str, Any] | None,
+) -> dict[str, Any]:
+    number = reply_number(message=message)
+    delay = typing_ms(part=part, ms_per_char=message.instance.typing_ms_per_char)
+    if part.is_media:
+        return await evolution.send_media(
+            number=number,
+            mediatype=part.mediatype,
+            media=part.media_url,
+            mimetype=part.mimetype,
+            file_name=part.file_name,
+            caption=part.text,
+            quoted=quoted,
+            delay_ms=delay,
         )
-        return await _retry_or_fail(
-            step,
-            message=message,
-            error=str(exc),
-            attempt=attempt,
-            send_end=failed,
-            retryable=exc.retryable,
-        )
-    sent = SendEnd(outbound_id=outbound_id, evolution_id=_key_id(answer), ok=True)
-    await step.finish(
-        message, Status.REPLIED, send_attempts=attempt, sent_at=timezone.now(), send_end=sent
-    )
-    return True
+    return await evolution.send_text(number=number, text=part.text, quoted=quoted, delay_ms=delay)
 
 
 def _key_id(answer: dict[str, Any]) -> str:

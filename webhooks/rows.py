@@ -509,6 +509,14 @@ def earlier_attempt(*, message_pk: int) -> EarlierAttempt | None:
     return None if found is None else EarlierAttempt(*found)
 
 
+def sent_reply_count(*, message_pk: int) -> int:
+    """How many messages of this reply went out (a reply sent in parts, handled
+    again after one of them failed)."""
+    return OutboundMessage.objects.filter(
+        in_reply_to_id=message_pk, status=OutboundStatus.SENT
+    ).count()
+
+
 def recorded_ids(*, instance_id: int, evolution_ids: list[str], excluding: int) -> set[str]:
     """Which of these Evolution ids are other replies of the hub's, already recorded."""
     return set(

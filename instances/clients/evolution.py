@@ -69,22 +69,64 @@ class EvolutionClient:
         )
 
     async def send_text(
-        self, *, number: str, text: str, quoted: dict[str, Any] | None = None
+        self,
+        *,
+        number: str,
+        text: str,
+        quoted: dict[str, Any] | None = None,
+        delay_ms: int = 0,
     ) -> dict[str, Any]:
         """POST /message/sendText/{instance}; raises OutboundError.
 
-        `quoted` ({"key": ..., "message": ...}) makes the reply quote a message.
+        `quoted` ({"key": ..., "message": ...}) makes the reply quote a message;
+        `delay_ms` has Evolution show "typing..." that long before it sends.
         """
         body: dict[str, Any] = {"number": number, "text": text}
+        return await self._send("message/sendText", body, quoted=quoted, delay_ms=delay_ms)
+
+    async def send_media(
+        self,
+        *,
+        number: str,
+        mediatype: str,
+        media: str,
+        mimetype: str,
+        file_name: str,
+        caption: str = "",
+        quoted: dict[str, Any] | None = None,
+        delay_ms: int = 0,
+    ) -> dict[str, Any]:
+        """POST /message/sendMedia/{instance} (`media`: a URL Evolution downloads, or
+        base64); raises OutboundError like send_text."""
+        body: dict[str, Any] = {
+            "number": number,
+            "mediatype": mediatype,
+            "mimetype": mimetype,
+            "media": media,
+            "fileName": file_name,
+        }
+        if caption:
+            body["caption"] = caption
+        return await self._send("message/sendMedia", body, quoted=quoted, delay_ms=delay_ms)
+
+    async def _send(
+        self, route: str, body: dict[str, Any], *, quoted: dict[str, Any] | None, delay_ms: int
+    ) -> dict[str, Any]:
+        """A message out to WhatsApp: the one set of failure rules for every send."""
         if quoted is not None:
             body["quoted"] = quoted
+        if delay_ms:
+            body["delay"] = delay_ms
+        # Evolution holds the request while it shows "typing...": the deadline
+        # grows by that much.
+        deadline = settings.EVOLUTION_TIMEOUT + delay_ms / 1000
         try:
-            # A deadline on the whole call, not only on each read (see AgentClient.run).
-            async with asyncio.timeout(settings.EVOLUTION_TIMEOUT):
-                response = await self._post("message/sendText", body, settings.EVOLUTION_TIMEOUT)
+            # A deadline on the whole call, not only on each read (see HttpAgent.run).
+            async with asyncio.timeout(deadline):
+                response = await self._post(route, body, deadline)
         except TimeoutError as exc:
             raise OutboundError(
-                f"Evolution did not finish answering in {settings.EVOLUTION_TIMEOUT:g}s; "
+                f"Evolution did not finish answering in {deadline:g}s; "
                 "not retried, the reply may have been sent",
                 retryable=False,
                 maybe_sent=True,
@@ -98,7 +140,7 @@ class EvolutionClient:
         except httpx.TimeoutException as exc:
             # Evolution may have sent the text; a retry could answer twice.
             raise OutboundError(
-                f"Evolution did not answer in {settings.EVOLUTION_TIMEOUT:g}s; "
+                f"Evolution did not answer in {deadline:g}s; "
                 "not retried, the reply may have been sent",
                 retryable=False,
                 maybe_sent=True,
@@ -118,10 +160,10 @@ class EvolutionClient:
                 status=response.status_code,
             )
         try:
-            body = response.json()
+            answer = response.json()
         except ValueError:
-            body = {}
-        return body if isinstance(body, dict) else {}
+            answer = {}
+        return answer if isinstance(answer, dict) else {}
 
     async def find_messages(
         self,

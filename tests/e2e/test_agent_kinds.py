@@ -130,15 +130,17 @@ def test_a_webhook_agent_gets_the_documented_body_and_its_output_is_sent(
     assert sent_texts(shop) == ["got: quero um orçamento"]
 
 
-def test_a_webhook_agent_answering_an_array_sends_its_parts_as_one_reply(
+def test_a_webhook_agent_answering_an_array_sends_each_item_as_a_message_of_its_own(
     make_tenant: Callable[..., Tenant], workflow: FakeWebhookAgent
 ) -> None:
+    # split_replies is off: the array itself asks for several messages.
     shop = make_tenant(agent_kind="webhook", agent_api_url=workflow.url)
     workflow.answer = (200, [{"output": "Olá!"}, {"text": "Como posso ajudar?"}])
 
-    say(shop, "oi")
+    row = say(shop, "oi")
 
-    assert sent_texts(shop) == ["Olá!\n\nComo posso ajudar?"]
+    assert sent_texts(shop) == ["Olá!", "Como posso ajudar?"]
+    assert row["reply_text"] == "Olá!\n\nComo posso ajudar?"
 
 
 def test_a_webhook_agent_answering_null_sends_nothing(

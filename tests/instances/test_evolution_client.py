@@ -16,6 +16,7 @@ from instances.clients.evolution import (
     evolution_error_text,
 )
 from instances.clients.http import OutboundError, describe_body
+from tests.conftest import FIXTURES
 from tests.webhooks.conftest import client_answering
 
 TARGET = EvolutionTarget(
@@ -49,6 +50,59 @@ async def test_send_text_posts_the_number_and_text_with_the_apikey() -> None:
         ("connect", "read", "write", "pool"), timeout
     )
     assert body == answer
+
+
+@pytest.mark.asyncio
+async def test_send_text_with_a_delay_has_evolution_type_that_long_and_waits_for_it() -> None:
+    requests: list[httpx.Request] = []
+    async with client_answering((201, {"key": {"id": "3EB0"}}), requests) as http:
+        await EvolutionClient(target=TARGET, http=http).send_text(
+            number="5511987654321", text="Oi", delay_ms=2500
+        )
+
+    [request] = requests
+    assert json.loads(request.content)["delay"] == 2500
+    # Evolution holds the request while "typing...": the read waits that much longer.
+    assert request.extensions["timeout"]["read"] == settings.EVOLUTION_TIMEOUT + 2.5
+
+
+@pytest.mark.asyncio
+async def test_send_media_posts_the_media_with_its_type_caption_and_file_name() -> None:
+    requests: list[httpx.Request] = []
+    answer = {"key": {"id": "3EB0MEDIA"}, "status": "PENDING"}
+    async with client_answering((201, answer), requests) as http:
+        body = await EvolutionClient(target=TARGET, http=http).send_media(
+            number="5511987654321",
+            mediatype="image",
+            media="https://cdn.example.com/catalogo.jpg",
+            mimetype="image/jpeg",
+            file_name="catalogo.jpg",
+            caption="Catálogo",
+        )
+
+    [request] = requests
+    assert str(request.url) == "http://evolution.acme.test/message/sendMedia/acme-wa"
+    assert request.headers["apikey"] == "acme-evolution-key"
+    # The shape of Evolution's own sendMedia request (shared fixtures), without delay.
+    expected = json.loads((FIXTURES / "evolution/api/send-media.request.json").read_text())
+    del expected["delay"]
+    assert json.loads(request.content) == expected
+    assert body == answer
+
+
+@pytest.mark.asyncio
+async def test_send_media_fails_like_send_text() -> None:
+    requests: list[httpx.Request] = []
+    async with client_answering((503, {"error": "Service Unavailable"}), requests) as http:
+        with pytest.raises(OutboundError) as caught:
+            await EvolutionClient(target=TARGET, http=http).send_media(
+                number="5511987654321",
+                mediatype="document",
+                media="https://x.test/a.pdf",
+                mimetype="application/pdf",
+                file_name="a.pdf",
+            )
+    assert (caught.value.retryable, caught.value.status) == (True, 503)
 
 
 @pytest.mark.asyncio

@@ -22,11 +22,12 @@ from instances.models import (
     AGENT_KIND_FIELDS,
     CONVERSATION_FIELDS,
     MAX_AGENT_TIMEOUT,
+    REPLY_FIELDS,
     InstanceConfig,
 )
 
 # The fields --set takes: the agent's kind and memory, and the conversation settings.
-SET_FIELDS = (*AGENT_KIND_FIELDS, *CONVERSATION_FIELDS)
+SET_FIELDS = (*AGENT_KIND_FIELDS, *REPLY_FIELDS, *CONVERSATION_FIELDS)
 
 NameArg = Annotated[str, typer.Argument(help="The instance's name.", show_default=False)]
 Json = Annotated[
@@ -129,6 +130,11 @@ Settings = Annotated[
 ]
 
 
+BOOLEAN_WORDS = dict.fromkeys(("true", "yes", "on", "1"), True) | dict.fromkeys(
+    ("false", "no", "off", "0"), False
+)
+
+
 def parse_settings(values: list[str] | None) -> dict[str, Any]:
     """--set NAME=VALUE pairs as field values; raises ValidationError naming the field."""
     fields: dict[str, Any] = {}
@@ -148,6 +154,10 @@ def parse_settings(values: list[str] | None) -> dict[str, Any]:
             if value is None:
                 value = [part.strip() for part in raw.split(",") if part.strip()]
             fields[name] = value
+        elif field.get_internal_type() == "BooleanField":
+            # Django's own conversion knows True/False/1/0 only; a shell user types
+            # true, yes, on. Anything else goes on for the model's message.
+            fields[name] = BOOLEAN_WORDS.get(raw.strip().lower(), raw)
         else:
             fields[name] = raw
     return fields
@@ -220,9 +230,9 @@ class Command(TyperCommand):
         for label, value in rows:
             self.echo(f"{label + ':':<{width}}{value}")
         # The names --set takes, in a block of their own.
-        self.echo("conversation settings:")
-        width = max(map(len, CONVERSATION_FIELDS)) + 3
-        for name in CONVERSATION_FIELDS:
+        self.echo("reply and conversation settings:")
+        width = max(map(len, (*REPLY_FIELDS, *CONVERSATION_FIELDS))) + 3
+        for name in (*REPLY_FIELDS, *CONVERSATION_FIELDS):
             self.echo(f"  {name + ':':<{width}}{_setting(getattr(instance, name))}")
         if not instance.webhook_token:
             self.echo(f"WARNING: {_no_token_warning(instance)}")

@@ -4,8 +4,9 @@ POST {agent_api_url} with the message as documented JSON (see build) and
 `Authorization: Bearer {agent_api_key}` when a key is set. The reply is the
 first of `reply`, `output`, `text`, `message`, `answer` that is a string (n8n's
 "Respond to Webhook" answers `output`); an array of such objects or strings is
-several messages, joined with blank lines into one reply (a blank line is
-where split replies will cut it); empty, `null` or no such key sends nothing.
+several messages, joined with blank lines into one reply that the worker cuts
+there again (webhooks/processing.py parts_of); empty, `null` or no such key
+sends nothing.
 The workflow keeps its own memory, under `session_id` if it wants one.
 """
 
