@@ -42,6 +42,10 @@ class DestinationRefused(OutboundRefused):
     """The URL's host is, or resolves to, an address the hub must not call."""
 
 
+# The request extension that raises the answer's size cap for one call.
+MAX_RESPONSE_BYTES = "omnihub_max_response_bytes"
+
+
 class ResponseTooLarge(OutboundRefused):
     """The answer holds more than the transport's max_response_bytes."""
 
@@ -198,6 +202,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         if refusal:
             raise DestinationRefused(refusal, request=request)
         body = await request.aread()
+        # A call that expects a large answer (a media file) says so per request.
+        limit = request.extensions.get(MAX_RESPONSE_BYTES, self.max_response_bytes)
         headers = [
             (k.decode("latin-1"), v.decode("latin-1"))
             for k, v in request.headers.raw
@@ -214,12 +220,18 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 allow_redirects=False,
                 compress=None,
             ) as response:
-                content = await _read_capped(response, self.max_response_bytes)
+                content = await _read_capped(response, limit)
         except _Refused as exc:
             raise DestinationRefused(str(exc), request=request) from exc
         except ResponseTooLarge as exc:
             raise ResponseTooLarge(
-                f"{exc} (OUTBOUND_MAX_RESPONSE_BYTES is {self.max_response_bytes}); "
+                f"{exc} ("
+                + (
+                    f"OUTBOUND_MAX_RESPONSE_BYTES is {limit}"
+                    if limit == self.max_response_bytes
+                    else f"this call's cap is {limit} bytes"
+                )
+                + "); "
                 "not read further",
                 request=request,
             ) from exc

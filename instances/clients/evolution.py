@@ -1,6 +1,8 @@
 """Calls to one Evolution API instance: the one place that sends replies."""
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import json
 import os
@@ -12,6 +14,7 @@ from urllib.parse import quote
 import httpx
 from django.conf import settings
 
+from instances.clients.aiohttp_transport import MAX_RESPONSE_BYTES
 from instances.clients.http import OutboundError, OutboundRefused, clean_text, describe_body
 
 # Provisioning calls are made while an operator waits on a page.
@@ -44,6 +47,15 @@ class StoredMessage:
     text: str
     # messageTimestamp, unix seconds (Evolution's clock); None when missing.
     timestamp: int | None
+
+
+@dataclass(frozen=True)
+class MediaFile:
+    """A received message's media as getBase64FromMediaMessage answers it."""
+
+    data: bytes
+    mime_type: str
+    file_name: str
 
 
 @dataclass(frozen=True)
@@ -195,31 +207,91 @@ class EvolutionClient:
         if between is not None:
             where["messageTimestamp"] = {"gte": _js_date(between[0]), "lte": _js_date(between[1])}
         body = {"where": where, "page": page, "offset": page_size}
+        response = await self._safe_post("chat/findMessages", body, what="findMessages")
+        return _found_messages(response, page_size=page_size)
+
+    async def _safe_post(
+        self,
+        route: str,
+        body: dict[str, Any],
+        *,
+        what: str,
+        max_bytes: int | None = None,
+        retry_400: str = "",
+    ) -> httpx.Response:
+        """A call that changes nothing Evolution sends (a read, a read receipt): every
+        failure without an answer may be tried again. Raises OutboundError.
+
+        404 (the instance, or on another server the route, is not there now) is
+        worth asking again later, like a 5xx; so is a 400 whose body holds
+        `retry_400` (getBase64FromMediaMessage's intermittent AggregateError).
+        """
         timeout = settings.EVOLUTION_TIMEOUT
+        extensions = {MAX_RESPONSE_BYTES: max_bytes} if max_bytes else None
         try:
             async with asyncio.timeout(timeout):
-                response = await self._post("chat/findMessages", body, timeout)
+                response = await self.http.post(
+                    self._url(route),
+                    json=body,
+                    headers=self.headers,
+                    timeout=timeout,
+                    extensions=extensions,
+                )
         except OutboundRefused as exc:
-            raise OutboundError(
-                f"Evolution's findMessages refused: {exc}", retryable=False
-            ) from exc
+            raise OutboundError(f"Evolution's {what} refused: {exc}", retryable=False) from exc
         except (TimeoutError, httpx.TimeoutException) as exc:
             raise OutboundError(
-                f"Evolution's findMessages did not answer in {timeout:g}s", retryable=True
+                f"Evolution's {what} did not answer in {timeout:g}s", retryable=True
             ) from exc
         except httpx.TransportError as exc:
             raise OutboundError(
-                f"Evolution's findMessages failed: {transport_reason(exc)}", retryable=True
+                f"Evolution's {what} failed: {transport_reason(exc)}", retryable=True
             ) from exc
         if response.status_code >= 300:
-            # 404: the instance (or, on another server, the route) is not there
-            # now; like a 5xx, worth asking again later.
+            status = response.status_code
+            flaky = bool(retry_400) and status == 400 and retry_400 in response.text
             raise OutboundError(
-                f"findMessages: {evolution_error_text(response)}",
-                retryable=response.status_code >= 500 or response.status_code == 404,
-                status=response.status_code,
+                f"{what}: {evolution_error_text(response)}",
+                retryable=status >= 500 or status == 404 or flaky,
+                status=status,
             )
-        return _found_messages(response, page_size=page_size)
+        return response
+
+    async def get_base64(self, *, key: dict[str, Any], max_bytes: int) -> MediaFile:
+        """POST /chat/getBase64FromMediaMessage/{instance}: a received message's media,
+        decrypted by Evolution. `max_bytes` bounds the file; base64 makes it a third
+        larger on the wire. Raises OutboundError (retryable: 5xx, 404, the
+        intermittent 400 AggregateError, no answer)."""
+        response = await self._safe_post(
+            "chat/getBase64FromMediaMessage",
+            {"message": {"key": key}, "convertToMp4": False},
+            what="getBase64FromMediaMessage",
+            max_bytes=max_bytes * 4 // 3 + 64 * 1024,
+            retry_400="AggregateError",
+        )
+        try:
+            answer = response.json()
+            data = base64.b64decode(answer["base64"], validate=False)
+        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+            raise OutboundError(
+                f"getBase64FromMediaMessage answered no media: {describe_body(response)}",
+                retryable=False,
+            ) from exc
+        mimetype = answer.get("mimetype")
+        file_name = answer.get("fileName")
+        return MediaFile(
+            data=data,
+            mime_type=mimetype if isinstance(mimetype, str) else "",
+            file_name=file_name if isinstance(file_name, str) else "",
+        )
+
+    async def mark_read(self, *, remote_jid: str, message_id: str) -> None:
+        """POST /chat/markMessageAsRead/{instance}: blue ticks on a received message.
+        Raises OutboundError; the caller counts and forgets it."""
+        key = {"remoteJid": remote_jid, "fromMe": False, "id": message_id}
+        await self._safe_post(
+            "chat/markMessageAsRead", {"readMessages": [key]}, what="markMessageAsRead"
+        )
 
     async def send_presence(self, *, number: str, delay_ms: int = 5000) -> None:
         """Show "typing..." while the agent works; a failure here changes nothing."""

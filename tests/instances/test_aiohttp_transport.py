@@ -15,7 +15,7 @@ import pytest
 from django.test import override_settings
 
 from instances.clients.agents.automagik.transport import Automagik
-from instances.clients.aiohttp_transport import AiohttpTransport
+from instances.clients.aiohttp_transport import MAX_RESPONSE_BYTES, AiohttpTransport
 from instances.clients.evolution import EvolutionClient, EvolutionTarget
 from instances.clients.http import (
     DestinationRefused,
@@ -278,6 +278,17 @@ async def test_an_answer_larger_than_the_cap_fails_instead_of_being_buffered(
     async with transport_client(max_response_bytes=1000) as http:
         with pytest.raises(ResponseTooLarge, match="OUTBOUND_MAX_RESPONSE_BYTES is 1000"):
             await http.get(url)
+
+
+async def test_a_call_may_raise_the_cap_for_its_own_answer(raw_server) -> None:
+    body = b'{"base64": "' + b"x" * 5000 + b'"}'
+    url = raw_server(answer_with(body))
+
+    async with transport_client(max_response_bytes=1000) as http:
+        response = await http.get(url, extensions={MAX_RESPONSE_BYTES: 10_000})
+        assert len(response.content) == len(body)
+        with pytest.raises(ResponseTooLarge, match="this call's cap is 2000 bytes"):
+            await http.get(url, extensions={MAX_RESPONSE_BYTES: 2000})
 
 
 async def test_a_small_gzipped_answer_that_decodes_past_the_cap_fails(raw_server) -> None:
