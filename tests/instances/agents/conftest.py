@@ -5,8 +5,7 @@ from typing import Any
 
 import httpx
 
-from instances.clients.agents import AgentCall, AgentReply, agent_for
-from instances.clients.agents.base import AgentCheck
+from instances.clients.agents import AgentCall, AgentCheck, AgentReply, agent_for
 from tests.webhooks.conftest import client_answering, unsaved_instance
 from webhooks.parsing import parse_message, strip_secrets
 

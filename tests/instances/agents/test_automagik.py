@@ -7,9 +7,8 @@ from typing import Any
 import httpx
 import pytest
 
-from instances.clients.agents import AgentReply, session_name
+from instances.clients.agents import AgentCheck, AgentReply, session_name
 from instances.clients.agents.automagik.transport import Automagik, build_agent_request
-from instances.clients.agents.base import AgentCheck
 from instances.clients.http import OutboundError
 from tests.conftest import FIXTURES
 from tests.instances.agents.conftest import check

@@ -6,8 +6,7 @@ from typing import Any
 import httpx
 import pytest
 
-from instances.clients.agents import Exchange
-from instances.clients.agents.base import AgentCheck
+from instances.clients.agents import AgentCheck, Exchange
 from instances.clients.http import OutboundError
 from tests.instances.agents.conftest import ask, call_for, check
 from tests.webhooks.conftest import message_body
