@@ -148,7 +148,10 @@ class HttpAgent:
         except ResponseTooLarge as exc:
             # It answers; the hub only refuses to read that much.
             reason = self.scrub(str(exc))
-            message = f"The agent server at {url} answers, but more than the hub reads ({reason})."
+            message = (
+                f"The agent server at {url} answers, but more than the hub reads ({reason}): "
+                "its answer is not checked."
+            )
             return AgentCheck(True, "reachable", message)
         except httpx.TransportError as exc:
             reason = self.scrub(transport_reason(exc))

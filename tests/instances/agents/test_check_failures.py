@@ -6,6 +6,7 @@ from typing import Any
 import httpx
 import pytest
 
+from instances.clients.http import ResponseTooLarge
 from tests.instances.agents.conftest import check
 
 pytestmark = pytest.mark.asyncio
@@ -49,4 +50,18 @@ async def test_an_unreachable_server_fails_the_check_without_the_key(
     assert (result.ok, result.outcome) == (False, "failed")
     assert (
         result.message == f"Could not reach the agent server at {url}: proxy refused key [hidden]"
+    )
+
+
+@pytest.mark.parametrize(("kind", "url"), CALLED)
+async def test_an_answer_too_large_to_read_still_means_the_server_is_there(
+    kind: dict[str, Any], url: str
+) -> None:
+    # OpenRouter's model list, say, against OUTBOUND_MAX_RESPONSE_BYTES.
+    result, _ = await check(ResponseTooLarge("the answer declares 5000000 bytes"), **kind)
+
+    assert (result.ok, result.outcome) == (True, "reachable")
+    assert result.message == (
+        f"The agent server at {url} answers, but more than the hub reads (the answer "
+        "declares 5000000 bytes): its answer is not checked."
     )
