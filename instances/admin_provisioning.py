@@ -138,7 +138,8 @@ class ProvisioningAdminMixin(admin.ModelAdmin):
 
     @method_decorator(require_GET)
     def test_connections_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
-        # Read-only calls (connection state, the agent's /health): a GET may run them.
+        # Read-only calls (connection state, the agent's /health or /models; a webhook
+        # agent is not called): a GET may run them.
         try:
             obj = self._instance(request, object_id, provision=False)
         except InstanceConfig.DoesNotExist:

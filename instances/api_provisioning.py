@@ -27,14 +27,18 @@ class StepSerializer(serializers.Serializer):
     ok = serializers.BooleanField()
     outcome = serializers.CharField(
         help_text="created, exists, set, unchanged, reachable, open, connecting, close, "
-        "bad_key, claimed (the webhook delivers to another tenant: see `force`), failed "
-        "or not_configured."
+        "bad_key, claimed (the webhook delivers to another tenant: see `force`), failed, "
+        "not_configured, no_model (an openai server without the instance's model) or "
+        "not_checked (a webhook agent: a test does not call it)."
     )
     message = serializers.CharField()
 
 
 class ConnectionTestSerializer(serializers.Serializer):
-    ok = serializers.BooleanField(help_text="Both Evolution and the agent server answer.")
+    ok = serializers.BooleanField(
+        help_text="No step failed: Evolution and the agent server answer (a webhook agent "
+        "is not called)."
+    )
     detail = serializers.CharField()
     state = serializers.CharField(
         allow_null=True, help_text="The WhatsApp session's state, when Evolution answered."
@@ -205,7 +209,10 @@ class ProvisioningActions:
             404: FAILURES[404],
         },
         description="Check that Evolution (connection state of the instance) and the agent "
-        "server (GET /health with the agent key; the agent is not run) answer.",
+        "server answer, without running the agent: automagik GET {agent_api_url}/health with "
+        "the key; openai GET {agent_api_url}/models with the Bearer key, and the model "
+        "(default_agent) must be listed; webhook is not called (its workflow would run): "
+        "the step says `not_checked`.",
     )
     @action(detail=True, methods=["post"], url_path="test")
     def connection_test(self, request: Request, **kwargs: Any) -> Response:

@@ -17,14 +17,14 @@ from django.conf import settings
 from django.core.exceptions import ObjectDoesNotExist
 from django.db.models import OuterRef, QuerySet, Subquery
 
+from instances.clients.agents import agent_for
 from instances.clients.evolution import (
     CREATE_TIMEOUT,
     PROVISION_TIMEOUT,
     EvolutionClient,
     EvolutionTarget,
-    transport_reason,
 )
-from instances.clients.http import OutboundError, new_http_client
+from instances.clients.http import OutboundError, new_http_client, scrub_secrets
 from instances.models import SECRET_FIELDS, TOKEN_HEADER, InstanceConfig
 from instances.validators import EVENT_SLUGS
 
@@ -71,7 +71,13 @@ class ConnectionReport:
     @property
     def detail(self) -> str:
         failed = [step.message for step in self.steps if not step.ok]
-        return " ".join(failed) if failed else "Evolution and the agent server both answer."
+        if failed:
+            return " ".join(failed)
+        # A webhook agent is not called by a test: say so rather than "answers".
+        unchecked = [step.message for step in self.steps if step.outcome == "not_checked"]
+        if unchecked:
+            return " ".join(["Evolution answers.", *unchecked])
+        return "Evolution and the agent server both answer."
 
 
 @dataclass(frozen=True)
@@ -157,12 +163,7 @@ def webhook_matches(stored: dict[str, Any] | None, desired: dict[str, Any]) -> b
 
 def scrub(text: str, instance: InstanceConfig) -> str:
     """Upstream text may echo what we sent; no secret of the instance leaves through it."""
-    for field in SECRET_FIELDS:
-        secret = getattr(instance, field)
-        # A secret of a few characters would turn every message into [hidden] soup.
-        if len(secret) >= 8:
-            text = text.replace(secret, "[hidden]")
-    return text
+    return scrub_secrets(text, (getattr(instance, field) for field in SECRET_FIELDS))
 
 
 def _evolution(instance: InstanceConfig, http: httpx.AsyncClient) -> EvolutionClient:
@@ -252,33 +253,9 @@ async def _check_evolution(instance: InstanceConfig, http: httpx.AsyncClient) ->
 
 
 async def _check_agent(instance: InstanceConfig, http: httpx.AsyncClient) -> Step:
-    # A GET on /health, never the run URL: that would run the agent.
-    url = f"{instance.agent_api_url.rstrip('/')}/health"
-    try:
-        response = await http.get(
-            url, headers={"x-api-key": instance.agent_api_key}, timeout=TIMEOUT
-        )
-    except httpx.TimeoutException:
-        message = f"The agent server at {url} did not answer within {TIMEOUT:g} s."
-        return Step("Agent server", False, "failed", message)
-    except httpx.TransportError as exc:
-        reason = scrub(transport_reason(exc), instance)
-        message = f"Could not reach the agent server at {url}: {reason}"
-        return Step("Agent server", False, "failed", message)
-    if response.status_code in (401, 403):
-        return Step(
-            "Agent server",
-            False,
-            "bad_key",
-            f"The agent server at {url} answered {response.status_code}: it refuses the "
-            "instance's agent API key.",
-        )
-    return Step(
-        "Agent server",
-        True,
-        "reachable",
-        f"The agent server at {url} answers (HTTP {response.status_code}).",
-    )
+    # Each kind checks in its own way, never by running a conversation.
+    check = await agent_for(instance=instance, http=http).check(timeout=TIMEOUT)
+    return Step("Agent server", check.ok, check.outcome, check.message)
 
 
 def test_connections(*, instance: InstanceConfig) -> ConnectionReport:

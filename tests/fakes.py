@@ -520,13 +520,37 @@ class FakeAgent(FakeServer):
 
 class FakeOpenAI(FakeServer):
     """An OpenAI-compatible server: POST /v1/chat/completions answers
-    "<prefix> <n>: <last user message>"; `completions` are the `messages` it got."""
+    "<prefix> <n>: <last user message>"; `completions` are the `messages` it got.
+    GET /v1/models lists `models` as OpenAI does ({"object": "list", "data": [...]});
+    with `api_key` set, both refuse another Bearer key with OpenAI's 401."""
 
-    def __init__(self, *, prefix: str = "llm", port: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        prefix: str = "llm",
+        models: tuple[str, ...] = ("gpt-4o-mini",),
+        api_key: str | None = None,
+        port: int = 0,
+    ) -> None:
         self.prefix = prefix
+        self.models = list(models)
+        self.api_key = api_key
         super().__init__(self._answer, port=port)
 
     def _answer(self, record: Recorded) -> Answer:
+        if self.api_key is not None and record.headers.get("authorization") != (
+            f"Bearer {self.api_key}"
+        ):
+            message = "Incorrect API key provided. You can find your API key at platform."
+            return 401, {"error": {"message": message, "type": "invalid_request_error"}}
+        if record.method == "GET" and record.path.endswith("/models"):
+            return 200, {
+                "object": "list",
+                "data": [
+                    {"id": model, "object": "model", "created": 1715367049, "owned_by": "system"}
+                    for model in self.models
+                ],
+            }
         if not record.path.endswith("/chat/completions"):
             return 404, {"error": {"message": f"no route {record.path}"}}
         messages = (record.body or {}).get("messages") or [{"content": ""}]

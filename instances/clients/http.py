@@ -8,6 +8,7 @@ import html
 import json
 import re
 import unicodedata
+from collections.abc import Iterable
 from typing import Any
 
 import httpx
@@ -27,6 +28,7 @@ __all__ = [
     "ResponseTooLarge",
     "describe_body",
     "new_http_client",
+    "scrub_secrets",
 ]
 
 USER_AGENT = "omnihub/0.1"
@@ -46,6 +48,15 @@ def new_http_client(*, max_connections: int = 200) -> httpx.AsyncClient:
         headers={"user-agent": USER_AGENT},
         follow_redirects=False,
     )
+
+
+def scrub_secrets(text: str, secrets: Iterable[str]) -> str:
+    """Upstream text may echo what we sent: each secret becomes [hidden]."""
+    for secret in secrets:
+        # A secret of a few characters would turn every message into [hidden] soup.
+        if len(secret) >= 8:
+            text = text.replace(secret, "[hidden]")
+    return text
 
 
 class OutboundError(Exception):

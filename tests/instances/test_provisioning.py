@@ -10,7 +10,7 @@ from django.conf import settings
 from instances import provisioning
 from instances.models import InstanceConfig
 from tests.conftest import EVOLUTION_FIXTURES, load_fixture
-from tests.fakes import PAIRING_CODE, QR_DATA_URL, Recorded
+from tests.fakes import PAIRING_CODE, QR_DATA_URL, FakeOpenAI, Recorded
 from tests.instances.conftest import SECRETS, closed_port_url
 from webhooks.ingest import record_delivery
 from webhooks.models import InboundMessage
@@ -398,6 +398,60 @@ def test_any_other_agent_answer_means_reachable(acme, evolution, agent):
 
     assert report.steps[1].ok
     assert "(HTTP 404)" in report.steps[1].message
+
+
+def test_the_connection_test_asks_an_openai_server_for_its_models(make_instance, evolution):
+    llm = FakeOpenAI(models=("gpt-4o-mini",), api_key=SECRETS["agent_api_key"]).start()
+    try:
+        instance = make_instance(
+            evolution_url=evolution.url,
+            agent_kind="openai",
+            agent_api_url=f"{llm.url}/v1",
+            default_agent="gpt-4o-mini",
+            **SECRETS,
+        )
+        provisioning.provision(instance=instance)
+
+        report = provisioning.test_connections(instance=instance)
+    finally:
+        llm.stop()
+
+    assert report.ok, report.detail
+    assert outcomes(report) == [
+        ("Evolution API", True, "close"),
+        ("Agent server", True, "reachable"),
+    ]
+    assert report.steps[1].message == (
+        f'The agent server at {llm.url}/v1/models answers and lists the model "gpt-4o-mini".'
+    )
+    [listing] = llm.requests
+    assert (listing.method, listing.path) == ("GET", "/v1/models")
+    assert listing.headers["authorization"] == f"Bearer {SECRETS['agent_api_key']}"
+    assert_no_secret(" ".join(step.message for step in report.steps))
+
+
+def test_a_webhook_agent_is_not_called_by_the_connection_test(make_instance, evolution, agent):
+    instance = make_instance(
+        evolution_url=evolution.url,
+        agent_kind="webhook",
+        agent_api_url=f"{agent.url}/webhook/whatsapp",
+        **SECRETS,
+    )
+    provisioning.provision(instance=instance)
+
+    report = provisioning.test_connections(instance=instance)
+
+    assert agent.requests == []
+    assert report.ok
+    assert outcomes(report) == [
+        ("Evolution API", True, "close"),
+        ("Agent server", True, "not_checked"),
+    ]
+    assert report.steps[1].label == "Not checked"
+    # The summary does not claim the workflow answers.
+    assert report.detail.startswith(
+        "Evolution answers. A webhook agent cannot be checked without sending it a message"
+    )
 
 
 def test_unreachable_servers_fail_the_test_with_their_reasons(make_instance):

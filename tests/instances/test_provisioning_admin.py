@@ -57,6 +57,24 @@ def test_the_connection_test_page_shows_each_step(admin_client: Client, acme, ag
     assert_no_secret(html)
 
 
+def test_the_connection_test_page_says_a_webhook_agent_is_not_called(
+    admin_client: Client, make_instance, evolution, agent
+):
+    flow = make_instance(
+        evolution_url=evolution.url,
+        agent_kind="webhook",
+        agent_api_url=f"{agent.url}/webhook/whatsapp",
+        **SECRETS,
+    )
+
+    html = text(admin_client.get(page(flow, "test-connections/")))
+
+    assert agent.requests == []
+    assert "Not checked" in html
+    assert "A webhook agent cannot be checked without sending it a message" in html
+    assert_no_secret(html)
+
+
 def test_the_provision_page_asks_first_and_calls_nothing(admin_client: Client, acme, evolution):
     response = admin_client.get(page(acme, "provision/"))
 

@@ -5,7 +5,7 @@ from django.conf import settings
 from django.test import Client
 
 from tests.conftest import load_fixture
-from tests.fakes import PAIRING_CODE, QR_DATA_URL
+from tests.fakes import PAIRING_CODE, QR_DATA_URL, FakeOpenAI
 from tests.instances.conftest import SECRETS, break_evolution_cases
 from webhooks.ingest import record_delivery
 from webhooks.models import ConnectionState, InboundMessage
@@ -163,6 +163,47 @@ def test_the_connection_test_answers_200_either_way(api, acme, evolution, agent)
     ]
     assert "LICENSE_REQUIRED" in body["detail"]
     assert all(r.path == "/health" for r in agent.requests)
+
+
+@pytest.fixture
+def llm():
+    server = FakeOpenAI(models=("llama3.2:latest", "qwen3:8b")).start()
+    yield server
+    server.stop()
+
+
+def test_the_connection_test_of_an_openai_instance_reports_its_model_check(
+    api, make_instance, evolution, llm
+):
+    make_instance(
+        evolution_url=evolution.url,
+        agent_kind="openai",
+        agent_api_url=f"{llm.url}/v1",
+        agent_api_key="",
+        default_agent="llama3.2",
+        **{k: v for k, v in SECRETS.items() if k != "agent_api_key"},
+    )
+    call(api, "post", "provision")
+
+    listed = call(api, "post", "test").json()
+    llm.models = ["qwen3:8b"]
+    missing = call(api, "post", "test").json()
+
+    assert listed["ok"] is True
+    assert listed["steps"][1] == {
+        "name": "Agent server",
+        "ok": True,
+        "outcome": "reachable",
+        "message": f"The agent server at {llm.url}/v1/models answers and lists the model "
+        '"llama3.2".',
+    }
+    assert missing["ok"] is False
+    assert missing["steps"][1]["outcome"] == "no_model"
+    assert 'does not have the model "llama3.2"' in missing["detail"]
+    assert 'it lists "qwen3:8b"' in missing["detail"]
+    # The models list only, and no key header for a keyless (local) server.
+    assert [(r.method, r.path) for r in llm.requests] == [("GET", "/v1/models")] * 2
+    assert all("authorization" not in r.headers for r in llm.requests)
 
 
 @pytest.mark.parametrize(("method", "endpoint"), ENDPOINTS)

@@ -6,6 +6,9 @@ The worker (webhooks/processing.py) does
     request = agent.build(call=AgentCall(...))   # with history when agent.history_limit
     reply = await agent.run(request=request)     # AgentReply, or raises OutboundError
 
+and Test connections (instances/provisioning.py) `await agent.check(timeout=...)`,
+an AgentCheck (ok, outcome, message) got without running a conversation.
+
 A kind is a package instances/clients/agents/<kind>/ whose transport.py subclasses
 HttpAgent (where the request goes, its headers and body, how the answer
 reads); the failure rules are HttpAgent.run's, the same for all. Adding a kind:
@@ -18,6 +21,7 @@ import httpx
 from instances.clients.agents.automagik.transport import Automagik
 from instances.clients.agents.base import (
     AgentCall,
+    AgentCheck,
     AgentReply,
     Exchange,
     HttpAgent,
@@ -27,7 +31,16 @@ from instances.clients.agents.openai.transport import OpenAI
 from instances.clients.agents.webhook.transport import Webhook
 from instances.models import InstanceConfig
 
-__all__ = ["KINDS", "AgentCall", "AgentReply", "Exchange", "HttpAgent", "agent_for", "session_name"]
+__all__ = [
+    "KINDS",
+    "AgentCall",
+    "AgentCheck",
+    "AgentReply",
+    "Exchange",
+    "HttpAgent",
+    "agent_for",
+    "session_name",
+]
 
 KINDS: dict[str, type[HttpAgent]] = {kind.kind: kind for kind in (Automagik, OpenAI, Webhook)}
 

@@ -12,11 +12,19 @@ from typing import Any, ClassVar
 
 import httpx
 
-from instances.clients.http import OutboundError, OutboundRefused, describe_body
-from instances.models import InstanceConfig
+from instances.clients.evolution import transport_reason
+from instances.clients.http import (
+    OutboundError,
+    OutboundRefused,
+    ResponseTooLarge,
+    describe_body,
+    scrub_secrets,
+)
+from instances.models import SECRET_FIELDS, InstanceConfig
 
 RETRYABLE_STATUSES = frozenset({502, 503, 504})
 SILENT_PREFIX = "AUTOMAGIK:"
+KEY_REFUSED = (401, 403)
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,16 @@ class AgentReply:
     def should_send(self) -> bool:
         # Agents answer "AUTOMAGIK:..." for actions that must not reach the user.
         return bool(self.text.strip()) and not self.text.startswith(SILENT_PREFIX)
+
+
+@dataclass(frozen=True)
+class AgentCheck:
+    """What "Test connections" found, without running the agent: `outcome` is
+    reachable, bad_key, failed, no_model, not_checked..."""
+
+    ok: bool
+    outcome: str
+    message: str
 
 
 @dataclass(frozen=True)
@@ -109,6 +127,45 @@ class HttpAgent:
             raise OutboundError(
                 f"agent answered non-JSON: {describe_body(response)}", retryable=False
             ) from exc
+
+    async def check(self, *, timeout: float) -> AgentCheck:
+        """Whether the agent answers with this instance's URL and key, without
+        running a conversation (each kind says how; see its transport.py)."""
+        raise NotImplementedError
+
+    def scrub(self, text: str) -> str:
+        """Upstream text may echo what we sent; no secret of the instance leaves through it."""
+        return scrub_secrets(text, (getattr(self.instance, name) for name in SECRET_FIELDS))
+
+    async def probe(self, url: str, *, timeout: float) -> httpx.Response | AgentCheck:
+        """GET `url` with the kind's headers: the answer, or the failed check in
+        words (no answer in time, unreachable, the key refused)."""
+        try:
+            response = await self.http.get(url, headers=self.headers(), timeout=timeout)
+        except httpx.TimeoutException:
+            message = f"The agent server at {url} did not answer within {timeout:g} s."
+            return AgentCheck(False, "failed", message)
+        except ResponseTooLarge as exc:
+            # It answers; the hub only refuses to read that much.
+            reason = self.scrub(str(exc))
+            message = (
+                f"The agent server at {url} answers, but more than the hub reads ({reason}): "
+                "its answer is not checked."
+            )
+            return AgentCheck(True, "reachable", message)
+        except httpx.TransportError as exc:
+            reason = self.scrub(transport_reason(exc))
+            return AgentCheck(
+                False, "failed", f"Could not reach the agent server at {url}: {reason}"
+            )
+        if response.status_code in KEY_REFUSED:
+            return AgentCheck(
+                False,
+                "bad_key",
+                f"The agent server at {url} answered {response.status_code}: it refuses the "
+                "instance's agent API key.",
+            )
+        return response
 
     async def run(self, *, request: dict[str, Any]) -> AgentReply:
         try:

@@ -5,7 +5,7 @@ from typing import Any
 
 import httpx
 
-from instances.clients.agents import AgentCall, AgentReply, agent_for
+from instances.clients.agents import AgentCall, AgentCheck, AgentReply, agent_for
 from tests.webhooks.conftest import client_answering, unsaved_instance
 from webhooks.parsing import parse_message, strip_secrets
 
@@ -27,3 +27,12 @@ async def ask(
         agent = agent_for(instance=unsaved_instance(**instance_fields), http=http)
         reply = await agent.run(request=agent.build(call=call))
     return reply, requests
+
+
+async def check(answer: Any, **instance_fields: Any) -> tuple[AgentCheck, list[httpx.Request]]:
+    """Test connections for an instance of that kind, the server answering `answer`."""
+    requests: list[httpx.Request] = []
+    async with client_answering(answer, requests) as http:
+        agent = agent_for(instance=unsaved_instance(**instance_fields), http=http)
+        result = await agent.check(timeout=2.0)
+    return result, requests

@@ -7,10 +7,11 @@ from typing import Any
 import httpx
 import pytest
 
-from instances.clients.agents import AgentReply, session_name
+from instances.clients.agents import AgentCheck, AgentReply, session_name
 from instances.clients.agents.automagik.transport import Automagik, build_agent_request
 from instances.clients.http import OutboundError
 from tests.conftest import FIXTURES
+from tests.instances.agents.conftest import check
 from tests.webhooks.conftest import client_answering, message_body, unsaved_instance
 from webhooks.parsing import parse_message, strip_secrets
 
@@ -303,3 +304,26 @@ async def test_an_error_message_does_not_carry_the_agent_key() -> None:
 )
 def test_a_reply_is_sent_unless_it_is_blank_or_silent(text: str, should_send: bool) -> None:
     assert AgentReply(text=text, body={}).should_send is should_send
+
+
+# --- Test connections ---
+
+
+@pytest.mark.asyncio
+async def test_an_automagik_check_gets_the_health_route_with_the_key() -> None:
+    result, [request] = await check((200, {"status": "healthy"}))
+
+    # A GET on /health, never the run URL: a test does not run the agent.
+    assert (request.method, str(request.url)) == ("GET", "http://agent.acme.test/health")
+    assert request.headers["x-api-key"] == "acme-agent-key"
+    assert result == AgentCheck(
+        True, "reachable", "The agent server at http://agent.acme.test/health answers (HTTP 200)."
+    )
+
+
+@pytest.mark.asyncio
+async def test_an_automagik_check_counts_any_answer_but_a_refused_key_as_reachable() -> None:
+    result, _ = await check((404, {"detail": "Not Found"}))
+
+    assert (result.ok, result.outcome) == (True, "reachable")
+    assert "(HTTP 404)" in result.message

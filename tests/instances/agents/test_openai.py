@@ -6,9 +6,9 @@ from typing import Any
 import httpx
 import pytest
 
-from instances.clients.agents import Exchange
+from instances.clients.agents import AgentCheck, Exchange
 from instances.clients.http import OutboundError
-from tests.instances.agents.conftest import ask, call_for
+from tests.instances.agents.conftest import ask, call_for, check
 from tests.webhooks.conftest import message_body
 
 pytestmark = pytest.mark.asyncio
@@ -147,3 +147,82 @@ async def test_a_connection_error_is_retryable_and_a_read_timeout_is_not() -> No
 
     assert refused.value.retryable is True
     assert slow.value.retryable is False
+
+
+# --- Test connections: GET {base}/models, and the model must be listed ---
+
+
+def models(*ids: str) -> tuple[int, dict[str, Any]]:
+    return 200, {"object": "list", "data": [{"id": i, "object": "model"} for i in ids]}
+
+
+async def test_an_openai_check_lists_the_models_with_the_bearer_key() -> None:
+    result, [request] = await check(
+        models("gpt-4o", "gpt-4o-mini"), **OPENAI, default_agent="gpt-4o-mini"
+    )
+
+    # Listing the models costs nothing and runs no completion.
+    assert (request.method, str(request.url)) == ("GET", "http://llm.acme.test/v1/models")
+    assert request.headers["authorization"] == "Bearer acme-agent-key"
+    assert result == AgentCheck(
+        True,
+        "reachable",
+        "The agent server at http://llm.acme.test/v1/models answers and lists the model "
+        '"gpt-4o-mini".',
+    )
+
+
+async def test_an_openai_check_sends_no_authorization_header_when_the_key_is_blank() -> None:
+    _, [request] = await check(models("acme_agent"), **OPENAI, agent_api_key="")
+
+    assert "authorization" not in request.headers
+
+
+async def test_a_model_the_server_does_not_list_fails_the_check_and_names_those_it_has() -> None:
+    result, _ = await check(models("llama3.2:latest", "qwen3:8b"), **OPENAI, default_agent="llama3")
+
+    assert (result.ok, result.outcome) == (False, "no_model")
+    assert 'does not have the model "llama3"' in result.message
+    assert 'it lists "llama3.2:latest", "qwen3:8b"' in result.message
+
+
+async def test_a_server_listing_no_models_fails_the_check() -> None:
+    result, _ = await check(models(), **OPENAI)
+
+    assert (result.ok, result.outcome) == (False, "no_model")
+    assert "it lists none" in result.message
+
+
+async def test_a_model_without_a_tag_is_ollamas_latest() -> None:
+    result, _ = await check(models("llama3.2:latest"), **OPENAI, default_agent="llama3.2")
+
+    assert (result.ok, result.outcome) == (True, "reachable")
+
+
+async def test_a_long_model_list_is_cut_in_the_message() -> None:
+    result, _ = await check(models(*(f"m{i}" for i in range(25))), **OPENAI)
+
+    assert '"m9" and 15 more' in result.message
+    assert '"m10"' not in result.message
+
+
+async def test_a_404_on_models_says_the_url_must_be_the_api_base() -> None:
+    result, _ = await check((404, {"error": "not found"}), **OPENAI)
+
+    assert (result.ok, result.outcome) == (False, "failed")
+    assert "answered 404" in result.message
+    assert "must be the API base, e.g. https://api.openai.com/v1" in result.message
+
+
+async def test_a_server_error_on_models_fails_the_check_with_its_message() -> None:
+    result, _ = await check((500, {"error": {"message": "model loader crashed"}}), **OPENAI)
+
+    assert (result.ok, result.outcome) == (False, "failed")
+    assert "answered 500: model loader crashed" in result.message
+
+
+async def test_an_answer_without_a_model_list_passes_but_says_the_model_is_unchecked() -> None:
+    result, _ = await check(httpx.Response(200, text="<html>ok</html>"), **OPENAI)
+
+    assert (result.ok, result.outcome) == (True, "reachable")
+    assert 'not with a model list: the model "acme_agent" is not checked' in result.message

@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from instances.clients.http import OutboundError
-from tests.instances.agents.conftest import ask, call_for
+from tests.instances.agents.conftest import ask, call_for, check
 from tests.webhooks.conftest import PHONE, message_body
 
 pytestmark = pytest.mark.asyncio
@@ -124,3 +124,19 @@ async def test_a_connection_error_is_retryable_and_a_read_timeout_is_not() -> No
 
     assert refused.value.retryable is True
     assert slow.value.retryable is False
+
+
+# --- Test connections ---
+
+
+async def test_a_webhook_check_calls_nothing_and_says_a_message_is_the_test() -> None:
+    result, requests = await check(AssertionError("the workflow must not be called"), **WEBHOOK)
+
+    # Any request would run the workflow: a test is not a conversation.
+    assert requests == []
+    assert (result.ok, result.outcome) == (True, "not_checked")
+    assert result.message.startswith(
+        "A webhook agent cannot be checked without sending it a message"
+    )
+    assert "http://n8n.acme.test/webhook/abc?x=1" in result.message
+    assert "Send a WhatsApp message" in result.message

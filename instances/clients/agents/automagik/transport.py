@@ -2,13 +2,13 @@
 
 POST {agent_api_url}/api/v1/agent/{default_agent}/run with header x-api-key;
 the reply is `message`. The agent server keeps the conversation's memory
-under `session_name`.
+under `session_name`. Test connections: GET {agent_api_url}/health with the key.
 """
 
 from typing import Any
 from urllib.parse import quote
 
-from instances.clients.agents.base import AgentCall, AgentReply, HttpAgent, user_text
+from instances.clients.agents.base import AgentCall, AgentCheck, AgentReply, HttpAgent, user_text
 
 AGENT_MESSAGE_TYPES = frozenset({"text", "image", "audio", "video", "document"})
 MESSAGE_LIMIT = 100
@@ -94,3 +94,14 @@ class Automagik(HttpAgent):
 
     def read(self, *, body: Any) -> AgentReply:
         return AgentReply(text=reply_text(body), body=body if isinstance(body, dict) else {})
+
+    async def check(self, *, timeout: float) -> AgentCheck:
+        # A GET on /health, never the run URL: that would run the agent. Any
+        # answer but 401/403 means the server is there.
+        url = f"{self.instance.agent_api_url.rstrip('/')}/health"
+        answer = await self.probe(url, timeout=timeout)
+        if isinstance(answer, AgentCheck):
+            return answer
+        return AgentCheck(
+            True, "reachable", f"The agent server at {url} answers (HTTP {answer.status_code})."
+        )

@@ -6,18 +6,28 @@ POST {agent_api_url}/chat/completions, `Authorization: Bearer {agent_api_key}`
 choices[0].message.content. Such servers keep no memory: the hub sends the
 session's last `history_limit` messages with each request
 (webhooks/agent_history.py).
+
+Test connections: GET {agent_api_url}/models with the same Bearer header, and
+the model (default_agent) must be in its `data` list, as OpenAI, Ollama, vLLM,
+LiteLLM, OpenRouter and Groq list theirs: a model the server does not have
+would fail every message.
 """
 
 from typing import Any
 
 from instances.clients.agents.base import (
     AgentCall,
+    AgentCheck,
     AgentReply,
     Exchange,
     HttpAgent,
     bearer,
     user_text,
 )
+from instances.clients.http import describe_body
+
+# How many of the server's models a "not listed" message names.
+LISTED = 10
 
 
 def user_message(content: dict[str, Any]) -> str:
@@ -47,6 +57,27 @@ def reply_text(body: Any) -> str:
     return content if isinstance(content, str) else ""
 
 
+def model_ids(body: Any) -> list[str] | None:
+    """The ids in a GET /models answer ({"data": [{"id": ...}, ...]}), None when
+    the answer is not such a list."""
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, list):
+        return None
+    return [
+        item["id"] for item in data if isinstance(item, dict) and isinstance(item.get("id"), str)
+    ]
+
+
+def lists_model(ids: list[str], model: str) -> bool:
+    # Ollama lists "llama3.2:latest" and answers to "llama3.2".
+    return model in ids or (":" not in model and f"{model}:latest" in ids)
+
+
+def named(ids: list[str]) -> str:
+    shown = ", ".join(f'"{i}"' for i in ids[:LISTED])
+    return shown + (f" and {len(ids) - LISTED} more" if len(ids) > LISTED else "")
+
+
 class OpenAI(HttpAgent):
     kind = "openai"
 
@@ -70,3 +101,44 @@ class OpenAI(HttpAgent):
 
     def read(self, *, body: Any) -> AgentReply:
         return AgentReply(text=reply_text(body), body=body if isinstance(body, dict) else {})
+
+    async def check(self, *, timeout: float) -> AgentCheck:
+        url = f"{self.instance.agent_api_url.rstrip('/')}/models"
+        answer = await self.probe(url, timeout=timeout)
+        if isinstance(answer, AgentCheck):
+            return answer
+        model = self.instance.default_agent
+        status = answer.status_code
+        if status >= 300:
+            message = f"The agent server at {url} answered {status}: {describe_body(answer)}."
+            if status == 404:
+                message += (
+                    " The agent API URL must be the API base, e.g. https://api.openai.com/v1 "
+                    "or http://127.0.0.1:11434/v1 for Ollama."
+                )
+            return AgentCheck(False, "failed", self.scrub(message))
+        try:
+            ids = model_ids(answer.json())
+        except ValueError:
+            ids = None
+        if ids is None:
+            return AgentCheck(
+                True,
+                "reachable",
+                f"The agent server at {url} answers (HTTP {status}), but not with a model "
+                f'list: the model "{model}" is not checked.',
+            )
+        if not lists_model(ids, model):
+            lists = f"it lists {named(ids)}" if ids else "it lists none"
+            return AgentCheck(
+                False,
+                "no_model",
+                self.scrub(
+                    f'The agent server at {url} answers, but does not have the model "{model}" '
+                    f"(the instance's default agent); {lists}. Every message would fail: set "
+                    "one it lists, or install it (Ollama: ollama pull)."
+                ),
+            )
+        return AgentCheck(
+            True, "reachable", f'The agent server at {url} answers and lists the model "{model}".'
+        )

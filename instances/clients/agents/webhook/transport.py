@@ -8,15 +8,31 @@ several messages, joined with blank lines into one reply that the worker cuts
 there again (webhooks/processing.py parts_of); empty, `null` or no such key
 sends nothing.
 The workflow keeps its own memory, under `session_id` if it wants one.
+
+Test connections does not call it: a workflow runs on every request its URL
+gets (an n8n or Make webhook trigger starts it whatever the body), so a test
+would be a conversation. The step says so; a WhatsApp message is the test.
 """
 
 from typing import Any
 
 import httpx
 
-from instances.clients.agents.base import AgentCall, AgentReply, HttpAgent, bearer, user_text
+from instances.clients.agents.base import (
+    AgentCall,
+    AgentCheck,
+    AgentReply,
+    HttpAgent,
+    bearer,
+    user_text,
+)
 
 REPLY_KEYS = ("reply", "output", "text", "message", "answer")
+NOT_CHECKED = (
+    "A webhook agent cannot be checked without sending it a message (its workflow runs on "
+    "every request), so the test does not call {url}. Send a WhatsApp message to the number: "
+    "its row in the message log shows the workflow's answer or its error."
+)
 
 
 def text_of(item: Any) -> str:
@@ -81,3 +97,8 @@ class Webhook(HttpAgent):
 
     def read(self, *, body: Any) -> AgentReply:
         return AgentReply(text=reply_text(body), body=body)
+
+    async def check(self, *, timeout: float) -> AgentCheck:
+        # ok: nothing failed, and an instance with a webhook agent must be able
+        # to pass the test.
+        return AgentCheck(True, "not_checked", NOT_CHECKED.format(url=self.instance.agent_api_url))
