@@ -4,9 +4,11 @@ Each runs a real HTTP server in a background thread, records every request it
 gets, and answers from a small, changeable script.
 """
 
+import base64
 import contextlib
 import json
 import math
+import re
 import socket
 import sys
 import threading
@@ -250,6 +252,10 @@ class FakeEvolution(FakeServer):
         self.license_required = False
         self.keeps_messages = True
         self.drop_sends = 0
+        # getBase64FromMediaMessage: message id -> (bytes, mimetype, fileName);
+        # `media_failures = n`: the next n answer Evolution's intermittent 400.
+        self.media: dict[str, tuple[bytes, str, str]] = {}
+        self.media_failures = 0
         # Evolution's Message table: what it sent and received, as findMessages reads it.
         self.stored: list[dict[str, Any]] = []
         # Seconds a create with qrcode: true waits before answering (the real
@@ -282,6 +288,10 @@ class FakeEvolution(FakeServer):
             return self._find_messages(record)
         if "/chat/sendPresence/" in record.path:
             return 201, {}
+        if "/chat/getBase64FromMediaMessage/" in record.path:
+            return self._media_of(record)
+        if "/chat/markMessageAsRead/" in record.path:
+            return 201, {"message": "Read messages", "read": "success"}
         return 404, {"status": 404, "error": "Not Found", "response": {"message": ["nope"]}}
 
     def sent(self) -> list[Recorded]:
@@ -352,6 +362,28 @@ class FakeEvolution(FakeServer):
         if dropped:
             return 201, DROP
         return 201, {"key": key, "status": "PENDING"}
+
+    def _media_of(self, record: Recorded) -> Answer:
+        """getBase64FromMediaMessage as Evolution 2.3.7 answers it (201), or its 400s."""
+        body = record.body if isinstance(record.body, dict) else {}
+        message_id = str(((body.get("message") or {}).get("key") or {}).get("id", ""))
+        with self.lock:
+            failing = self.media_failures > 0
+            self.media_failures -= int(failing)
+            found = self.media.get(message_id)
+        if failing:
+            return _evolution_error(400, "Bad Request", "AggregateError")
+        if found is None:
+            return _evolution_error(400, "Bad Request", "Message not found")
+        data, mimetype, file_name = found
+        return 201, {
+            "mediaType": f"{mimetype.split('/')[0]}Message",
+            "fileName": file_name,
+            "size": {"fileLength": {"low": len(data), "high": 0, "unsigned": True}},
+            "mimetype": mimetype,
+            "base64": base64.b64encode(data).decode(),
+            "buffer": None,
+        }
 
     def _find_messages(self, record: Recorded) -> Answer:
         """Evolution 2.x's fetchMessages: key.id/fromMe/remoteJid equal (fromMe only when
@@ -534,6 +566,8 @@ class FakeOpenAI(FakeServer):
     ) -> None:
         self.prefix = prefix
         self.models = list(models)
+        # /audio/transcriptions: the next `stt_failures` answer 503 (-1: all of them).
+        self.stt_failures = 0
         self.api_key = api_key
         super().__init__(self._answer, port=port)
 
@@ -551,6 +585,8 @@ class FakeOpenAI(FakeServer):
                     for model in self.models
                 ],
             }
+        if record.path.endswith("/audio/transcriptions"):
+            return self._transcription(record)
         if not record.path.endswith("/chat/completions"):
             return 404, {"error": {"message": f"no route {record.path}"}}
         messages = (record.body or {}).get("messages") or [{"content": ""}]
@@ -567,6 +603,26 @@ class FakeOpenAI(FakeServer):
                 }
             ],
         }
+
+    def _transcription(self, record: Recorded) -> Answer:
+        """A whisper server: the transcript is the uploaded file's text after "speech:"
+        (tests upload b"speech: <what was said>")."""
+        with self.lock:
+            failing = self.stt_failures != 0
+            if self.stt_failures > 0:
+                self.stt_failures -= 1
+        if failing:
+            return 503, {"error": {"message": "The server is overloaded", "type": "server_error"}}
+        form = record.body if isinstance(record.body, str) else ""
+        model = re.search(r'name="model"\r\n\r\n([^\r]*)', form)
+        if model is None or 'name="file"' not in form:
+            return 400, {"error": {"message": "file and model are required"}}
+        said = re.search(r"speech: ([^\r]*)", form)
+        return 200, {"text": said.group(1) if said else ""}
+
+    @property
+    def transcriptions(self) -> list[Recorded]:
+        return self.received("/audio/transcriptions")
 
     @property
     def completions(self) -> list[list[dict[str, str]]]:
