@@ -8,7 +8,7 @@ from django.utils.html import format_html
 
 from instances.admin_provisioning import ProvisioningAdminMixin
 from instances.forms import InstanceConfigForm
-from instances.models import REPLY_FIELDS, InstanceConfig
+from instances.models import MEDIA_FIELDS, REPLY_FIELDS, InstanceConfig
 from instances.services import save_instance, set_default_instance
 
 NO_TOKEN_WARNING = "accepts unauthenticated deliveries"
@@ -67,6 +67,7 @@ class InstanceConfigAdmin(ProvisioningAdminMixin, admin.ModelAdmin):
             ),
             ("Behaviour", {"fields": ["fallback_message"]}),
             ("Replies", {"fields": list(REPLY_FIELDS)}),
+            ("Media and voice notes", {"fields": list(MEDIA_FIELDS)}),
             (
                 "Legacy mode (the single-tenant service's behaviour)",
                 {"fields": ["legacy_mode", "legacy_server_url"]},

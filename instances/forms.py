@@ -6,6 +6,7 @@ from django import forms
 
 from instances.models import (
     CONVERSATION_FIELDS,
+    MEDIA_FIELDS,
     REPLY_FIELDS,
     SECRET_FIELDS,
     InstanceConfig,
@@ -74,6 +75,7 @@ class InstanceConfigForm(forms.ModelForm):
             "fallback_message",
             "webhook_token",
             *REPLY_FIELDS,
+            *MEDIA_FIELDS,
             *CONVERSATION_FIELDS,
         ]
         field_classes = dict.fromkeys(SECRET_FIELDS, SecretField)

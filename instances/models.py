@@ -29,8 +29,9 @@ DEFAULT_FALLBACK_MESSAGE = (
 )
 MAX_AGENT_TIMEOUT = 600
 NO_NUL = ProhibitNullCharactersValidator()
-SECRET_FIELDS = ("evolution_key", "agent_api_key", "webhook_token")
+SECRET_FIELDS = ("evolution_key", "agent_api_key", "webhook_token", "stt_key")
 DEFAULT_RESET_REPLY = "Conversation restarted."
+DEFAULT_STT_FAILURE_MESSAGE = "Sorry, I could not understand this voice note. Could you write it?"
 MAX_DEBOUNCE_SECONDS = 300
 MAX_HANDOFF_MINUTES = 7 * 24 * 60
 # The per-instance conversation settings, in the order the admin, the API and
@@ -54,6 +55,17 @@ AGENT_KIND_FIELDS = ("agent_kind", "system_prompt", "history_limit")
 # How a reply is sent (webhooks/reply_parts.py), in the same order everywhere.
 REPLY_FIELDS = ("split_replies", "typing_ms_per_char", "send_media_links", "quote_replies")
 MAX_TYPING_MS_PER_CHAR = 1000
+# How media and voice notes reach the agent (webhooks/media_input.py).
+MEDIA_FIELDS = (
+    "media_max_bytes",
+    "stt_url",
+    "stt_key",
+    "stt_model",
+    "stt_failure_message",
+    "mark_read",
+)
+DEFAULT_MEDIA_MAX_BYTES = 10 * 1024 * 1024
+MAX_MEDIA_BYTES = 50 * 1024 * 1024
 MAX_HISTORY_LIMIT = 200
 
 
@@ -91,7 +103,11 @@ def normalized_url(url: str) -> str:
 
 
 # Each URL and the key the hub sends to it.
-KEY_OF_URL = {"evolution_url": "evolution_key", "agent_api_url": "agent_api_key"}
+KEY_OF_URL = {
+    "evolution_url": "evolution_key",
+    "agent_api_url": "agent_api_key",
+    "stt_url": "stt_key",
+}
 _TRACKED_SECRETS = frozenset(SECRET_FIELDS)
 
 
@@ -242,7 +258,7 @@ class InstanceConfig(models.Model):
     typing_ms_per_char = models.PositiveIntegerField(
         default=0,
         validators=[MaxValueValidator(MAX_TYPING_MS_PER_CHAR)],
-        help_text="Before each message, WhatsApp shows \"typing…\" for its length times "
+        help_text='Before each message, WhatsApp shows "typing…" for its length times '
         "this many milliseconds, clamped to 1 to 8 s. 0: off.",
     )
     send_media_links = models.BooleanField(
@@ -255,6 +271,48 @@ class InstanceConfig(models.Model):
         default=False,
         help_text="In one-to-one chats too, the reply quotes the message it answers "
         "(in groups it always does).",
+    )
+
+    # --- media and voice: what of a photo, a document or a voice note the agent gets ---
+    media_max_bytes = models.PositiveIntegerField(
+        default=DEFAULT_MEDIA_MAX_BYTES,
+        validators=[MaxValueValidator(MAX_MEDIA_BYTES)],
+        help_text="Media larger than this (bytes) reach the agent as a description (type, "
+        f"size, file name, caption) without the file. At most {MAX_MEDIA_BYTES}; 0: never "
+        "the file.",
+    )
+    stt_url = models.CharField(
+        "Speech-to-text URL",
+        max_length=500,
+        blank=True,
+        validators=[validate_http_url, NO_NUL],
+        help_text="An OpenAI-compatible base for voice notes (POST {url}/audio/transcriptions), "
+        "e.g. https://api.openai.com/v1, https://api.groq.com/openai/v1 or a local "
+        "faster-whisper server. Blank: voice notes are not transcribed.",
+    )
+    stt_key = EncryptedCharField(
+        "Speech-to-text key",
+        max_length=512,
+        blank=True,
+        validators=[validate_secret],
+        help_text="Sent as 'Authorization: Bearer …'; blank sends no header.",
+    )
+    stt_model = models.CharField(
+        "Speech-to-text model",
+        max_length=128,
+        default="whisper-1",
+        validators=[NO_NUL],
+        help_text="e.g. whisper-1 (OpenAI), whisper-large-v3 (Groq), or the local server's model.",
+    )
+    stt_failure_message = models.TextField(
+        default=DEFAULT_STT_FAILURE_MESSAGE,
+        blank=True,
+        validators=[NO_NUL],
+        help_text="Sent when a voice note cannot be transcribed. Blank sends nothing.",
+    )
+    mark_read = models.BooleanField(
+        default=False,
+        help_text="Mark a message read (blue ticks) when the agent starts working on it.",
     )
 
     # --- conversations: how the bot behaves in a chat ---

@@ -10,7 +10,13 @@ from rest_framework import serializers
 from rest_framework.settings import api_settings
 
 from instances import provisioning
-from instances.models import CONVERSATION_FIELDS, REPLY_FIELDS, SECRET_FIELDS, InstanceConfig
+from instances.models import (
+    CONVERSATION_FIELDS,
+    MEDIA_FIELDS,
+    REPLY_FIELDS,
+    SECRET_FIELDS,
+    InstanceConfig,
+)
 from instances.services import save_instance
 
 SECRET_HELP = "Write-only. Omit it on update to keep the stored value."
@@ -53,6 +59,7 @@ class InstanceConfigSerializer(serializers.ModelSerializer):
     has_evolution_key = IsSetField(source="evolution_key")
     has_webhook_token = IsSetField(source="webhook_token")
     has_agent_api_key = IsSetField(source="agent_api_key")
+    has_stt_key = IsSetField(source="stt_key")
     bot_ids = StringListField(
         required=False,
         help_text=InstanceConfig._meta.get_field("bot_ids").help_text,
@@ -99,6 +106,8 @@ class InstanceConfigSerializer(serializers.ModelSerializer):
             "session_id_prefix",
             "fallback_message",
             *REPLY_FIELDS,
+            *MEDIA_FIELDS,
+            "has_stt_key",
             *CONVERSATION_FIELDS,
             "connection_state",
             "connection_updated_at",
@@ -108,6 +117,7 @@ class InstanceConfigSerializer(serializers.ModelSerializer):
         extra_kwargs = {
             "evolution_key": {"write_only": True, "help_text": SECRET_HELP},
             "agent_api_key": {"write_only": True, "help_text": SECRET_HELP},
+            "stt_key": {"write_only": True, "help_text": SECRET_HELP},
             "webhook_token": {
                 "write_only": True,
                 "help_text": "Write-only. Omitted on create: a random token is generated; "

@@ -59,6 +59,12 @@ CONVERSATION_FORM_DEFAULTS = {
     # The Replies group at its defaults (split_replies and quote_replies unticked).
     "typing_ms_per_char": "0",
     "send_media_links": "on",
+    # The Media and voice notes group at its defaults (mark_read unticked).
+    "media_max_bytes": str(10 * 1024 * 1024),
+    "stt_url": "",
+    "stt_key": "",
+    "stt_model": "whisper-1",
+    "stt_failure_message": "Sorry, I could not understand this voice note. Could you write it?",
 }
 
 

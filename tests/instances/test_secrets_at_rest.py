@@ -25,17 +25,20 @@ SECRETS = {
     "evolution_key": "plain-evolution-key",
     "agent_api_key": "plain-agent-key",
     "webhook_token": "plain-webhook-token",
+    "stt_key": "plain-stt-key",
 }
+# The secrets migration 0006 encrypted (stt_key came later, encrypted from the start).
+SECRETS_AT_0006 = {k: v for k, v in SECRETS.items() if k != "stt_key"}
 TABLE = InstanceConfig._meta.db_table
 BEFORE = ("instances", "0005_permissions_and_token_rotation")
 AFTER = ("instances", "0006_secrets_encrypted_at_rest")
 
 
-def stored(name: str = "acme") -> dict[str, str]:
+def stored(name: str = "acme", fields: tuple[str, ...] = SECRET_FIELDS) -> dict[str, str]:
     """The secrets as the database holds them, not as the field reads them."""
     with connection.cursor() as cursor:
-        cursor.execute(f"SELECT {', '.join(SECRET_FIELDS)} FROM {TABLE} WHERE name = %s", [name])
-        return dict(zip(SECRET_FIELDS, cursor.fetchone(), strict=True))
+        cursor.execute(f"SELECT {', '.join(fields)} FROM {TABLE} WHERE name = %s", [name])
+        return dict(zip(fields, cursor.fetchone(), strict=True))
 
 
 def store_raw(name: str, **values: str) -> None:
@@ -122,7 +125,7 @@ def test_rotate_secrets_re_encrypts_every_secret_with_the_first_key(make_instanc
     with keys(NEW_KEY):
         instance = InstanceConfig.objects.get(name="acme")
 
-    assert "Re-encrypted 3 secret(s) of 1 instance(s)" in capsys.readouterr().out
+    assert "Re-encrypted 4 secret(s) of 1 instance(s)" in capsys.readouterr().out
     after = stored()
     assert all(value.startswith("enc1:") for value in after.values())
     assert all(after[f] != before[f] for f in SECRET_FIELDS)
@@ -162,7 +165,7 @@ def test_the_database_check_refuses_encrypted_rows_without_a_key(make_instance):
             call_command("check", "--database", "default")
 
     assert [(type(p), p.id) for p in problems] == [(Error, "instances.E002")]
-    assert "3 encrypted secret(s) stored" in problems[0].msg
+    assert "4 encrypted secret(s) stored" in problems[0].msg
 
 
 def test_the_database_check_passes_with_the_right_key(make_instance):
@@ -217,22 +220,23 @@ def insert_plain_row(name: str) -> None:
     migrate_to(BEFORE)
     old = MigrationExecutor(connection).loader.project_state([BEFORE]).apps
     model = old.get_model("instances", "InstanceConfig")
-    model.objects.create(**instance_fields(name=name, **SECRETS))
+    model.objects.create(**instance_fields(name=name, **SECRETS_AT_0006))
 
 
 @pytest.mark.django_db(transaction=True)
 def test_the_migration_encrypts_the_plain_secrets_already_stored():
     insert_plain_row("acme")
-    assert stored() == SECRETS
+    old_fields = tuple(SECRETS_AT_0006)
+    assert stored(fields=old_fields) == SECRETS_AT_0006
 
     migrate_to(AFTER)
-    encrypted = stored()
+    encrypted = stored(fields=old_fields)
     migrate_to(BEFORE)
-    reverted = stored()
+    reverted = stored(fields=old_fields)
     call_command("migrate", verbosity=0)
 
     assert all(value.startswith("enc1:") for value in encrypted.values())
-    assert reverted == SECRETS
+    assert reverted == SECRETS_AT_0006
     assert InstanceConfig.objects.get(name="acme").agent_api_key == SECRETS["agent_api_key"]
 
 
@@ -242,10 +246,10 @@ def test_without_a_key_the_migration_leaves_the_secrets_plain():
 
     with keys():
         migrate_to(AFTER)
-        plain = stored()
+        plain = stored(fields=tuple(SECRETS_AT_0006))
         # The model of today has columns of later migrations.
         call_command("migrate", verbosity=0)
         instance = InstanceConfig.objects.get(name="acme")
 
-    assert plain == SECRETS
+    assert plain == SECRETS_AT_0006
     assert instance.webhook_token == SECRETS["webhook_token"]

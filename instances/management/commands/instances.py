@@ -22,12 +22,14 @@ from instances.models import (
     AGENT_KIND_FIELDS,
     CONVERSATION_FIELDS,
     MAX_AGENT_TIMEOUT,
+    MEDIA_FIELDS,
     REPLY_FIELDS,
+    SECRET_FIELDS,
     InstanceConfig,
 )
 
 # The fields --set takes: the agent's kind and memory, and the conversation settings.
-SET_FIELDS = (*AGENT_KIND_FIELDS, *REPLY_FIELDS, *CONVERSATION_FIELDS)
+SET_FIELDS = (*AGENT_KIND_FIELDS, *REPLY_FIELDS, *MEDIA_FIELDS, *CONVERSATION_FIELDS)
 
 NameArg = Annotated[str, typer.Argument(help="The instance's name.", show_default=False)]
 Json = Annotated[
@@ -230,9 +232,15 @@ class Command(TyperCommand):
         for label, value in rows:
             self.echo(f"{label + ':':<{width}}{value}")
         # The names --set takes, in a block of their own.
-        self.echo("reply and conversation settings:")
-        width = max(map(len, (*REPLY_FIELDS, *CONVERSATION_FIELDS))) + 3
-        for name in (*REPLY_FIELDS, *CONVERSATION_FIELDS):
+        self.echo("reply, media and conversation settings:")
+        shown = (*REPLY_FIELDS, *MEDIA_FIELDS, *CONVERSATION_FIELDS)
+        width = max(map(len, shown)) + 3
+        for name in shown:
+            if name in SECRET_FIELDS:
+                self.echo(
+                    f"  {'has_' + name + ':':<{width}}{yes_no(bool(getattr(instance, name)))}"
+                )
+                continue
             self.echo(f"  {name + ':':<{width}}{_setting(getattr(instance, name))}")
         if not instance.webhook_token:
             self.echo(f"WARNING: {_no_token_warning(instance)}")
