@@ -9,17 +9,17 @@ without an answer (timeouts included) may be tried again; 429 and 5xx too. A
 """
 
 import asyncio
-from typing import Any
 
 import httpx
 
 from instances.clients.http import OutboundError, OutboundRefused, describe_body
+from instances.models import InstanceConfig
 
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
 class Transcriber:
-    def __init__(self, *, instance: Any, http: httpx.AsyncClient) -> None:
+    def __init__(self, *, instance: InstanceConfig, http: httpx.AsyncClient) -> None:
         self.url = f"{instance.stt_url.rstrip('/')}/audio/transcriptions"
         self.headers = {"authorization": f"Bearer {instance.stt_key}"} if instance.stt_key else {}
         self.model = instance.stt_model
