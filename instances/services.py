@@ -7,7 +7,7 @@ from django.conf import settings
 from django.db import transaction
 
 from instances import crypto
-from instances.models import KEY_OF_URL, SECRET_FIELDS, InstanceConfig
+from instances.models import KEY_OF_URL, SECRET_FIELDS, Agent, InstanceConfig
 
 DEFAULT_INSTANCE_NAME = "default"
 
@@ -126,6 +126,13 @@ def rotate_secrets() -> crypto.SecretsReport:
     crypto.EncryptionKeyMissing without a key, crypto.UndecryptableSecret when
     a value opens with none of the keys (nothing is written then).
     """
-    return crypto.encrypt_stored_secrets(
+    report = crypto.encrypt_stored_secrets(
         model=InstanceConfig, fields=SECRET_FIELDS, only_plain=False
+    )
+    # The instances' other agents (routing) keep their keys the same way.
+    agents = crypto.encrypt_stored_secrets(model=Agent, fields=("agent_api_key",), only_plain=False)
+    return crypto.SecretsReport(
+        instances=report.instances,
+        encrypted=report.encrypted + agents.encrypted,
+        plain=report.plain + agents.plain,
     )

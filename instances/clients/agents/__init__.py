@@ -19,6 +19,7 @@ from instances.clients.agents.automagik.transport import Automagik
 from instances.clients.agents.base import (
     AgentCall,
     AgentReply,
+    AgentSettings,
     Exchange,
     HttpAgent,
     session_name,
@@ -27,10 +28,23 @@ from instances.clients.agents.openai.transport import OpenAI
 from instances.clients.agents.webhook.transport import Webhook
 from instances.models import InstanceConfig
 
-__all__ = ["KINDS", "AgentCall", "AgentReply", "Exchange", "HttpAgent", "agent_for", "session_name"]
+__all__ = [
+    "KINDS",
+    "AgentCall",
+    "AgentReply",
+    "AgentSettings",
+    "Exchange",
+    "HttpAgent",
+    "agent_for",
+    "session_name",
+]
 
 KINDS: dict[str, type[HttpAgent]] = {kind.kind: kind for kind in (Automagik, OpenAI, Webhook)}
 
 
-def agent_for(*, instance: InstanceConfig, http: httpx.AsyncClient) -> HttpAgent:
-    return KINDS[instance.agent_kind](instance=instance, http=http)
+def agent_for(
+    *, instance: InstanceConfig, http: httpx.AsyncClient, agent: AgentSettings | None = None
+) -> HttpAgent:
+    """The instance's agent: its own (default) one, or `agent`, one of its agent rows."""
+    settings = agent if agent is not None else instance
+    return KINDS[settings.agent_kind](instance=instance, http=http, agent=agent)
