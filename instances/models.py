@@ -614,8 +614,11 @@ class Agent(models.Model):
         self._remember_stored()
 
     def _remember_stored(self) -> None:
-        self._stored_name = self.name if self.pk else None
-        self._stored_url = self.agent_api_url if self.pk else ""
+        # From __dict__: a row loaded with deferred fields (a cascade's collector
+        # reads only ids) must not load them here.
+        stored = self.__dict__ if self.pk else {}
+        self._stored_name = stored.get("name")
+        self._stored_url = stored.get("agent_api_url") or ""
         self._key_given = False
 
     def refresh_from_db(self, *args: Any, **kwargs: Any) -> None:
@@ -678,9 +681,9 @@ class Route(models.Model):
 
     instance = models.ForeignKey(InstanceConfig, on_delete=models.CASCADE, related_name="routes")
     position = models.PositiveIntegerField(
-        default=0,
+        blank=True,
         help_text="Rules are tried from the lowest position up; the first that matches wins "
-        "(equal positions: the older rule first).",
+        "(equal positions: the older rule first). Blank: after the last rule.",
     )
     match = models.CharField(max_length=16, choices=RouteMatch.choices)
     value = models.CharField(
@@ -689,10 +692,11 @@ class Route(models.Model):
         help_text="The keyword, prefix, text, regular expression or chat the rule matches.",
     )
     # NULL: the instance's own (default) agent, "default" in the API and the CLI.
-    # PROTECT: an agent that rules point at is not deleted from under them.
+    # RESTRICT: an agent that rules point at is not deleted from under them (the
+    # instance, deleted with its rules and agents, is).
     agent = models.ForeignKey(
         Agent,
-        on_delete=models.PROTECT,
+        on_delete=models.RESTRICT,
         null=True,
         blank=True,
         related_name="routes",
@@ -706,6 +710,14 @@ class Route(models.Model):
 
     def __str__(self) -> str:
         return f"{self.match} {self.value!r} -> {self.agent_name}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if self.position is None:
+            last = Route.objects.filter(instance_id=self.instance_id).aggregate(
+                last=models.Max("position")
+            )["last"]
+            self.position = 1 if last is None else last + 1
+        super().save(*args, **kwargs)
 
     @property
     def agent_name(self) -> str:

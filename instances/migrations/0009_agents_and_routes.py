@@ -38,11 +38,11 @@ class Migration(migrations.Migration):
             name='Route',
             fields=[
                 ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('position', models.PositiveIntegerField(default=0, help_text='Rules are tried from the lowest position up; the first that matches wins (equal positions: the older rule first).')),
+                ('position', models.PositiveIntegerField(blank=True, help_text='Rules are tried from the lowest position up; the first that matches wins (equal positions: the older rule first). Blank: after the last rule.')),
                 ('match', models.CharField(choices=[('keyword', 'Keyword: the whole message equals it (case-insensitive)'), ('prefix', 'Prefix: the message starts with it (case-insensitive)'), ('contains', 'Contains: the message contains it (case-insensitive)'), ('regex', 'Regex: a Python regular expression found in the message'), ('chat', 'Chat: a phone number (a trailing * matches a prefix) or a group JID')], max_length=16)),
                 ('value', models.CharField(help_text='The keyword, prefix, text, regular expression or chat the rule matches.', max_length=200, validators=[django.core.validators.ProhibitNullCharactersValidator()])),
                 ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('agent', models.ForeignKey(blank=True, help_text="Where the matched messages go. Empty: the instance's own agent.", null=True, on_delete=django.db.models.deletion.PROTECT, related_name='routes', to='instances.agent')),
+                ('agent', models.ForeignKey(blank=True, help_text="Where the matched messages go. Empty: the instance's own agent.", null=True, on_delete=django.db.models.deletion.RESTRICT, related_name='routes', to='instances.agent')),
                 ('instance', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='routes', to='instances.instanceconfig')),
             ],
             options={

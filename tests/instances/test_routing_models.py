@@ -5,7 +5,7 @@ import pytest
 from cryptography.fernet import Fernet
 from django.core.exceptions import ValidationError
 from django.db import connection
-from django.db.models import ProtectedError
+from django.db.models import RestrictedError
 from django.test import override_settings
 
 from instances.models import Agent, InstanceConfig, Route
@@ -120,7 +120,7 @@ def test_an_agent_that_rules_point_at_is_not_deleted(acme) -> None:
     sales.save()
     Route.objects.create(instance=acme, match="keyword", value="vendas", agent=sales)
 
-    with pytest.raises(ProtectedError):
+    with pytest.raises(RestrictedError):
         sales.delete()
 
 
@@ -131,3 +131,13 @@ def test_rules_are_in_position_order_then_oldest_first(acme) -> None:
 
     assert list(acme.routes.all()) == [first, second, also_second]
     assert str(first) == "keyword 'a' -> default"
+
+
+def test_an_instance_is_deleted_with_its_agents_and_rules(acme) -> None:
+    sales = agent(acme)
+    sales.save()
+    Route.objects.create(instance=acme, match="keyword", value="vendas", agent=sales)
+
+    acme.delete()
+
+    assert not Agent.objects.exists() and not Route.objects.exists()
