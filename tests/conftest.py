@@ -37,6 +37,7 @@ def instance_fields(**overrides: Any) -> dict[str, Any]:
     return fields
 
 
+FORMSET_COUNTS = ("TOTAL_FORMS", "INITIAL_FORMS")
 # What the admin's instance form posts for the conversation settings it shows
 # with their defaults (the JSON lists are text areas).
 CONVERSATION_FORM_DEFAULTS = {
@@ -56,6 +57,8 @@ CONVERSATION_FORM_DEFAULTS = {
     "agent_kind": "automagik",
     "system_prompt": "",
     "history_limit": "20",
+    # The inlines of other agents and routing rules: none, nothing changed.
+    **{f"{prefix}-{name}": "0" for prefix in ("agents", "routes") for name in FORMSET_COUNTS},
 }
 
 
