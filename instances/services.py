@@ -128,11 +128,15 @@ def rotate_secrets() -> crypto.SecretsReport:
     crypto.EncryptionKeyMissing without a key, crypto.UndecryptableSecret when
     a value opens with none of the keys (nothing is written then).
     """
-    report = crypto.encrypt_stored_secrets(
-        model=InstanceConfig, fields=SECRET_FIELDS, only_plain=False
-    )
-    # The instances' other agents (routing) keep their keys the same way.
-    agents = crypto.encrypt_stored_secrets(model=Agent, fields=("agent_api_key",), only_plain=False)
+    # One transaction: the instances' other agents (routing) keep their keys the same
+    # way, and an undecryptable one leaves every secret as it was.
+    with transaction.atomic():
+        report = crypto.encrypt_stored_secrets(
+            model=InstanceConfig, fields=SECRET_FIELDS, only_plain=False
+        )
+        agents = crypto.encrypt_stored_secrets(
+            model=Agent, fields=("agent_api_key",), only_plain=False
+        )
     return crypto.SecretsReport(
         instances=report.instances,
         encrypted=report.encrypted + agents.encrypted,
