@@ -7,6 +7,7 @@ from django.http import HttpRequest, HttpResponse
 from django.utils.html import format_html
 
 from instances.admin_provisioning import ProvisioningAdminMixin
+from instances.admin_routing import AgentInline, RouteInline
 from instances.forms import InstanceConfigForm
 from instances.models import MEDIA_FIELDS, REPLY_FIELDS, InstanceConfig
 from instances.services import save_instance, set_default_instance
@@ -17,6 +18,7 @@ NO_TOKEN_WARNING = "accepts unauthenticated deliveries"
 @admin.register(InstanceConfig)
 class InstanceConfigAdmin(ProvisioningAdminMixin, admin.ModelAdmin):
     form = InstanceConfigForm
+    inlines = [AgentInline, RouteInline]
     list_display = [
         "name",
         "whatsapp_instance",

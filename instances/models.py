@@ -1,4 +1,5 @@
 import hmac
+import re
 import secrets
 from datetime import datetime, timedelta
 from typing import Any
@@ -16,8 +17,11 @@ from django.utils import timezone
 
 from instances.fields import EncryptedCharField
 from instances.validators import (
+    DEFAULT_AGENT_NAME,
     url_origin,
+    validate_agent_name,
     validate_bot_ids,
+    validate_chat_pattern,
     validate_chat_patterns,
     validate_http_url,
     validate_instance_name,
@@ -66,6 +70,17 @@ MEDIA_FIELDS = (
 )
 DEFAULT_MEDIA_MAX_BYTES = 10 * 1024 * 1024
 MAX_MEDIA_BYTES = 50 * 1024 * 1024
+# An agent of its own under an instance (Agent) has these, as the instance has for
+# its default agent: the same fields, the same rules.
+AGENT_FIELDS = (
+    "agent_kind",
+    "agent_api_url",
+    "agent_api_key",
+    "default_agent",
+    "system_prompt",
+    "agent_timeout",
+    "history_limit",
+)
 MAX_HISTORY_LIMIT = 200
 
 
@@ -504,12 +519,10 @@ class InstanceConfig(models.Model):
         errors: dict[str, str] = {}
         for url_field, key_field in KEY_OF_URL.items():
             if self._moves_key_to_another_host(url_field=url_field, key_field=key_field):
-                errors[key_field] = (
-                    f"The {self._meta.get_field(url_field).verbose_name} now points at "
-                    f"another host ({url_origin(getattr(self, url_field))}): give the "
-                    f"{self._meta.get_field(key_field).verbose_name} again in the same "
-                    "change, so that the stored key is never sent to a host it was not "
-                    "meant for."
+                errors[key_field] = key_refusal(
+                    url_label=str(self._meta.get_field(url_field).verbose_name),
+                    url=getattr(self, url_field),
+                    key_label=str(self._meta.get_field(key_field).verbose_name),
                 )
         if not self.agent_api_key and self.agent_kind not in KINDS_WITHOUT_KEY:
             errors["agent_api_key"] = AGENT_KEY_REQUIRED
@@ -615,3 +628,214 @@ class InstanceConfig(models.Model):
         if self.session_id_prefix or self.legacy_mode:
             return self.session_id_prefix
         return f"{self.name}_"
+
+
+def _same_as_instance(name: str) -> models.Field:
+    """A copy of the instance's agent field: an agent row's field is the same one."""
+    return InstanceConfig._meta.get_field(name).clone()
+
+
+def key_refusal(*, url_label: str, url: str, key_label: str) -> str:
+    return (
+        f"The {url_label} now points at another host ({url_origin(url)}): give the "
+        f"{key_label} again in the same change, so that the stored key is never sent "
+        "to a host it was not meant for."
+    )
+
+
+class Agent(models.Model):
+    """One more agent of an instance, chosen by its routing rules (Route).
+
+    Its fields are the instance's agent fields (the instance's own are its
+    default agent); how it is called is its kind's (instances/clients/agents/).
+    """
+
+    instance = models.ForeignKey(InstanceConfig, on_delete=models.CASCADE, related_name="agents")
+    name = models.CharField(
+        max_length=64,
+        validators=[validate_agent_name],
+        help_text="How routing rules and the API name it: letters, digits, '_' and '-', "
+        "starting with a letter. It ends the agent's session names, so it cannot be changed.",
+    )
+    agent_kind = _same_as_instance("agent_kind")
+    agent_api_url = _same_as_instance("agent_api_url")
+    agent_api_key = _same_as_instance("agent_api_key")
+    default_agent = _same_as_instance("default_agent")
+    system_prompt = _same_as_instance("system_prompt")
+    agent_timeout = _same_as_instance("agent_timeout")
+    history_limit = _same_as_instance("history_limit")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["instance", "name"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["instance", "name"],
+                name="instances_agent_unique_name",
+                violation_error_message="The instance already has an agent of this name.",
+            )
+        ]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._remember_stored()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # As the instance's: a key assigned in this change counts as given again.
+        if name == "agent_api_key" and "_key_given" in self.__dict__:
+            self._key_given = True
+        super().__setattr__(name, value)
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"<Agent {self.name!r}>"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        super().save(*args, **kwargs)
+        self._remember_stored()
+
+    def _remember_stored(self) -> None:
+        # From __dict__: a row loaded with deferred fields (a cascade's collector
+        # reads only ids) must not load them here.
+        stored = self.__dict__ if self.pk else {}
+        self._stored_name = stored.get("name")
+        self._stored_url = stored.get("agent_api_url") or ""
+        self._key_given = False
+
+    def refresh_from_db(self, *args: Any, **kwargs: Any) -> None:
+        super().refresh_from_db(*args, **kwargs)
+        self._remember_stored()
+
+    def clean_fields(self, *args: Any, **kwargs: Any) -> None:
+        # It assigns every field its cleaned value: that gives no key anew.
+        given = self._key_given
+        try:
+            super().clean_fields(*args, **kwargs)
+        finally:
+            self._key_given = given
+
+    def clean(self) -> None:
+        errors: dict[str, str] = {}
+        if self._stored_name and self.name != self._stored_name:
+            errors["name"] = (
+                "An agent cannot be renamed: its name is in its chats' session names. "
+                "Create a new agent instead."
+            )
+        new_origin = url_origin(self.agent_api_url) if self.agent_api_url else None
+        if (
+            self._stored_url
+            and self.agent_api_key
+            and not self._key_given
+            and new_origin is not None
+            and new_origin != url_origin(self._stored_url)
+        ):
+            errors["agent_api_key"] = key_refusal(
+                url_label="Agent API URL", url=self.agent_api_url, key_label="Agent API key"
+            )
+        if not self.agent_api_key and self.agent_kind not in KINDS_WITHOUT_KEY:
+            errors["agent_api_key"] = AGENT_KEY_REQUIRED
+        if errors:
+            raise ValidationError(errors)
+
+    @property
+    def session_suffix(self) -> str:
+        """What its sessions add to the chat's: its name."""
+        return self.name
+
+
+class RouteMatch(models.TextChoices):
+    KEYWORD = "keyword", "Keyword: the whole message equals it (case-insensitive)"
+    PREFIX = "prefix", "Prefix: the message starts with it (case-insensitive)"
+    CONTAINS = "contains", "Contains: the message contains it (case-insensitive)"
+    REGEX = "regex", "Regex: a Python regular expression found in the message"
+    CHAT = "chat", "Chat: a phone number (a trailing * matches a prefix) or a group JID"
+
+
+MAX_ROUTE_VALUE = 200
+
+
+class Route(models.Model):
+    """A routing rule: messages it matches go to its agent, and bind the chat to it.
+
+    The rules of an instance are tried by position (webhooks/routing.py).
+    """
+
+    instance = models.ForeignKey(InstanceConfig, on_delete=models.CASCADE, related_name="routes")
+    position = models.PositiveIntegerField(
+        blank=True,
+        help_text="Rules are tried from the lowest position up; the first that matches wins "
+        "(equal positions: the older rule first). Blank: after the last rule.",
+    )
+    match = models.CharField(max_length=16, choices=RouteMatch.choices)
+    value = models.CharField(
+        max_length=MAX_ROUTE_VALUE,
+        validators=[NO_NUL],
+        help_text="The keyword, prefix, text, regular expression or chat the rule matches.",
+    )
+    # NULL: the instance's own (default) agent, "default" in the API and the CLI.
+    # RESTRICT: an agent that rules point at is not deleted from under them (the
+    # instance, deleted with its rules and agents, is).
+    agent = models.ForeignKey(
+        Agent,
+        on_delete=models.RESTRICT,
+        null=True,
+        blank=True,
+        related_name="routes",
+        help_text="Where the matched messages go. Empty: the instance's own agent.",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["instance", "position", "id"]
+        indexes = [models.Index(fields=["instance", "position"], name="instances_route_order")]
+
+    def __str__(self) -> str:
+        return f"{self.match} {self.value!r} -> {self.agent_name}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if self.position is None:
+            last = Route.objects.filter(instance_id=self.instance_id).aggregate(
+                last=models.Max("position")
+            )["last"]
+            self.position = 1 if last is None else last + 1
+        super().save(*args, **kwargs)
+
+    @property
+    def agent_name(self) -> str:
+        return self.agent.name if self.agent_id is not None else DEFAULT_AGENT_NAME
+
+    def clean(self) -> None:
+        errors: dict[str, str] = {}
+        error = route_value_error(match=self.match, value=self.value)
+        if error:
+            errors["value"] = error
+        if (
+            self.agent_id is not None
+            and self.instance_id is not None
+            and self.agent.instance_id != self.instance_id
+        ):
+            errors["agent"] = "The agent belongs to another instance."
+        if errors:
+            raise ValidationError(errors)
+
+
+def route_value_error(*, match: str, value: str) -> str | None:
+    """Why a rule's value cannot be used, or None: checked when saved, never per message."""
+    if match == RouteMatch.REGEX:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            return f"Not a valid regular expression: {exc}."
+        return None
+    if match == RouteMatch.CHAT:
+        try:
+            validate_chat_pattern(value)
+        except ValidationError as exc:
+            return exc.messages[0]
+        return None
+    if not value.strip():
+        return "Enter the text to match."
+    return None

@@ -15,9 +15,11 @@ from instances.models import (
     MEDIA_FIELDS,
     REPLY_FIELDS,
     SECRET_FIELDS,
+    Agent,
     InstanceConfig,
+    Route,
 )
-from instances.services import save_instance
+from instances.services import agent_named, save_agent, save_instance, save_route
 
 SECRET_HELP = "Write-only. Omit it on update to keep the stored value."
 
@@ -177,3 +179,98 @@ class InstanceConfigSerializer(serializers.ModelSerializer):
 
     def update(self, instance: InstanceConfig, validated_data: dict[str, Any]) -> InstanceConfig:
         return self.save_built(validated_data)
+
+
+# --- an instance's other agents and its routing rules (instances/api_routing.py) ----
+class ModelCleanSerializer(serializers.ModelSerializer):
+    """Validation is the model's full_clean(), with the admin's and the CLI's messages;
+    the instance whose agents or rules these are comes from the URL (context)."""
+
+    def build_standard_field(
+        self, field_name: str, model_field: ModelField
+    ) -> tuple[type[serializers.Field], dict[str, Any]]:
+        field_class, kwargs = super().build_standard_field(field_name, model_field)
+        # Run once, in full_clean(), with the other rules.
+        kwargs.pop("validators", None)
+        return field_class, kwargs
+
+    @property
+    def tenant(self) -> InstanceConfig:
+        return self.context["instance"]
+
+    def build(self, attrs: dict[str, Any]) -> Any:
+        obj = self.instance if self.instance is not None else self.Meta.model(instance=self.tenant)
+        for key, value in attrs.items():
+            setattr(obj, key, value)
+        return obj
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        try:
+            self.build(attrs).full_clean()
+        except DjangoValidationError as exc:
+            raise as_api_error(exc) from exc
+        return attrs
+
+
+class AgentSerializer(ModelCleanSerializer):
+    has_agent_api_key = IsSetField(source="agent_api_key")
+
+    class Meta:
+        model = Agent
+        fields = [
+            "name",
+            "agent_kind",
+            "agent_api_url",
+            "agent_api_key",
+            "has_agent_api_key",
+            "default_agent",
+            "system_prompt",
+            "agent_timeout",
+            "history_limit",
+            "created_at",
+            "updated_at",
+        ]
+        extra_kwargs = {"agent_api_key": {"write_only": True, "help_text": SECRET_HELP}}
+
+    def get_fields(self) -> dict[str, serializers.Field]:
+        fields = super().get_fields()
+        if self.instance is not None:
+            # Clients never read the key back, so they cannot resend it on PUT.
+            fields["agent_api_key"].required = False
+        return fields
+
+    def create(self, validated_data: dict[str, Any]) -> Agent:
+        return save_agent(agent=self.build(validated_data))
+
+    def update(self, instance: Agent, validated_data: dict[str, Any]) -> Agent:
+        return save_agent(agent=self.build(validated_data))
+
+
+class RouteSerializer(ModelCleanSerializer):
+    agent = serializers.CharField(
+        max_length=64,
+        help_text="The name of one of the instance's agents (/agents/), or 'default': the "
+        "instance's own agent.",
+    )
+
+    class Meta:
+        model = Route
+        fields = ["id", "position", "match", "value", "agent", "created_at"]
+        extra_kwargs = {"position": {"required": False, "allow_null": True}}
+
+    def to_representation(self, route: Route) -> dict[str, Any]:
+        data = super().to_representation(route)
+        data["agent"] = route.agent_name
+        return data
+
+    def validate_agent(self, name: str) -> Agent | None:
+        try:
+            return agent_named(instance=self.tenant, name=name)
+        except DjangoValidationError as exc:
+            raise serializers.ValidationError(exc.message_dict["agent"]) from exc
+
+    def create(self, validated_data: dict[str, Any]) -> Route:
+        return save_route(route=self.build(validated_data))
+
+    def update(self, instance: Route, validated_data: dict[str, Any]) -> Route:
+        return save_route(route=self.build(validated_data))

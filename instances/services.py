@@ -4,10 +4,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from instances import crypto
-from instances.models import KEY_OF_URL, SECRET_FIELDS, InstanceConfig
+from instances.models import KEY_OF_URL, SECRET_FIELDS, Agent, InstanceConfig, Route
+from instances.validators import DEFAULT_AGENT_NAME
 
 DEFAULT_INSTANCE_NAME = "default"
 
@@ -126,6 +128,72 @@ def rotate_secrets() -> crypto.SecretsReport:
     crypto.EncryptionKeyMissing without a key, crypto.UndecryptableSecret when
     a value opens with none of the keys (nothing is written then).
     """
-    return crypto.encrypt_stored_secrets(
-        model=InstanceConfig, fields=SECRET_FIELDS, only_plain=False
+    # One transaction: the instances' other agents (routing) keep their keys the same
+    # way, and an undecryptable one leaves every secret as it was.
+    with transaction.atomic():
+        report = crypto.encrypt_stored_secrets(
+            model=InstanceConfig, fields=SECRET_FIELDS, only_plain=False
+        )
+        agents = crypto.encrypt_stored_secrets(
+            model=Agent, fields=("agent_api_key",), only_plain=False
+        )
+    return crypto.SecretsReport(
+        instances=report.instances,
+        encrypted=report.encrypted + agents.encrypted,
+        plain=report.plain + agents.plain,
     )
+
+
+# --- an instance's other agents and its routing rules -----------------------------
+def save_agent(*, agent: Agent) -> Agent:
+    """Validate with the model's rules and save; raises ValidationError."""
+    with transaction.atomic():
+        agent.full_clean()
+        agent.save()
+    return agent
+
+
+def agent_in_use(*, agent: Agent) -> str | None:
+    """Why the agent cannot be deleted (rules point at it), or None."""
+    positions = list(agent.routes.order_by("position", "id").values_list("position", flat=True))
+    if not positions:
+        return None
+    listed = ", ".join(map(str, positions))
+    return (
+        f"Agent '{agent.name}' is used by the routing rules at position {listed}: delete "
+        "them or point them at another agent first."
+    )
+
+
+def delete_agent(*, agent: Agent) -> None:
+    """Delete an agent no rule points at (its chats go back to the default agent);
+    raises ValidationError otherwise."""
+    with transaction.atomic():
+        refusal = agent_in_use(agent=agent)
+        if refusal:
+            raise ValidationError(refusal)
+        agent.delete()
+
+
+def save_route(*, route: Route) -> Route:
+    """Validate with the model's rules and save (no position: after the last rule)."""
+    with transaction.atomic():
+        route.full_clean()
+        route.save()
+    return route
+
+
+def agent_named(*, instance: InstanceConfig, name: str) -> Agent | None:
+    """A rule's `agent` as the API and the CLI name it: None for "default" (the
+    instance's own agent); raises ValidationError for a name it does not have."""
+    if name == DEFAULT_AGENT_NAME:
+        return None
+    agent = instance.agents.filter(name=name).first()
+    if agent is None:
+        raise ValidationError(
+            {
+                "agent": f"Instance '{instance.name}' has no agent named '{name}' ('default' "
+                "is its own agent)."
+            }
+        )
+    return agent

@@ -254,8 +254,39 @@ def validate_chat_patterns(value: object) -> None:
     )
 
 
+def validate_chat_pattern(value: str) -> None:
+    """One chat pattern (a `chat` routing rule's value): the same entries as the lists."""
+    if not CHAT_PATTERN_RE.fullmatch(value or ""):
+        raise ValidationError(
+            f"{value!r} is not a chat; examples: 5511987654321, 5511*, 120363041234567890@g.us.",
+            code="invalid_chat",
+        )
+
+
+# An agent's name: the same characters as an instance's, starting with a letter
+# (it ends the agent's session names, after the session's number). "default" is
+# the instance's own agent in a routing rule.
+AGENT_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+DEFAULT_AGENT_NAME = "default"
+
+
+def validate_agent_name(value: str) -> None:
+    if not AGENT_NAME_RE.fullmatch(value or ""):
+        raise ValidationError(
+            "Use 1 to 64 characters: letters, digits, '_' or '-', starting with a letter.",
+            code="invalid_name",
+        )
+    if value.lower() == DEFAULT_AGENT_NAME:
+        raise ValidationError(
+            "'default' is the instance's own agent (its agent fields): choose another name.",
+            code="reserved_name",
+        )
+
+
 def validate_bot_ids(value: object) -> None:
     _string_list(value, pattern=BOT_ID_RE, example='["5511900000001", "123456789012345@lid"]')
+
+
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 

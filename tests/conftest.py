@@ -37,6 +37,7 @@ def instance_fields(**overrides: Any) -> dict[str, Any]:
     return fields
 
 
+FORMSET_COUNTS = ("TOTAL_FORMS", "INITIAL_FORMS")
 # What the admin's instance form posts for the conversation settings it shows
 # with their defaults (the JSON lists are text areas).
 CONVERSATION_FORM_DEFAULTS = {
@@ -65,6 +66,8 @@ CONVERSATION_FORM_DEFAULTS = {
     "stt_key": "",
     "stt_model": "whisper-1",
     "stt_failure_message": "Sorry, I could not understand this voice note. Could you write it?",
+    # The inlines of other agents and routing rules: none, nothing changed.
+    **{f"{prefix}-{name}": "0" for prefix in ("agents", "routes") for name in FORMSET_COUNTS},
 }
 
 

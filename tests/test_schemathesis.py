@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from rest_framework.authtoken.models import Token
 from schemathesis import GenerationMode, checks
 
+from instances.models import Agent, Route
 from omnihub import errors
 from tests.conftest import load_fixture
 from tests.fakes import FakeAgent, FakeEvolution
@@ -76,11 +77,17 @@ class Existing:
     names: list[str]
     message_ids: dict[Status, str] = field(default_factory=dict)
     conversation_id: str = ""
+    route_id: str = ""
 
-    def values(self, param: str) -> list[str]:
-        if param == "name":
-            return self.names
-        return [*self.message_ids.values(), self.conversation_id]
+    def paths(self, params: list[str]) -> list[dict[str, str]]:
+        """Path parameters that name existing objects."""
+        if params == ["name"]:
+            return [{"name": name} for name in self.names]
+        if params == ["id"]:
+            return [{"id": i} for i in [*self.message_ids.values(), self.conversation_id]]
+        # An instance's agents and routing rules.
+        found = {"instance_name": "acme", "name": "sales", "id": self.route_id}
+        return [{param: found[param] for param in params}]
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +145,13 @@ def existing(
         )
         existing.message_ids[status] = str(row.pk)
     existing.conversation_id = str(Conversation.objects.get(instance=acme).pk)
+    # Routing: "sales" has a rule pointing at it, "idle" none (it can be deleted).
+    sales = Agent.objects.create(
+        instance=acme, name="sales", agent_api_url=agent.url, agent_api_key="sales-key"
+    )
+    Agent.objects.create(instance=acme, name="idle", agent_kind="webhook", agent_api_url=agent.url)
+    route = Route.objects.create(instance=acme, match="keyword", value="vendas", agent=sales)
+    existing.route_id = str(route.pk)
     return existing
 
 
@@ -154,16 +168,13 @@ def cases(operation: Any, mode: GenerationMode, existing: Existing) -> Any:
     """Generated requests, half of them about an object that exists when there is a path
     parameter: random names and ids find nothing and would only ever reach the 404."""
     generated = operation.as_strategy(generation_mode=mode)
-    params = [parameter.name for parameter in operation.path_parameters]
+    params = sorted(parameter.name for parameter in operation.path_parameters)
     if not params:
         return generated
-    (param,) = params
     return st.one_of(
         generated,
-        st.sampled_from(existing.values(param)).flatmap(
-            lambda value: operation.as_strategy(
-                generation_mode=mode, path_parameters={param: value}
-            )
+        st.sampled_from(existing.paths(params)).flatmap(
+            lambda path: operation.as_strategy(generation_mode=mode, path_parameters=path)
         ),
     )
 
@@ -190,6 +201,18 @@ def test_every_operation_of_the_api_is_tested() -> None:
         "POST /api/v1/conversations/{id}/pause/",
         "POST /api/v1/conversations/{id}/resume/",
         "POST /api/v1/conversations/{id}/reset/",
+        *(
+            f"{method} /api/v1/instances/{{instance_name}}/{what}/{detail}"
+            for what, key in (("agents", "{name}"), ("routes", "{id}"))
+            for method, detail in (
+                ("GET", ""),
+                ("POST", ""),
+                ("GET", f"{key}/"),
+                ("PUT", f"{key}/"),
+                ("PATCH", f"{key}/"),
+                ("DELETE", f"{key}/"),
+            )
+        ),
     }
 
 
@@ -226,6 +249,20 @@ NEW_TENANT = {
     "agent_api_key": "globex-agent-key",
 }
 TENANT_UPDATE = {**NEW_TENANT, "name": "acme", "webhook_token": ""}
+AGENTS = "/api/v1/instances/{instance_name}/agents/"
+AGENT = "/api/v1/instances/{instance_name}/agents/{name}/"
+ROUTES = "/api/v1/instances/{instance_name}/routes/"
+ROUTE = "/api/v1/instances/{instance_name}/routes/{id}/"
+IN_ACME = {"instance_name": "acme"}
+SALES = {**IN_ACME, "name": "sales"}
+A_ROUTE = {**IN_ACME, "id": "route"}
+NEW_AGENT = {
+    "name": "support",
+    "agent_kind": "openai",
+    "agent_api_url": "http://llm.acme.example/v1",
+    "default_agent": "gpt-4o-mini",
+}
+NEW_ROUTE = {"match": "prefix", "value": "/help", "agent": "sales"}
 KNOWN_REQUESTS: list[tuple[str, dict[str, str], dict[str, str], Any, int]] = [
     ("GET /api/v1/instances/", {}, {}, None, 200),
     ("GET /api/v1/instances/", {}, {"page": "2"}, None, 404),
@@ -264,12 +301,35 @@ KNOWN_REQUESTS: list[tuple[str, dict[str, str], dict[str, str], Any, int]] = [
     ("POST /api/v1/conversations/{id}/pause/", {"id": "conversation"}, {}, {"minutes": 0}, 400),
     ("POST /api/v1/conversations/{id}/resume/", {"id": "conversation"}, {}, None, 200),
     ("POST /api/v1/conversations/{id}/reset/", {"id": "conversation"}, {}, None, 200),
+    (f"GET {AGENTS}", IN_ACME, {}, None, 200),
+    (f"GET {AGENTS}", IN_ACME, {"page": "2"}, None, 404),
+    (f"POST {AGENTS}", IN_ACME, {}, NEW_AGENT, 201),
+    (f"POST {AGENTS}", IN_ACME, {}, {**NEW_AGENT, "agent_api_url": "javascript:x"}, 400),
+    (f"GET {AGENT}", SALES, {}, None, 200),
+    (f"PUT {AGENT}", SALES, {}, {**NEW_AGENT, "name": "sales", "agent_api_key": "k"}, 200),
+    (f"PUT {AGENT}", SALES, {}, NEW_AGENT, 400),
+    (f"PATCH {AGENT}", SALES, {}, {"agent_timeout": 5}, 200),
+    (f"PATCH {AGENT}", SALES, {}, {"agent_timeout": 0}, 400),
+    (f"DELETE {AGENT}", {**IN_ACME, "name": "idle"}, {}, None, 204),
+    (f"DELETE {AGENT}", SALES, {}, None, 400),
+    (f"GET {ROUTES}", IN_ACME, {}, None, 200),
+    (f"GET {ROUTES}", IN_ACME, {"page": "2"}, None, 404),
+    (f"POST {ROUTES}", IN_ACME, {}, NEW_ROUTE, 201),
+    (f"POST {ROUTES}", IN_ACME, {}, {**NEW_ROUTE, "match": "regex", "value": "("}, 400),
+    (f"GET {ROUTE}", A_ROUTE, {}, None, 200),
+    (f"PUT {ROUTE}", A_ROUTE, {}, NEW_ROUTE, 200),
+    (f"PUT {ROUTE}", A_ROUTE, {}, {**NEW_ROUTE, "agent": "nobody"}, 400),
+    (f"PATCH {ROUTE}", A_ROUTE, {}, {"position": 3}, 200),
+    (f"PATCH {ROUTE}", A_ROUTE, {}, {"match": "chat"}, 400),
+    (f"DELETE {ROUTE}", A_ROUTE, {}, None, 204),
 ]
 
 
 def known_case(existing: Existing, label: str, path: dict[str, str], query: dict, body: Any):
     if path.get("id") == "conversation":
         path = {"id": existing.conversation_id}
+    elif path.get("id") == "route":
+        path = {**path, "id": existing.route_id}
     elif "id" in path:
         path = {"id": existing.message_ids[Status(path["id"])]}
     operation = OPERATIONS[label]
@@ -300,7 +360,11 @@ def test_every_documented_answer_is_reached(existing: Existing, django_user_mode
     no_permission = {"Authorization": f"Token {Token.objects.create(user=staff).key}"}
     for label, operation in OPERATIONS.items():
         params = [parameter.name for parameter in operation.path_parameters]
-        found = {"name": "acme", "id": existing.message_ids[Status.FAILED]}
+        found = {
+            "name": "acme",
+            "id": existing.message_ids[Status.FAILED],
+            "instance_name": "acme",
+        }
         response = call(operation.Case(path_parameters={p: found[p] for p in params}), {})
         assert response.status_code == 401, response.text
         reached.add((label, "401"))
@@ -309,7 +373,7 @@ def test_every_documented_answer_is_reached(existing: Existing, django_user_mode
         assert response.status_code == 403, response.text
         reached.add((label, "403"))
         if params:
-            missing = {"name": "nobody", "id": "987654321"}
+            missing = {"name": "nobody", "id": "987654321", "instance_name": "nobody"}
             case = operation.Case(path_parameters={p: missing[p] for p in params})
             response = call(case, AUTH["api key"])
             assert response.status_code == 404, response.text

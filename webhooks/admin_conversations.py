@@ -14,10 +14,9 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 from django.views.decorators.http import require_POST
 
-from instances.clients.agents import session_name
 from webhooks.admin import STATUS_COLORS, local_time
 from webhooks.models import Conversation, InboundMessage
-from webhooks.selectors import chat_messages, paused_now_q
+from webhooks.selectors import chat_messages, current_session, paused_now_q
 from webhooks.transitions import pause_conversation, reset_conversation, resume_conversation
 
 ACTIONS = [("pause", "Pause the bot"), ("resume", "Resume the bot"), ("reset", "Reset session")]
@@ -48,7 +47,7 @@ class StateFilter(admin.SimpleListFilter):
 class ConversationAdmin(admin.ModelAdmin):
     list_display = ["chat", "instance", "name", "state_badge", "last_message"]
     list_filter = [StateFilter, "instance"]
-    list_select_related = ["instance"]
+    list_select_related = ["instance", "bound_agent"]
     search_fields = ["phone", "push_name", "=chat_jid"]
     search_help_text = "Phone number or name (contains), or the exact chat JID."
     show_full_result_count = False
@@ -59,6 +58,7 @@ class ConversationAdmin(admin.ModelAdmin):
         "state_badge",
         "pause_reason",
         "paused_until",
+        "agent_display",
         "session_display",
         "chat_display",
     ]
@@ -158,9 +158,12 @@ class ConversationAdmin(admin.ModelAdmin):
 
     @admin.display(description="Agent session")
     def session_display(self, obj: Conversation) -> str:
-        return session_name(
-            instance=obj.instance, phone=obj.phone, chat_jid=obj.chat_jid, epoch=obj.session_epoch
-        )
+        return current_session(conversation=obj)
+
+    @admin.display(description="Agent")
+    def agent_display(self, obj: Conversation) -> str:
+        # Bound by a routing rule until a reset or an idle expiry.
+        return obj.bound_agent.name if obj.bound_agent is not None else "default"
 
     @admin.display(description="Chat")
     def chat_display(self, obj: Conversation) -> SafeString:

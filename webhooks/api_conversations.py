@@ -46,7 +46,7 @@ ACTION_RESPONSES = {200: ConversationSerializer, 401: UNAUTHORIZED, 404: NOT_FOU
 class ConversationViewSet(
     mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet
 ):
-    queryset = Conversation.objects.select_related("instance")
+    queryset = Conversation.objects.select_related("instance", "bound_agent")
     pagination_class = MessagePagination
     lookup_value_regex = r"[0-9]+"
     # instances/permissions.py: a staff user needs this for the actions.

@@ -56,6 +56,17 @@ def _any_match(patterns: Iterable[str], values: Sequence[str]) -> bool:
     return any(_matches(pattern, value) for pattern in patterns for value in values)
 
 
+def chat_values(*, chat_jid: str, phone: str, is_group: bool) -> list[str]:
+    """What a chat pattern is compared with: the phone number; in a group, the
+    group's JID and the sender's number."""
+    return [chat_jid, phone] if is_group else [phone]
+
+
+def chat_matches(*, pattern: str, chat_jid: str, phone: str, is_group: bool) -> bool:
+    """A `chat` routing rule, matched as the allow and block lists' entries are."""
+    return _any_match([pattern], chat_values(chat_jid=chat_jid, phone=phone, is_group=is_group))
+
+
 def access_reason(*, instance: InstanceConfig, message: ParsedMessage) -> str | None:
     """'blocked' or 'not allowed' when the lists keep this chat from the bot.
 
@@ -63,7 +74,7 @@ def access_reason(*, instance: InstanceConfig, message: ParsedMessage) -> str | 
     the sender's phone number are: either one on the block list blocks, either
     one on the allow list allows.
     """
-    values = [message.chat_jid, message.phone] if message.is_group else [message.phone]
+    values = chat_values(chat_jid=message.chat_jid, phone=message.phone, is_group=message.is_group)
     if _any_match(instance.block_list, values):
         return "blocked"
     if instance.allow_list and not _any_match(instance.allow_list, values):

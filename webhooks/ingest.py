@@ -27,6 +27,7 @@ from webhooks.notify import notify_new_message
 
 logger = logging.getLogger(__name__)
 
+
 class Outcome(StrEnum):
     QUEUED = "queued"
     IGNORED = "ignored"
@@ -464,6 +465,7 @@ def record_message(*, instance: InstanceConfig, delivery: Delivery, claim: bool 
                 instance=instance,
                 chat_jid=message.chat_jid,
                 session_epoch=chat.session_epoch,
+                bound_agent_id=chat.bound_agent_id,
                 claim_token=token,
             ),
             token=token,

@@ -2,7 +2,7 @@ from datetime import datetime
 
 from django.db import models
 
-from instances.models import InstanceConfig
+from instances.models import Agent, InstanceConfig
 
 
 class Status(models.TextChoices):
@@ -149,6 +149,17 @@ class Conversation(models.Model):
     paused_until = models.DateTimeField(null=True, blank=True)
     # Advanced by a reset or an idle expiry: the agent session's number.
     session_epoch = models.PositiveIntegerField(default=1)
+    # The agent a routing rule bound the chat to (webhooks/routing.py); NULL: the
+    # instance's own. A reset or an idle expiry ends the binding with the session.
+    bound_agent = models.ForeignKey(
+        Agent,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        # Indexed where set only (webhooks_bound_agent), for deleting an agent.
+        db_index=False,
+    )
     last_message_at = models.DateTimeField(null=True, blank=True)
 
     due_at = models.DateTimeField(null=True, blank=True)
@@ -171,6 +182,11 @@ class Conversation(models.Model):
         ]
         indexes = [
             models.Index(fields=["due_at"], name="webhooks_conversation_due"),
+            models.Index(
+                fields=["bound_agent"],
+                condition=models.Q(bound_agent__isnull=False),
+                name="webhooks_bound_agent",
+            ),
             # The chats held by workers now, per tenant (max_concurrent): a few rows.
             models.Index(
                 fields=["instance", "due_at"],

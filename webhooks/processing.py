@@ -23,15 +23,17 @@ from django.utils import timezone
 from instances.clients.agents import AgentCall, agent_for, session_name
 from instances.clients.evolution import EvolutionClient, EvolutionTarget
 from instances.clients.http import OutboundError
-from instances.models import InstanceConfig
+from instances.models import Agent, InstanceConfig
 from omnihub.logging import kv
 from webhooks import metrics
 from webhooks.agent_history import session_history
 from webhooks.chat_rules import is_reset
 from webhooks.db import run_db
 from webhooks.duplicates import SendCheck, Verdict, check_earlier_send
+from webhooks.instance_routes import load_routing
 from webhooks.models import Conversation, InboundMessage, OutboundStatus, Status
 from webhooks.reply_parts import Part, reply_parts, typing_ms
+from webhooks.routing import choose_agent
 from webhooks.rows import EarlierAttempt, earlier_attempt, recorded_ids, sent_reply_count
 from webhooks.transitions import (
     HOLD_REASON,
@@ -39,6 +41,7 @@ from webhooks.transitions import (
     SendEnd,
     SendStart,
     advance_session,
+    bind_agent,
     fold_into,
     release_messages,
     renew_lease,
@@ -287,6 +290,8 @@ async def _reset(step: Step, *, message: InboundMessage, http: httpx.AsyncClient
     if not message.content.get("reset"):
         # Once per message, also when its reply is retried.
         conversation.session_epoch = await run_db(advance_session, conversation_id=conversation.pk)
+        # The reset ended the chat's binding to a routed agent with its session.
+        conversation.bound_agent_id = None
     instance = step.batch.instance
     held, _ = await step.update(
         message,
@@ -300,13 +305,62 @@ async def _reset(step: Step, *, message: InboundMessage, http: httpx.AsyncClient
     return await _send_reply(step, message=message, http=http)
 
 
-def _session(conversation: Conversation, instance: InstanceConfig) -> str:
+def _session(
+    conversation: Conversation, instance: InstanceConfig, agent: Agent | None = None
+) -> str:
     return session_name(
         instance=instance,
         chat_jid=conversation.chat_jid,
         phone=conversation.phone,
         epoch=conversation.session_epoch,
+        agent=agent.session_suffix if agent is not None else "",
     )
+
+
+async def _routed_agent(step: Step, *, messages: list[InboundMessage]) -> Agent | None:
+    """The agent for these messages (None: the instance's own), binding the chat
+    to the agent of the last rule they matched (webhooks/routing.py)."""
+    batch = step.batch
+    conversation = batch.conversation
+    # Known from the statement that read the instance; unknown (an instance read
+    # elsewhere) means look.
+    if not getattr(batch.instance, "has_routes", True) and conversation.bound_agent_id is None:
+        return None
+    if batch.routing is None:
+        batch.routing = await run_db(load_routing, instance_id=batch.instance.pk)
+    routing = batch.routing
+    bound = conversation.bound_agent_id
+    if bound not in routing.agents:
+        # Deleted since it was read: the default answers.
+        bound = None
+    for message in messages:
+        choice = choose_agent(
+            rules=routing.rules,
+            bound=bound,
+            text=message.text,
+            chat_jid=message.chat_jid,
+            phone=message.phone,
+            is_group=bool(message.content.get("is_group")),
+        )
+        bound = choice.agent_id if choice.agent_id in routing.agents else None
+    if bound != conversation.bound_agent_id:
+        await run_db(
+            bind_agent,
+            conversation_id=conversation.pk,
+            agent_id=bound,
+            session_epoch=conversation.session_epoch,
+        )
+        conversation.bound_agent_id = bound
+    agent = routing.agents.get(bound) if bound is not None else None
+    if agent is not None and agent.agent_timeout > batch.instance.agent_timeout:
+        # The chat's lease was sized for the instance's own agent.
+        await run_db(
+            renew_lease,
+            conversation_id=conversation.pk,
+            token=batch.token,
+            agent_timeout=agent.agent_timeout,
+        )
+    return agent
 
 
 async def _answer(step: Step, *, messages: list[InboundMessage], http: httpx.AsyncClient) -> bool:
@@ -331,19 +385,24 @@ async def _answer(step: Step, *, messages: list[InboundMessage], http: httpx.Asy
         )
         message.content = content
         metrics.debounced_bursts.labels(step.batch.instance.name).inc()
-    if message.reply_text is None and not await _ask_agent(step, message=message, http=http):
+    if message.reply_text is None and not await _ask_agent(
+        step, message=message, routed=await _routed_agent(step, messages=messages), http=http
+    ):
         # Failed for good: the chat goes on; requeued for a retry or lost: stop.
         return message.status == Status.FAILED
     return await _send_reply(step, message=message, http=http)
 
 
-async def _ask_agent(step: Step, *, message: InboundMessage, http: httpx.AsyncClient) -> bool:
-    """Get the reply into message.reply_text; False when the row was requeued, failed or lost."""
+async def _ask_agent(
+    step: Step, *, message: InboundMessage, routed: Agent | None, http: httpx.AsyncClient
+) -> bool:
+    """Get the reply into message.reply_text from `routed` (None: the instance's own agent);
+    False when the row was requeued, failed or lost."""
     instance = step.batch.instance
     evolution = EvolutionClient(target=evolution_target(message=message), http=http)
     conversation = step.batch.conversation
-    session = _session(conversation, instance)
-    agent = agent_for(instance=instance, http=http)
+    session = _session(conversation, instance, routed)
+    agent = agent_for(instance=instance, http=http, agent=routed)
     history = (
         await run_db(
             session_history,

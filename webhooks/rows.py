@@ -20,7 +20,7 @@ from django.db import DEFAULT_DB_ALIAS, connection, connections
 from django.db.models import DateTimeField, Field, JSONField
 from django.utils import timezone
 
-from instances.models import InstanceConfig
+from instances.models import InstanceConfig, Route
 from webhooks.models import (
     ConnectionState,
     Conversation,
@@ -117,13 +117,21 @@ Converter = Callable[[Any, Any, Any], Any]
 
 @cache
 def _instance_reading(vendor: str) -> tuple[str, list[tuple[Field, list[Converter]]]]:
-    table = connection.ops.quote_name(InstanceConfig._meta.db_table)
-    columns = ", ".join(connection.ops.quote_name(f.column) for f in _INSTANCE_FIELDS)
+    q = connection.ops.quote_name
+    table = q(InstanceConfig._meta.db_table)
+    columns = ", ".join(f"{table}.{q(f.column)}" for f in _INSTANCE_FIELDS)
     converters = [
         (f, connection.ops.get_db_converters(f.get_col(table)) + f.get_db_converters(connection))
         for f in _INSTANCE_FIELDS
     ]
-    return f"SELECT {columns} FROM {table} WHERE ", converters
+    # Whether it has routing rules, in the same statement: the worker reads them
+    # only then (an index lookup on instances_route_order).
+    routes = Route._meta
+    has_routes = (
+        f"EXISTS (SELECT 1 FROM {q(routes.db_table)} WHERE "
+        f"{q(routes.get_field('instance').column)} = {table}.{q('id')})"
+    )
+    return f"SELECT {columns}, {has_routes} FROM {table} WHERE ", converters
 
 
 def find_instance(*, name: str | None) -> InstanceConfig | None:
@@ -139,8 +147,12 @@ def find_instance(*, name: str | None) -> InstanceConfig | None:
         found = cursor.fetchone()
     if found is None:
         return None
-    values = _convert(fields, found)
-    return InstanceConfig.from_db(connection.alias, [f.attname for f in _INSTANCE_FIELDS], values)
+    values = _convert(fields, found[:-1])
+    instance = InstanceConfig.from_db(
+        connection.alias, [f.attname for f in _INSTANCE_FIELDS], values
+    )
+    instance.has_routes = bool(found[-1])
+    return instance
 
 
 # --- a held chat's open messages, taken by its worker --------------------------
@@ -231,7 +243,15 @@ def renew_conversation_lease(*, conversation_id: int, token: str, lease: datetim
 
 # --- conversations: the chat's row, touched by every queued message -------------
 _conv = Conversation._meta
-_CONV_STATE = ("id", "pause_reason", "paused_until", "session_epoch", "claim_token", "due_at")
+_CONV_STATE = (
+    "id",
+    "pause_reason",
+    "paused_until",
+    "session_epoch",
+    "claim_token",
+    "due_at",
+    "bound_agent",
+)
 
 
 def _conv_table() -> str:
@@ -336,6 +356,9 @@ def _touch_sql(vendor: str, queue: bool, debounced: bool, claim: bool) -> str:
         # An idle chat's next user message starts a new agent session.
         f"{c('session_epoch')} = CASE WHEN %(idle)s AND {t}.{c('last_message_at')} < %(cutoff)s "
         f"THEN {t}.{c('session_epoch')} + 1 ELSE {t}.{c('session_epoch')} END, "
+        # ...and ends its binding to a routed agent (webhooks/routing.py).
+        f"{c('bound_agent')} = CASE WHEN %(idle)s AND {t}.{c('last_message_at')} < %(cutoff)s "
+        f"THEN NULL ELSE {t}.{c('bound_agent')} END, "
         f"{c('last_message_at')} = excluded.{c('last_message_at')}"
         f"{queued}"
         f"RETURNING {returning}"
@@ -364,6 +387,7 @@ class ChatState:
     session_epoch: int
     claim_token: str
     due_at: datetime | None
+    bound_agent_id: int | None
 
     def paused_now(self, *, now: datetime) -> bool:
         return paused_at(pause_reason=self.pause_reason, paused_until=self.paused_until, now=now)

@@ -6,6 +6,7 @@ from typing import Any
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
+from instances.clients.agents import session_name
 from webhooks.models import Conversation, InboundMessage
 
 CHAT_PAGE_SIZE = 200
@@ -41,3 +42,16 @@ def chat_messages(
         .order_by("-id")[:limit]
     )
     return list(reversed(latest))
+
+
+def current_session(*, conversation: Conversation) -> str:
+    """The agent session the chat's next message goes to: its bound agent's
+    (routing), else the instance's own agent's."""
+    agent = conversation.bound_agent
+    return session_name(
+        instance=conversation.instance,
+        phone=conversation.phone,
+        chat_jid=conversation.chat_jid,
+        epoch=conversation.session_epoch,
+        agent=agent.session_suffix if agent is not None else "",
+    )

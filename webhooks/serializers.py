@@ -4,8 +4,9 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from instances.validators import DEFAULT_AGENT_NAME
 from webhooks.models import Conversation, InboundMessage, PauseReason, Status
-from webhooks.selectors import CHAT_PAGE_SIZE, chat_messages
+from webhooks.selectors import CHAT_PAGE_SIZE, chat_messages, current_session
 
 
 def milliseconds(start: datetime | None, end: datetime | None) -> int | None:
@@ -116,6 +117,10 @@ class ConversationSerializer(serializers.ModelSerializer):
     session_name = serializers.SerializerMethodField(
         help_text="The agent session the chat's next message goes to."
     )
+    agent = serializers.SerializerMethodField(
+        help_text="The agent the chat is bound to by a routing rule (until a reset or an "
+        "idle expiry): an agent's name, or 'default', the instance's own agent."
+    )
     pause_reason = serializers.ChoiceField(
         choices=["", *PauseReason.values],
         read_only=True,
@@ -135,6 +140,7 @@ class ConversationSerializer(serializers.ModelSerializer):
             "state",
             "paused_until",
             "pause_reason",
+            "agent",
             "session_name",
             "session_epoch",
             "last_message_at",
@@ -145,11 +151,10 @@ class ConversationSerializer(serializers.ModelSerializer):
         }
 
     def get_session_name(self, obj: Conversation) -> str:
-        from instances.clients.agents import session_name
+        return current_session(conversation=obj)
 
-        return session_name(
-            instance=obj.instance, phone=obj.phone, chat_jid=obj.chat_jid, epoch=obj.session_epoch
-        )
+    def get_agent(self, obj: Conversation) -> str:
+        return obj.bound_agent.name if obj.bound_agent is not None else DEFAULT_AGENT_NAME
 
 
 class ChatMessageSerializer(serializers.ModelSerializer):

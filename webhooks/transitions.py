@@ -19,10 +19,10 @@ from uuid import uuid4
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Case, F, Q, QuerySet, Value, When
+from django.db.models import Case, Exists, F, OuterRef, Q, QuerySet, Value, When
 from django.utils import timezone
 
-from instances.models import InstanceConfig
+from instances.models import InstanceConfig, Route
 from webhooks import rows
 from webhooks.chat_rules import OpenMessage, OwnerAction, debounce_limit, due_time
 from webhooks.models import (
@@ -32,6 +32,7 @@ from webhooks.models import (
     PauseReason,
     Status,
 )
+from webhooks.routing import Routing
 from webhooks.rows import update_claimed_row
 from webhooks.wakeup import wake_up
 
@@ -58,6 +59,8 @@ class Batch:
     conversation: Conversation
     token: str
     messages: list[InboundMessage] = field(default_factory=list)
+    # The instance's routing, read by the worker when it first needs it.
+    routing: Routing | None = None
 
     @property
     def instance(self) -> InstanceConfig:
@@ -99,7 +102,11 @@ def claim_conversations(*, limit: int) -> list[Batch]:
         )
         # Each tenant read once, not once per candidate (a join built one
         # instance of 30 fields for each of up to limit * 4 rows).
-        instances = InstanceConfig.objects.in_bulk({c.instance_id for c in candidates})
+        # has_routes in the same statement: an instance without routing rules
+        # costs the worker no read of them (webhooks/processing.py).
+        instances = InstanceConfig.objects.annotate(
+            has_routes=Exists(Route.objects.filter(instance_id=OuterRef("pk")))
+        ).in_bulk({c.instance_id for c in candidates})
         for conversation in candidates:
             conversation.instance = instances[conversation.instance_id]
         chosen = _share_fairly(candidates, leased=leased, limit=limit)
@@ -381,9 +388,26 @@ def renew_lease(*, conversation_id: int, token: str, agent_timeout: int) -> None
 
 
 def advance_session(*, conversation_id: int) -> int:
-    """A new agent session for the chat (reset); returns its number."""
-    Conversation.objects.filter(pk=conversation_id).update(session_epoch=F("session_epoch") + 1)
+    """A new agent session for the chat (reset); returns its number.
+
+    It ends the chat's binding to a routed agent: the next message is routed
+    afresh (the idle expiry does the same, in rows.touch_conversation).
+    """
+    Conversation.objects.filter(pk=conversation_id).update(
+        session_epoch=F("session_epoch") + 1, bound_agent=None
+    )
     return Conversation.objects.values_list("session_epoch", flat=True).get(pk=conversation_id)
+
+
+def bind_agent(*, conversation_id: int, agent_id: int | None, session_epoch: int) -> bool:
+    """A routing rule matched: the chat goes to this agent (None: the instance's own)
+    until a reset or an idle expiry. Only within the session the message belongs
+    to: a reset meanwhile wins. Whether it was written."""
+    return bool(
+        Conversation.objects.filter(pk=conversation_id, session_epoch=session_epoch).update(
+            bound_agent_id=agent_id
+        )
+    )
 
 
 # --- the owner's messages and the operator's actions ------------------------------

@@ -23,6 +23,7 @@ from instances.clients.agents.base import (
     AgentCall,
     AgentCheck,
     AgentReply,
+    AgentSettings,
     Exchange,
     HttpAgent,
     session_name,
@@ -36,6 +37,7 @@ __all__ = [
     "AgentCall",
     "AgentCheck",
     "AgentReply",
+    "AgentSettings",
     "Exchange",
     "HttpAgent",
     "agent_for",
@@ -45,5 +47,9 @@ __all__ = [
 KINDS: dict[str, type[HttpAgent]] = {kind.kind: kind for kind in (Automagik, OpenAI, Webhook)}
 
 
-def agent_for(*, instance: InstanceConfig, http: httpx.AsyncClient) -> HttpAgent:
-    return KINDS[instance.agent_kind](instance=instance, http=http)
+def agent_for(
+    *, instance: InstanceConfig, http: httpx.AsyncClient, agent: AgentSettings | None = None
+) -> HttpAgent:
+    """The instance's agent: its own (default) one, or `agent`, one of its agent rows."""
+    settings = agent if agent is not None else instance
+    return KINDS[settings.agent_kind](instance=instance, http=http, agent=agent)

@@ -8,7 +8,7 @@ here so that no kind can get them wrong.
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import httpx
 
@@ -70,13 +70,33 @@ class AgentCall:
     history: tuple[Exchange, ...] = field(default=())
 
 
-def session_name(*, instance: InstanceConfig, phone: str, chat_jid: str, epoch: int = 1) -> str:
+class AgentSettings(Protocol):
+    """Where and how an agent is called: the instance's own agent fields (its
+    default agent), or an agent row of its routing (instances.models.Agent)."""
+
+    agent_kind: str
+    agent_api_url: str
+    agent_api_key: str
+    default_agent: str
+    system_prompt: str
+    agent_timeout: int
+    history_limit: int
+
+
+def session_name(
+    *, instance: InstanceConfig, phone: str, chat_jid: str, epoch: int = 1, agent: str = ""
+) -> str:
     """The agent session of a chat: the first one keeps the single-tenant service's
-    name (prefix + phone digits; a group's own digits), later ones add -2, -3, ..."""
+    name (prefix + phone digits; a group's own digits), later ones add -2, -3, ...
+
+    A routed agent's sessions add -<its name> (a name starts with a letter, so it
+    never reads as an epoch): each agent keeps its own memory of the chat.
+    """
     digits = chat_jid.split("@", 1)[0] if chat_jid.endswith("@g.us") else ""
     digits = digits or phone or chat_jid.split("@", 1)[0]
     name = f"{instance.session_prefix}{digits}"
-    return name if epoch <= 1 else f"{name}-{epoch}"
+    name = name if epoch <= 1 else f"{name}-{epoch}"
+    return f"{name}-{agent}" if agent else name
 
 
 def user_text(content: dict[str, Any]) -> str:
@@ -90,11 +110,20 @@ class HttpAgent:
 
     kind: ClassVar[str]
 
-    def __init__(self, *, instance: InstanceConfig, http: httpx.AsyncClient) -> None:
+    def __init__(
+        self,
+        *,
+        instance: InstanceConfig,
+        http: httpx.AsyncClient,
+        agent: AgentSettings | None = None,
+    ) -> None:
+        # The tenant (its name, its sessions) and the agent called: the
+        # instance's own unless routing chose another.
         self.instance = instance
+        self.agent: AgentSettings = agent if agent is not None else instance
         self.http = http
-        self.timeout = httpx.Timeout(float(instance.agent_timeout), connect=5.0)
-        self.deadline = float(instance.agent_timeout)
+        self.timeout = httpx.Timeout(float(self.agent.agent_timeout), connect=5.0)
+        self.deadline = float(self.agent.agent_timeout)
 
     @property
     def history_limit(self) -> int:

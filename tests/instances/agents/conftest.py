@@ -5,7 +5,7 @@ from typing import Any
 
 import httpx
 
-from instances.clients.agents import AgentCall, AgentCheck, AgentReply, agent_for
+from instances.clients.agents import AgentCall, AgentCheck, AgentReply, AgentSettings, agent_for
 from tests.webhooks.conftest import client_answering, unsaved_instance
 from webhooks.parsing import parse_message, strip_secrets
 
@@ -19,12 +19,13 @@ def call_for(body: dict[str, Any], **fields: Any) -> AgentCall:
 
 
 async def ask(
-    answer: Any, *, call: AgentCall, **instance_fields: Any
+    answer: Any, *, call: AgentCall, routed: AgentSettings | None = None, **instance_fields: Any
 ) -> tuple[AgentReply, list[httpx.Request]]:
-    """Build the request for `call` with the instance's kind and run it."""
+    """Build the request for `call` with the instance's kind (or `routed`'s, one of
+    its agent rows) and run it."""
     requests: list[httpx.Request] = []
     async with client_answering(answer, requests) as http:
-        agent = agent_for(instance=unsaved_instance(**instance_fields), http=http)
+        agent = agent_for(instance=unsaved_instance(**instance_fields), http=http, agent=routed)
         reply = await agent.run(request=agent.build(call=call))
     return reply, requests
 

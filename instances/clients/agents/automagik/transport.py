@@ -78,12 +78,12 @@ class Automagik(HttpAgent):
 
     def url(self) -> str:
         return (
-            f"{self.instance.agent_api_url.rstrip('/')}/api/v1/agent/"
-            f"{quote(self.instance.default_agent, safe='')}/run"
+            f"{self.agent.agent_api_url.rstrip('/')}/api/v1/agent/"
+            f"{quote(self.agent.default_agent, safe='')}/run"
         )
 
     def headers(self) -> dict[str, str]:
-        return {"x-api-key": self.instance.agent_api_key}
+        return {"x-api-key": self.agent.agent_api_key}
 
     def build(self, *, call: AgentCall) -> dict[str, Any]:
         return build_agent_request(content=call.content, payload=call.payload, session=call.session)

@@ -83,21 +83,21 @@ class OpenAI(HttpAgent):
 
     @property
     def history_limit(self) -> int:
-        return self.instance.history_limit
+        return self.agent.history_limit
 
     def url(self) -> str:
-        return f"{self.instance.agent_api_url.rstrip('/')}/chat/completions"
+        return f"{self.agent.agent_api_url.rstrip('/')}/chat/completions"
 
     def headers(self) -> dict[str, str]:
-        return bearer(self.instance.agent_api_key)
+        return bearer(self.agent.agent_api_key)
 
     def build(self, *, call: AgentCall) -> dict[str, Any]:
         messages: list[dict[str, str]] = []
-        if self.instance.system_prompt.strip():
-            messages.append({"role": "system", "content": self.instance.system_prompt})
+        if self.agent.system_prompt.strip():
+            messages.append({"role": "system", "content": self.agent.system_prompt})
         messages += history_messages(call.history, limit=self.history_limit)
         messages.append({"role": "user", "content": user_message(call.content)})
-        return {"model": self.instance.default_agent, "messages": messages}
+        return {"model": self.agent.default_agent, "messages": messages}
 
     def read(self, *, body: Any) -> AgentReply:
         return AgentReply(text=reply_text(body), body=body if isinstance(body, dict) else {})

@@ -65,10 +65,10 @@ class Webhook(HttpAgent):
     kind = "webhook"
 
     def url(self) -> str:
-        return self.instance.agent_api_url
+        return self.agent.agent_api_url
 
     def headers(self) -> dict[str, str]:
-        return bearer(self.instance.agent_api_key)
+        return bearer(self.agent.agent_api_key)
 
     def build(self, *, call: AgentCall) -> dict[str, Any]:
         content = call.content

@@ -9,7 +9,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('instances', '0009_reply_shaping'),
+        ('instances', '0010_reply_shaping'),
     ]
 
     operations = [

@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('instances', '0008_agent_kinds'),
+        ('instances', '0009_agents_and_routes'),
     ]
 
     operations = [
