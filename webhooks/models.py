@@ -53,6 +53,9 @@ class InboundMessage(models.Model):
     last_error = models.TextField(blank=True)
     agent_request = models.JSONField(null=True, blank=True)
     agent_response = models.JSONField(null=True, blank=True)
+    # A voice note's text (Evolution's speechToText or the instance's STT), as
+    # the agent got it; blank for other messages.
+    transcript = models.TextField(blank=True)
     # None: the agent has not answered yet; "": it answered with nothing to send.
     reply_text = models.TextField(null=True, blank=True)  # noqa: DJ001
     used_fallback = models.BooleanField(default=False)
