@@ -25,7 +25,8 @@ from instances.clients.http import new_http_client
 from webhooks import notify
 from webhooks.db import run_db
 from webhooks.models import WorkerHeartbeat
-from webhooks.processing import handle_batch, sends_in_flight
+from webhooks.processing import handle_batch
+from webhooks.reply_sending import sends_in_flight
 from webhooks.transitions import Batch, claim_conversations, release_batch
 from webhooks.wakeup import wake_events
 

@@ -8,7 +8,7 @@ import pytest
 
 from omnihub.logging import JsonFormatter, kv, parse_kv
 from tests.webhooks.conftest import message_body
-from webhooks import processing
+from webhooks import step
 from webhooks.ingest import record_delivery
 from webhooks.models import InboundMessage
 
@@ -66,7 +66,7 @@ def test_a_forged_message_id_cannot_forge_a_field_in_the_processing_log(make_ins
     message = InboundMessage(instance=make_instance(), message_id=FORGED_ID)
     caplog.set_level(logging.INFO, logger="webhooks.processing")
 
-    processing._log(message, "failed", error="agent said: no=yes")
+    step.log_message(message, "failed", error="agent said: no=yes")
 
     line = caplog.records[-1].getMessage()
     assert "\n" not in line

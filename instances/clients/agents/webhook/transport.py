@@ -5,7 +5,7 @@ POST {agent_api_url} with the message as documented JSON (see build) and
 first of `reply`, `output`, `text`, `message`, `answer` that is a string (n8n's
 "Respond to Webhook" answers `output`); an array of such objects or strings is
 several messages, joined with blank lines into one reply that the worker cuts
-there again (webhooks/processing.py parts_of); empty, `null` or no such key
+there again (webhooks/reply_sending.py parts_of); empty, `null` or no such key
 sends nothing.
 The workflow keeps its own memory, under `session_id` if it wants one.
 
