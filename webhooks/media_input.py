@@ -91,6 +91,10 @@ async def prepare_media(
         return None
     cap = instance.media_max_bytes
     data: bytes | None = None
+    speech = (content.get("text") or "").strip() if media.kind == "audio" else ""
+    if speech and agent_kind != "automagik":
+        # Evolution transcribed it: a text-only kind needs nothing more.
+        return PreparedMedia(media=media, transcript=speech)
     if media.size is not None and media.size > cap:
         media = replace(media, note=_over_cap(media.size, cap))
     else:

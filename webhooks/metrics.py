@@ -63,6 +63,17 @@ resend_checks = Counter(
     "(sent, not_sent, no_messages_kept, unknown: the last two are sent again).",
     ["instance", "verdict"],
 )
+read_receipts_failed = Counter(
+    "omnihub_read_receipts_failed_total",
+    "markMessageAsRead calls (mark_read) that failed; they are not retried.",
+    ["instance"],
+)
+voice_notes = Counter(
+    "omnihub_voice_notes_total",
+    "Voice notes handled, by how their text was had (speech_to_text: Evolution's; "
+    "transcribed: the instance's STT; unreadable: stt_failure_message sent).",
+    ["instance", "outcome"],
+)
 takeovers = Counter(
     "omnihub_takeovers_total",
     "Messages written from the business's phone that paused the bot in their chat.",

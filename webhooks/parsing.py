@@ -482,12 +482,12 @@ def _number(value: object) -> float | None:
 
 
 def _location_text(location: dict[str, Any]) -> str:
+    """ "[location] latitude, longitude (name, address)": the coordinates first, as
+    a map link or a geocoder takes them."""
     label = ", ".join(
         part for part in (_str(location.get(k)).strip() for k in ("name", "address")) if part
     )
     parts = ["[location]"]
-    if label:
-        parts.append(label)
     latitude = location.get("degreesLatitude")
     longitude = location.get("degreesLongitude")
     if latitude is not None or longitude is not None:
@@ -495,7 +495,9 @@ def _location_text(location: dict[str, Any]) -> str:
         lat = 0.0 if latitude is None else _number(latitude)
         long = 0.0 if longitude is None else _number(longitude)
         if lat is not None and long is not None:
-            parts.append(f"({lat}, {long})")
+            parts.append(f"{lat}, {long}")
+    if label:
+        parts.append(f"({label})" if len(parts) > 1 else label)
     return " ".join(parts)
 
 

@@ -9,6 +9,8 @@ Every write is conditional on the claim token, so a worker that lost its
 lease (another worker took the chat) can never overwrite the new owner's work.
 """
 
+from typing import Any
+
 import httpx
 from django.conf import settings
 from django.utils import timezone
@@ -22,8 +24,15 @@ from webhooks.agent_history import session_history
 from webhooks.chat_rules import is_reset
 from webhooks.db import run_db
 from webhooks.instance_routes import load_routing
+from webhooks.media_input import PreparedMedia, prepare_media
 from webhooks.models import Conversation, InboundMessage, Status
-from webhooks.reply_sending import parts_of, reply_number, send_reply, show_typing_later
+from webhooks.reply_sending import (
+    in_background,
+    parts_of,
+    reply_number,
+    send_reply,
+    show_typing_later,
+)
 from webhooks.routing import choose_agent
 from webhooks.step import Step, evolution_target
 from webhooks.transitions import (
@@ -235,6 +244,37 @@ async def _ask_agent(
     conversation = step.batch.conversation
     session = _session(conversation, instance, routed)
     agent = agent_for(instance=instance, http=http, agent=routed)
+    prepared: PreparedMedia | None = None
+    if message.content.get("media"):
+        attempt = message.agent_attempts + 1
+        try:
+            prepared = await prepare_media(
+                instance=instance,
+                content=message.content,
+                payload=message.payload,
+                message_id=message.message_id,
+                chat_jid=message.chat_jid,
+                evolution=evolution,
+                http=http,
+                agent_kind=agent.kind,
+                last_attempt=attempt >= settings.AGENT_MAX_ATTEMPTS,
+            )
+        except OutboundError as exc:
+            # Evolution's file or the transcription may be there on the next try.
+            metrics.outbound_errors.labels(instance.name, "media", exc.status or "none").inc()
+            await step.retry_later(message, attempt=attempt, error=str(exc), agent_attempts=attempt)
+            return False
+        if prepared is not None and prepared.voice_unreadable:
+            return await _voice_unreadable(
+                step, message=message, reason=prepared.voice_unreadable, session=session
+            )
+    if prepared is not None and prepared.transcript:
+        said = (message.content.get("text") or "").strip()
+        outcome = "speech_to_text" if said else "transcribed"
+        metrics.voice_notes.labels(instance.name, outcome).inc()
+    content = with_media(message.content, prepared)
+    if instance.mark_read:
+        in_background(_mark_read(evolution, message=message))
     history = (
         await run_db(
             session_history,
@@ -249,11 +289,12 @@ async def _ask_agent(
     )
     request = agent.build(
         call=AgentCall(
-            content=message.content,
+            content=content,
             payload=message.payload,
             session=session,
             conversation_id=conversation.pk,
             history=history,
+            media=prepared.media if prepared is not None else None,
         )
     )
     started = timezone.now()
@@ -303,9 +344,15 @@ async def _ask_agent(
         if text and target.base_url and target.api_key
         else None
     )
+    media_fields = (
+        {"content": content, "transcript": prepared.transcript or ""}
+        if prepared is not None
+        else {}
+    )
     held, outbound_id = await step.update(
         message,
         send_start=send_start,
+        **media_fields,
         agent_attempts=message.agent_attempts + 1,
         agent_started_at=started,
         agent_finished_at=timezone.now(),
@@ -317,3 +364,59 @@ async def _ask_agent(
     if held and send_start is not None:
         step.prepared[message.pk] = outbound_id
     return held
+
+
+def with_media(content: dict[str, Any], prepared: PreparedMedia | None) -> dict[str, Any]:
+    """The content the agent answers and the row keeps: a voice note's transcript as
+    its text (so the session's history reads it too), the media's note for the log."""
+    if prepared is None:
+        return content
+    media = {**content["media"], "size": prepared.media.size}
+    if prepared.media.note:
+        media["note"] = prepared.media.note
+    changed = {**content, "media": media}
+    if prepared.transcript:
+        changed["text"] = prepared.transcript
+        changed["transcribed"] = True
+    return changed
+
+
+async def _voice_unreadable(
+    step: Step, *, message: InboundMessage, reason: str, session: str
+) -> bool:
+    """A voice note with no text to answer: the user is asked to write instead
+    (stt_failure_message), the agent is not asked, the row keeps why."""
+    instance = step.batch.instance
+    metrics.voice_notes.labels(instance.name, "unreadable").inc()
+    fields: dict[str, Any] = {
+        "agent_attempts": message.agent_attempts + 1,
+        "last_error": f"voice note not understood: {reason}",
+        "session_name": session,
+    }
+    if not instance.stt_failure_message:
+        await step.finish(message, Status.FAILED, **fields)
+        return False
+    held, _ = await step.update(
+        message, reply_text=instance.stt_failure_message, used_fallback=True, **fields
+    )
+    return held
+
+
+def read_receipt_jid(message: InboundMessage) -> str:
+    """Evolution 2.3.x skips @lid keys silently: the phone's JID when the delivery has one."""
+    if message.chat_jid.endswith("@lid") and message.phone:
+        return f"{message.phone}@s.whatsapp.net"
+    return message.chat_jid
+
+
+async def _mark_read(evolution: EvolutionClient, *, message: InboundMessage) -> None:
+    is_group = bool(message.content.get("is_group"))
+    try:
+        await evolution.mark_read(
+            remote_jid=read_receipt_jid(message),
+            message_id=message.message_id,
+            participant=message.sender_jid if is_group else "",
+        )
+    except OutboundError:
+        # Blue ticks are a courtesy: counted, never retried, never in the way.
+        metrics.read_receipts_failed.labels(message.instance.name).inc()

@@ -5,6 +5,7 @@ reached Evolution is checked before it goes again (webhooks/duplicates.py).
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -34,16 +35,21 @@ from webhooks.transitions import (
 logger = logging.getLogger("webhooks.processing")
 
 
-# Presence requests in flight, kept so they are not garbage-collected. They are
+# Presence and read-receipt requests in flight, kept so they are not garbage-collected. They are
 # never cancelled: cancelling an httpx request mid-flight can leave its pool
 # slot taken for good (encode/httpcore#1093), and they end on their timeout.
-_typing: set[asyncio.Task[None]] = set()
+_background: set[asyncio.Task[None]] = set()
+
+
+def in_background(call: Coroutine[Any, Any, None]) -> None:
+    """Run a call whose outcome nothing waits for (presence, read receipts)."""
+    task = asyncio.create_task(call)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 def show_typing(evolution: EvolutionClient, *, number: str) -> None:
-    task = asyncio.create_task(evolution.send_presence(number=number))
-    _typing.add(task)
-    task.add_done_callback(_typing.discard)
+    in_background(evolution.send_presence(number=number))
 
 
 def show_typing_later(evolution: EvolutionClient, *, number: str) -> asyncio.TimerHandle:

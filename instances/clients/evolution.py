@@ -285,10 +285,13 @@ class EvolutionClient:
             file_name=file_name if isinstance(file_name, str) else "",
         )
 
-    async def mark_read(self, *, remote_jid: str, message_id: str) -> None:
-        """POST /chat/markMessageAsRead/{instance}: blue ticks on a received message.
-        Raises OutboundError; the caller counts and forgets it."""
+    async def mark_read(self, *, remote_jid: str, message_id: str, participant: str = "") -> None:
+        """POST /chat/markMessageAsRead/{instance}: blue ticks on a received message
+        (in a group, its sender as `participant`). Raises OutboundError; the caller
+        counts and forgets it."""
         key = {"remoteJid": remote_jid, "fromMe": False, "id": message_id}
+        if participant:
+            key["participant"] = participant
         await self._safe_post(
             "chat/markMessageAsRead", {"readMessages": [key]}, what="markMessageAsRead"
         )

@@ -119,8 +119,8 @@ EXPECTED: dict[str, dict[str, Any]] = {
     },
     "messages-upsert-location.json": {
         "message_type": "location",
-        "text": "[location] Av. Paulista, 1578, Bela Vista, São Paulo - SP "
-        "(-23.5613496, -46.6565712)",
+        "text": "[location] -23.5613496, -46.6565712 "
+        "(Av. Paulista, 1578, Bela Vista, São Paulo - SP)",
     },
     "messages-upsert-contact.json": {
         "message_type": "contact",
@@ -463,7 +463,7 @@ def test_a_poll_lists_its_question_and_options() -> None:
 def test_a_location_without_name_shows_only_coordinates() -> None:
     body = upsert({"locationMessage": {"degreesLatitude": -23.5, "degreesLongitude": -46.6}})
 
-    assert parse_message(body).text == "[location] (-23.5, -46.6)"
+    assert parse_message(body).text == "[location] -23.5, -46.6"
 
 
 def test_a_contact_without_vcard_shows_its_name() -> None:

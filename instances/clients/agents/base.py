@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Protocol
 
 import httpx
 
+from instances.clients.agents.media import AgentMedia
 from instances.clients.evolution import transport_reason
 from instances.clients.http import (
     OutboundError,
@@ -68,6 +69,8 @@ class AgentCall:
     conversation_id: int | None = None
     # Oldest first; only for kinds whose history_limit is not 0.
     history: tuple[Exchange, ...] = field(default=())
+    # The message's media as the worker prepared it (webhooks/media_input.py).
+    media: AgentMedia | None = None
 
 
 class AgentSettings(Protocol):
@@ -164,7 +167,10 @@ class HttpAgent:
 
     def scrub(self, text: str) -> str:
         """Upstream text may echo what we sent; no secret of the instance leaves through it."""
-        return scrub_secrets(text, (getattr(self.instance, name) for name in SECRET_FIELDS))
+        secrets = [getattr(self.instance, name) for name in SECRET_FIELDS]
+        # A routed agent's own key too.
+        secrets.append(self.agent.agent_api_key)
+        return scrub_secrets(text, secrets)
 
     async def probe(self, url: str, *, timeout: float) -> httpx.Response | AgentCheck:
         """GET `url` with the kind's headers: the answer, or the failed check in

@@ -7,6 +7,7 @@ what of it goes into its request (README, "Media and voice").
 
 import base64
 from dataclasses import dataclass
+from typing import Any
 
 MEDIA_KINDS = frozenset({"image", "audio", "video", "document"})
 
@@ -63,3 +64,11 @@ class AgentMedia:
     def voice_text(self) -> str:
         """A transcribed voice note for text-only kinds: "[voice] …"."""
         return f"[voice] {self.transcript or ''}".strip()
+
+
+def without_data(item: dict[str, Any], key: str = "data") -> dict[str, Any]:
+    """A request part as the row keeps it: the file's base64 replaced by its length."""
+    value = item.get(key)
+    if not isinstance(value, str) or len(value) <= 64:
+        return item
+    return {**item, key: f"<{len(value)} characters of base64, not kept>"}

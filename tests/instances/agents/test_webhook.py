@@ -65,8 +65,10 @@ async def test_a_media_message_carries_its_media_without_the_bytes() -> None:
     _, [request] = await webhook(body=message_body("messages-upsert-image-caption.json"))
 
     media = json.loads(request.content)["media"]
-    assert set(media) == {"mime_type", "url", "file_name", "caption", "size"}
+    assert set(media) == {"mime_type", "url", "file_name", "caption", "size", "base64", "note"}
     assert media["mime_type"].startswith("image/")
+    # Without the worker's preparation there is no file to pass on.
+    assert media["base64"] is None
 
 
 @pytest.mark.parametrize(

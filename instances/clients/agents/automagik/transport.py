@@ -5,21 +5,30 @@ the reply is `message`. The agent server keeps the conversation's memory
 under `session_name`. Test connections: GET {agent_api_url}/health with the key.
 """
 
+import base64
 from typing import Any
 from urllib.parse import quote
 
 from instances.clients.agents.base import AgentCall, AgentCheck, AgentReply, HttpAgent, user_text
+from instances.clients.agents.media import AgentMedia, without_data
 
 AGENT_MESSAGE_TYPES = frozenset({"text", "image", "audio", "video", "document"})
 MESSAGE_LIMIT = 100
 
 
 def build_agent_request(
-    *, content: dict[str, Any], payload: dict[str, Any], session: str
+    *,
+    content: dict[str, Any],
+    payload: dict[str, Any],
+    session: str,
+    media: AgentMedia | None = None,
 ) -> dict[str, Any]:
     """The JSON body for the agent, from a stored message's normalized content.
 
-    A debounced burst's texts (`burst_texts`) go as one message, one per line.
+    A debounced burst's texts (`burst_texts`) go as one message, one per line. A
+    voice note's transcript is its text, with message_type `audio`; the file
+    goes as `media_contents` (base64 when the hub has it, else Evolution's
+    readable URL, else a description as alt_text).
     """
     name = content.get("push_name") or "WhatsApp User"
     message_type = content.get("message_type", "text")
@@ -43,19 +52,40 @@ def build_agent_request(
         "channel_payload": payload,
         "preserve_system_prompt": False,
     }
-    media = content.get("media")
-    if media and body["message_type"] != "text":
-        item: dict[str, Any] = {
-            "mime_type": media.get("mime_type") or "application/octet-stream",
-            "alt_text": media.get("caption") or media.get("file_name") or "",
-        }
-        base64 = _payload_base64(payload)
-        if base64:
-            item["data"] = base64
-        else:
-            item["media_url"] = media.get("url")
-        body["media_contents"] = [item]
+    if body["message_type"] == "text":
+        return body
+    if media is None and isinstance(content.get("media"), dict):
+        # Built without the worker's preparation (as the README's example is):
+        # the delivery's own base64, else its URL.
+        described = content["media"]
+        encoded = _payload_base64(payload)
+        media = AgentMedia(
+            kind=message_type,
+            mime_type=described.get("mime_type") or "",
+            file_name=described.get("file_name") or "",
+            caption=described.get("caption") or "",
+            data=base64.b64decode(encoded) if encoded else None,
+            url=described.get("url"),
+        )
+    if media is not None:
+        body["media_contents"] = [media_item(media)]
     return body
+
+
+def media_item(media: AgentMedia) -> dict[str, Any]:
+    """One entry of the Agent API's media_contents."""
+    item: dict[str, Any] = {
+        "mime_type": media.mime_type or "application/octet-stream",
+        "alt_text": media.caption or media.file_name or "",
+    }
+    if media.data is not None:
+        item["data"] = media.base64
+    elif media.url:
+        item["media_url"] = media.url
+    else:
+        # Nothing the agent could open: what it is, and why it is missing.
+        item["alt_text"] = media.description()
+    return item
 
 
 def _payload_base64(payload: dict[str, Any]) -> str | None:
@@ -86,11 +116,16 @@ class Automagik(HttpAgent):
         return {"x-api-key": self.agent.agent_api_key}
 
     def build(self, *, call: AgentCall) -> dict[str, Any]:
-        return build_agent_request(content=call.content, payload=call.payload, session=call.session)
+        return build_agent_request(
+            content=call.content, payload=call.payload, session=call.session, media=call.media
+        )
 
     def stored(self, request: dict[str, Any]) -> dict[str, Any]:
-        # The delivery is on the row already (payload).
-        return {k: v for k, v in request.items() if k != "channel_payload"}
+        # The delivery is on the row already (payload); a file is not kept twice.
+        kept = {k: v for k, v in request.items() if k != "channel_payload"}
+        if "media_contents" in kept:
+            kept["media_contents"] = [without_data(item) for item in kept["media_contents"]]
+        return kept
 
     def read(self, *, body: Any) -> AgentReply:
         return AgentReply(text=reply_text(body), body=body if isinstance(body, dict) else {})
@@ -98,7 +133,7 @@ class Automagik(HttpAgent):
     async def check(self, *, timeout: float) -> AgentCheck:
         # A GET on /health, never the run URL: that would run the agent. Any
         # answer but 401/403 means the server is there.
-        url = f"{self.instance.agent_api_url.rstrip('/')}/health"
+        url = f"{self.agent.agent_api_url.rstrip('/')}/health"
         answer = await self.probe(url, timeout=timeout)
         if isinstance(answer, AgentCheck):
             return answer

@@ -24,6 +24,7 @@ from instances.clients.agents.base import (
     bearer,
     user_text,
 )
+from instances.clients.agents.media import MEDIA_KINDS, AgentMedia, without_data
 from instances.clients.http import describe_body
 
 # How many of the server's models a "not listed" message names.
@@ -31,11 +32,36 @@ LISTED = 10
 
 
 def user_message(content: dict[str, Any]) -> str:
-    # In a group several people talk: the model must know who said what.
+    """A user's turn as text (also in the history): a voice note's transcript as
+    "[voice] …", other media marked by their type before the caption."""
     text = user_text(content)
+    kind = content.get("message_type", "text")
+    if kind == "audio":
+        text = f"[voice] {text}".strip()
+    elif kind in MEDIA_KINDS:
+        text = f"[{kind}] {text}".strip()
+    # In a group several people talk: the model must know who said what.
     if content.get("is_group"):
         return f"[{content.get('push_name') or 'WhatsApp User'}]: {text}"
     return text
+
+
+def user_content(content: dict[str, Any], media: AgentMedia | None) -> str | list[dict[str, Any]]:
+    """The new user message: an image as an image_url part (a data: URL) with its
+    caption as text; a document's text after its caption; other media (video,
+    files too large or not had) as a description."""
+    text = user_message(content)
+    if media is None or media.kind == "audio":
+        return text
+    if media.kind == "image" and media.data_url is not None:
+        return [
+            {"type": "text", "text": text},
+            {"type": "image_url", "image_url": {"url": media.data_url}},
+        ]
+    if media.kind == "document" and media.text:
+        return f"{text}\n\n{media.file_name or 'document'}:\n{media.text}"
+    prefix = f"[{content.get('push_name') or 'WhatsApp User'}]: " if content.get("is_group") else ""
+    return prefix + media.description()
 
 
 def history_messages(history: tuple[Exchange, ...], *, limit: int) -> list[dict[str, str]]:
@@ -92,22 +118,35 @@ class OpenAI(HttpAgent):
         return bearer(self.agent.agent_api_key)
 
     def build(self, *, call: AgentCall) -> dict[str, Any]:
-        messages: list[dict[str, str]] = []
+        messages: list[dict[str, Any]] = []
         if self.agent.system_prompt.strip():
             messages.append({"role": "system", "content": self.agent.system_prompt})
         messages += history_messages(call.history, limit=self.history_limit)
-        messages.append({"role": "user", "content": user_message(call.content)})
+        messages.append({"role": "user", "content": user_content(call.content, call.media)})
         return {"model": self.agent.default_agent, "messages": messages}
+
+    def stored(self, request: dict[str, Any]) -> dict[str, Any]:
+        # An image's data: URL is the file itself: the row keeps its length.
+        last = request["messages"][-1]
+        if not isinstance(last["content"], list):
+            return request
+        parts = [
+            {**part, "image_url": without_data(part["image_url"], key="url")}
+            if part.get("type") == "image_url"
+            else part
+            for part in last["content"]
+        ]
+        return {**request, "messages": [*request["messages"][:-1], {**last, "content": parts}]}
 
     def read(self, *, body: Any) -> AgentReply:
         return AgentReply(text=reply_text(body), body=body if isinstance(body, dict) else {})
 
     async def check(self, *, timeout: float) -> AgentCheck:
-        url = f"{self.instance.agent_api_url.rstrip('/')}/models"
+        url = f"{self.agent.agent_api_url.rstrip('/')}/models"
         answer = await self.probe(url, timeout=timeout)
         if isinstance(answer, AgentCheck):
             return answer
-        model = self.instance.default_agent
+        model = self.agent.default_agent
         status = answer.status_code
         if status >= 300:
             message = f"The agent server at {url} answered {status}: {describe_body(answer)}."

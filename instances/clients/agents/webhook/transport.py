@@ -26,6 +26,7 @@ from instances.clients.agents.base import (
     bearer,
     user_text,
 )
+from instances.clients.agents.media import AgentMedia, without_data
 
 REPLY_KEYS = ("reply", "output", "text", "message", "answer")
 NOT_CHECKED = (
@@ -52,13 +53,30 @@ def reply_text(body: Any) -> str:
     return text_of(body)
 
 
-def media_of(content: dict[str, Any]) -> dict[str, Any] | None:
-    media = content.get("media")
-    if not isinstance(media, dict):
+def media_of(content: dict[str, Any], media: AgentMedia | None) -> dict[str, Any] | None:
+    """The documented `media` object: the file as base64 when the hub has it (null
+    when larger than media_max_bytes or not to be had; `note` says why)."""
+    described = content.get("media")
+    if media is None and not isinstance(described, dict):
         return None
-    # The bytes are not stored; the workflow fetches them from the URL.
-    keys = ("mime_type", "url", "file_name", "caption", "size")
-    return {key: media.get(key) for key in keys}
+    if media is None:
+        keys = ("mime_type", "url", "file_name", "caption", "size")
+        return {key: described.get(key) for key in keys} | {"base64": None, "note": ""}
+    return {
+        "mime_type": media.mime_type,
+        "url": media.url,
+        "file_name": media.file_name,
+        "caption": media.caption,
+        "size": media.size,
+        "base64": media.base64,
+        "note": media.note,
+    }
+
+
+def message_text(content: dict[str, Any]) -> str:
+    # A voice note reaches the workflow as its transcript, marked as one.
+    text = user_text(content)
+    return f"[voice] {text}".strip() if content.get("message_type") == "audio" else text
 
 
 class Webhook(HttpAgent):
@@ -84,12 +102,19 @@ class Webhook(HttpAgent):
             "group_jid": chat_jid if is_group else None,
             "sender_jid": content.get("sender_jid", ""),
             "message_type": content.get("message_type", "text"),
-            "text": user_text(content),
-            "media": media_of(content),
+            "text": message_text(content),
+            "media": media_of(content, call.media),
             "session_id": call.session,
             "conversation_id": call.conversation_id,
             "timestamp": content.get("timestamp"),
         }
+
+    def stored(self, request: dict[str, Any]) -> dict[str, Any]:
+        # The file is not kept on the row twice: its base64 becomes its length.
+        media = request.get("media")
+        if isinstance(media, dict) and media.get("base64"):
+            return {**request, "media": without_data(media, key="base64")}
+        return request
 
     def decode(self, response: httpx.Response) -> Any:
         # A workflow with nothing to say may answer 200 or 204 with no body.
@@ -101,4 +126,4 @@ class Webhook(HttpAgent):
     async def check(self, *, timeout: float) -> AgentCheck:
         # ok: nothing failed, and an instance with a webhook agent must be able
         # to pass the test.
-        return AgentCheck(True, "not_checked", NOT_CHECKED.format(url=self.instance.agent_api_url))
+        return AgentCheck(True, "not_checked", NOT_CHECKED.format(url=self.agent.agent_api_url))
