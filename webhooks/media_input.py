@@ -47,6 +47,13 @@ def delivered_base64(payload: dict[str, Any]) -> str | None:
     return None
 
 
+def evolution_speech(content: dict[str, Any]) -> str:
+    """Evolution's own transcript of a voice note (its speechToText, which it
+    starts with "[audio] "), without that marker; "" when there is none."""
+    text = (content.get("text") or "").strip()
+    return text.removeprefix("[audio]").strip()
+
+
 def readable_url(url: object) -> str | None:
     """Evolution's own stored copy (mediaUrl, e.g. on S3) is readable; WhatsApp's CDN
     URL is an encrypted file nobody else can open."""
@@ -91,7 +98,7 @@ async def prepare_media(
         return None
     cap = instance.media_max_bytes
     data: bytes | None = None
-    speech = (content.get("text") or "").strip() if media.kind == "audio" else ""
+    speech = evolution_speech(content) if media.kind == "audio" else ""
     if speech and agent_kind != "automagik":
         # Evolution transcribed it: a text-only kind needs nothing more.
         return PreparedMedia(media=media, transcript=speech)
@@ -162,7 +169,7 @@ async def _voice(
     last_attempt: bool,
 ) -> PreparedMedia:
     # Evolution's speechToText (parsed as the audio's text) saves a transcription.
-    speech = (content.get("text") or "").strip()
+    speech = evolution_speech(content)
     if speech:
         return PreparedMedia(media=media, transcript=speech)
     if not instance.stt_url:

@@ -24,7 +24,7 @@ from webhooks.agent_history import session_history
 from webhooks.chat_rules import is_reset
 from webhooks.db import run_db
 from webhooks.instance_routes import load_routing
-from webhooks.media_input import PreparedMedia, prepare_media
+from webhooks.media_input import PreparedMedia, evolution_speech, prepare_media
 from webhooks.models import Conversation, InboundMessage, Status
 from webhooks.reply_sending import (
     in_background,
@@ -269,8 +269,7 @@ async def _ask_agent(
                 step, message=message, reason=prepared.voice_unreadable, session=session
             )
     if prepared is not None and prepared.transcript:
-        said = (message.content.get("text") or "").strip()
-        outcome = "speech_to_text" if said else "transcribed"
+        outcome = "speech_to_text" if evolution_speech(message.content) else "transcribed"
         metrics.voice_notes.labels(instance.name, outcome).inc()
     content = with_media(message.content, prepared)
     if instance.mark_read:
