@@ -145,21 +145,18 @@ def media_html(
     facts = facts or media_facts(message.content)
     parts: list[SafeString] = []
     if facts is not None:
-        details = [facts.kind or "media"]
+        details = [format_html('<span class="media-type">{}</span>', facts.kind or "media")]
         if facts.mime_type:
-            details.append(facts.mime_type)
-        if facts.size is not None:
-            details.append(human_size(facts.size))
-        parts.append(
+            details.append(format_html('<span class="media-mime">{}</span>', facts.mime_type))
+        details.append(
             format_html(
-                '<span class="media-type">{}</span> · <span class="media-size">{}</span>{}',
-                details[0],
-                " · ".join(details[1:]) or "size unknown",
-                format_html(' · <span class="media-file-name">{}</span>', facts.file_name)
-                if facts.file_name
-                else "",
+                '<span class="media-size">{}</span>',
+                human_size(facts.size) if facts.size is not None else "size unknown",
             )
         )
+        if facts.file_name:
+            details.append(format_html('<span class="media-file-name">{}</span>', facts.file_name))
+        parts.append(format_html_join(" · ", "{}", ((detail,) for detail in details)))
         if facts.caption:
             parts.append(format_html('<div class="media-caption">{}</div>', facts.caption))
         if facts.note:

@@ -343,7 +343,8 @@ def test_an_operator_sees_a_photo_s_thumbnail_in_the_conversation_and_opens_it(
     page = console.page
     bubble = page.locator(".field-chat_display .user-message").last
     expect(bubble.locator(".media-type")).to_have_text("image")
-    expect(bubble.locator(".media-size")).to_have_text("image/png · 4 KB")
+    expect(bubble.locator(".media-mime")).to_have_text("image/png")
+    expect(bubble.locator(".media-size")).to_have_text("4 KB")
     expect(bubble.locator(".media-caption")).to_have_text(caption)
     thumbnail = bubble.locator("img.media-thumbnail")
     thumbnail.scroll_into_view_if_needed()

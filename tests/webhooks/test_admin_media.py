@@ -321,7 +321,8 @@ def test_the_message_page_shows_type_size_caption_note_transcript_and_a_thumbnai
     page = staff.get(f"{LOG}{message.pk}/change/").content.decode()
 
     assert '<span class="media-type">image</span>' in page
-    assert "image/jpeg · 180 KB" in page
+    assert '<span class="media-mime">image/jpeg</span>' in page
+    assert '<span class="media-size">180 KB</span>' in page
     assert "Esse é o defeito no produto" in page
     assert "larger than media_max_bytes (12.0 MB &gt; 10.0 MB): not passed on" in page
     assert f'<a class="media-open" href="{media_url(message)}"' in page
@@ -335,7 +336,8 @@ def test_a_voice_note_s_page_shows_its_transcript_and_a_player(staff, acme):
     page = staff.get(f"{LOG}{message.pk}/change/").content.decode()
 
     assert '<span class="media-type">audio</span>' in page
-    assert "audio/ogg; codecs=opus · 14 KB" in page
+    assert '<span class="media-mime">audio/ogg; codecs=opus</span>' in page
+    assert '<span class="media-size">14 KB</span>' in page
     assert '<blockquote class="media-transcript"' in page
     assert "Quero uma pizza grande" in page
     assert f'<audio class="media-player" controls preload="none" src="{media_url(message)}"' in page
