@@ -5,13 +5,18 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404
+from django.urls import URLPattern, path
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
+from webhooks.admin_media import media_facts, media_html, media_response
 from webhooks.models import InboundMessage, Status
+from webhooks.parsing import MEDIA_TYPES
 from webhooks.services import retry_messages
 
 # Longer strings without a space are media (base64) or similar blobs: a video
@@ -27,6 +32,11 @@ STATUS_COLORS = {
     Status.IGNORED: "#78716c",
     Status.FAILED: "#b91c1c",
 }
+# The list's marker of a message with a file (its type, from the message_type column).
+MEDIA_MARKER_STYLE = (
+    "border: 1px solid currentColor; border-radius: 6px; padding: 0 5px; font-size: 0.85em; "
+    "white-space: nowrap"
+)
 PRE_STYLE = "max-height: 32em; overflow: auto; white-space: pre-wrap; overflow-wrap: anywhere"
 
 
@@ -152,6 +162,7 @@ class InboundMessageAdmin(admin.ModelAdmin):
     ]
     readonly_fields = [
         "status_badge",
+        "media_display",
         "timeline",
         "attempts_display",
         "last_error_display",
@@ -170,6 +181,38 @@ class InboundMessageAdmin(admin.ModelAdmin):
             .get_queryset(request)
             .defer("payload", "content", "agent_request", "agent_response", "reply_api_key")
         )
+
+    def get_fieldsets(
+        self, request: HttpRequest, obj: InboundMessage | None = None
+    ) -> list[tuple[str | None, dict[str, Any]]]:
+        fieldsets = list(super().get_fieldsets(request, obj))
+        if obj is not None and (media_facts(obj.content) is not None or obj.transcript):
+            fieldsets.insert(1, ("Media", {"fields": ["media_display"]}))
+        return fieldsets
+
+    def get_urls(self) -> list[URLPattern]:
+        info = f"{self.opts.app_label}_{self.opts.model_name}"
+        media = path(
+            "<int:object_id>/media/",
+            # cacheable: the view sets its own Cache-Control (admin_view's never_cache
+            # would make the browser fetch a thumbnail from Evolution on every page).
+            self.admin_site.admin_view(self.media_view, cacheable=True),
+            name=f"{info}_media",
+        )
+        return [media, *super().get_urls()]
+
+    def media_view(self, request: HttpRequest, object_id: int) -> HttpResponse:
+        """The message's file, to staff who may view the message (admin_view sends
+        anyone else to the login page). Read from the delivery, else from Evolution."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        message = get_object_or_404(InboundMessage.objects.select_related("instance"), pk=object_id)
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": "Media not available",
+        }
+        return media_response(request, message, context)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -215,8 +258,18 @@ class InboundMessageAdmin(admin.ModelAdmin):
         return obj.push_name or "-"
 
     @admin.display(description="Type", ordering="message_type")
-    def kind(self, obj: InboundMessage) -> str:
-        return obj.message_type
+    def kind(self, obj: InboundMessage) -> SafeString | str:
+        # From columns the list loads anyway: content (the media's size) stays deferred.
+        if obj.message_type not in MEDIA_TYPES:
+            return obj.message_type
+        return format_html(
+            '<span class="media-marker" style="{}">{}</span>{}',
+            MEDIA_MARKER_STYLE,
+            obj.message_type,
+            format_html(' <span class="media-transcribed">{}</span>', "transcribed")
+            if obj.transcript
+            else "",
+        )
 
     @admin.display(description="Status", ordering="status")
     def status_badge(self, obj: InboundMessage) -> SafeString:
@@ -232,6 +285,11 @@ class InboundMessageAdmin(admin.ModelAdmin):
         return format_duration(total_time(obj))
 
     # --- detail page ------------------------------------------------------
+    @admin.display(description="Media")
+    def media_display(self, obj: InboundMessage) -> SafeString | str:
+        # The page itself needs the view permission the file's view needs.
+        return media_html(obj, can_open=True)
+
     @admin.display(description="Timeline")
     def timeline(self, obj: InboundMessage) -> SafeString:
         steps = [

@@ -2,12 +2,14 @@
 with buttons to pause, resume and reset the bot there."""
 
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
@@ -15,10 +17,13 @@ from django.utils.safestring import SafeString
 from django.views.decorators.http import require_POST
 
 from webhooks.admin import STATUS_COLORS, local_time
+from webhooks.admin_media import media_facts, media_html
 from webhooks.models import Conversation, InboundMessage
 from webhooks.selectors import chat_messages, current_session, paused_now_q
 from webhooks.transitions import pause_conversation, reset_conversation, resume_conversation
 
+# Whether the page's user may open the chat's files (set for one change_view).
+_can_open_media: ContextVar[bool] = ContextVar("can_open_media", default=False)
 ACTIONS = [("pause", "Pause the bot"), ("resume", "Resume the bot"), ("reset", "Reset session")]
 BUBBLE = (
     "max-width: 36em; padding: 6px 10px; border-radius: 10px; margin: 4px 0; "
@@ -120,6 +125,25 @@ class ConversationAdmin(admin.ModelAdmin):
         form_url: str = "",
         extra_context: dict[str, Any] | None = None,
     ) -> Any:
+        # The chat's thumbnails link to the message log's file view: shown to those
+        # who may open it (chat_display gets no request; the admin is shared by
+        # every request, so this is the request's context, not an attribute).
+        token = _can_open_media.set(request.user.has_perm("webhooks.view_inboundmessage"))
+        try:
+            response = self._change_view(request, object_id, form_url, extra_context)
+            if isinstance(response, TemplateResponse):
+                response.render()  # The readonly fields are read while rendering.
+            return response
+        finally:
+            _can_open_media.reset(token)
+
+    def _change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str,
+        extra_context: dict[str, Any] | None,
+    ) -> Any:
         extra_context = {
             **(extra_context or {}),
             "conversation_actions": ACTIONS,
@@ -167,9 +191,10 @@ class ConversationAdmin(admin.ModelAdmin):
 
     @admin.display(description="Chat")
     def chat_display(self, obj: Conversation) -> SafeString:
+        can_open = _can_open_media.get()
         bubbles = []
-        for message in chat_messages(conversation=obj):
-            bubbles.append(_user_bubble(message))
+        for message in chat_messages(conversation=obj, with_content=True):
+            bubbles.append(_user_bubble(message, can_open=can_open))
             if message.reply_text and message.sent_at:
                 bubbles.append(
                     format_html(
@@ -187,16 +212,24 @@ class ConversationAdmin(admin.ModelAdmin):
         )
 
 
-def _user_bubble(message: InboundMessage) -> SafeString:
+def _user_bubble(message: InboundMessage, *, can_open: bool) -> SafeString:
     status = message.get_status_display().lower()
     if message.ignore_reason:
         status += f": {message.ignore_reason}"
+    facts = media_facts(message.content)
+    text = message.text
+    if text and text in (facts.caption if facts else None, message.transcript):
+        text = ""  # Shown with the media: the caption, or the voice note's transcript.
+    media = (
+        media_html(message, can_open=can_open, facts=facts) if facts or message.transcript else ""
+    )
     return format_html(
-        '<div style="{}" class="user-message" data-status="{}">{}<br>'
+        '<div style="{}" class="user-message" data-status="{}">{}{}<br>'
         '<small>{} · <span style="color: {}">{}</span></small></div>',
         USER_BUBBLE,
         message.status,
-        message.text or f"[{message.message_type}]",
+        text or ("" if media else f"[{message.message_type}]"),
+        media,
         local_time(message.received_at)[:-4],
         STATUS_COLORS.get(message.status, "#64748b"),
         status,

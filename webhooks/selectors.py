@@ -31,14 +31,20 @@ def filter_conversations(
 
 
 def chat_messages(
-    *, conversation: Conversation, limit: int = CHAT_PAGE_SIZE
+    *, conversation: Conversation, limit: int = CHAT_PAGE_SIZE, with_content: bool = False
 ) -> list[InboundMessage]:
-    """The chat's latest messages, oldest first (the conversation page and API)."""
+    """The chat's latest messages, oldest first (the conversation page and API).
+
+    `with_content` loads the normalized message too (a few hundred bytes: the
+    media's description, never its bytes), for the page's media lines."""
+    deferred = ["payload", "agent_request", "agent_response", "reply_api_key"]
+    if not with_content:
+        deferred.append("content")
     latest = (
         InboundMessage.objects.filter(
             instance_id=conversation.instance_id, chat_jid=conversation.chat_jid
         )
-        .defer("payload", "content", "agent_request", "agent_response", "reply_api_key")
+        .defer(*deferred)
         .order_by("-id")[:limit]
     )
     return list(reversed(latest))

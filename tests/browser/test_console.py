@@ -22,6 +22,7 @@ from tests.browser.conftest import (
     TIMEOUT_MS,
     Console,
     Fakes,
+    qr_like_png,
 )
 from tests.conftest import load_fixture
 from tests.e2e.harness import Hub, text_delivery
@@ -294,3 +295,72 @@ def test_pausing_a_conversation_keeps_the_bot_quiet_there_until_it_is_resumed(
     console.shot("conversation", readme=True)
     texts = [body["text"] for body in sent_to(fakes, phone)]
     assert len(texts) == 2 and "Alô?" not in " ".join(texts)
+
+
+def post_image(
+    hub: Hub, tenant: Tenant, *, message_id: str, caption: str, phone: str, push_name: str
+) -> None:
+    """Deliver a photo as Evolution does without its webhook base64 option: the
+    delivery describes the file, Evolution keeps it."""
+    delivery = text_delivery(
+        message_id=message_id,
+        text="",
+        phone=phone,
+        push_name=push_name,
+        instance=tenant.name,
+        apikey=DELIVERY_APIKEY,
+    )
+    delivery["data"]["messageType"] = "imageMessage"
+    delivery["data"]["message"] = {
+        "imageMessage": {
+            "url": "https://mmg.whatsapp.net/v/t62.7118-24/photo.enc",
+            "mimetype": "image/png",
+            "caption": caption,
+            "fileLength": {"low": 4321, "high": 0, "unsigned": True},
+        }
+    }
+    response = hub.server.post_webhook(
+        f"/webhook/evolution/{tenant.name}", delivery, token=tenant.token
+    )
+    assert response.json()["status"] == "queued", response.text
+
+
+def test_an_operator_sees_a_photo_s_thumbnail_in_the_conversation_and_opens_it(
+    console: Console, acme: Tenant, hub: Hub, fakes: Fakes
+) -> None:
+    console.secrets.append(DELIVERY_APIKEY)
+    phone = "5511933332222"
+    caption = "A foto do defeito"
+    photo = qr_like_png(modules=21, scale=6)
+    message_id = f"3EB0{uuid.uuid4().hex[:16].upper()}"
+    # The delivery carries no base64: the console asks Evolution for the file.
+    fakes.evolution.media[message_id] = (photo, "image/png", "defeito.png")
+    post_image(
+        hub, acme, message_id=message_id, caption=caption, phone=phone, push_name="Paula Reis"
+    )
+
+    open_conversation(console, phone)
+    page = console.page
+    bubble = page.locator(".field-chat_display .user-message").last
+    expect(bubble.locator(".media-type")).to_have_text("image")
+    expect(bubble.locator(".media-mime")).to_have_text("image/png")
+    expect(bubble.locator(".media-size")).to_have_text("4 KB")
+    expect(bubble.locator(".media-caption")).to_have_text(caption)
+    thumbnail = bubble.locator("img.media-thumbnail")
+    thumbnail.scroll_into_view_if_needed()
+    page.wait_for_function(
+        "img => img.complete && img.naturalWidth > 0", arg=thumbnail.element_handle()
+    )
+    assert thumbnail.evaluate("img => img.getBoundingClientRect().width") <= 160
+    console.shot("conversation-media")
+
+    with page.context.expect_page() as opened:
+        bubble.locator("a.media-open").click()
+    tab = opened.value
+    try:
+        tab.wait_for_load_state("load")
+        assert tab.url.endswith("/media/")
+        width = tab.evaluate("document.images.length && document.images[0].naturalWidth")
+        assert width == (21 + 2 * 4) * 6
+    finally:
+        tab.close()
