@@ -30,7 +30,7 @@ from instances.clients.evolution import EvolutionClient, MediaFile
 from instances.clients.http import OutboundError, new_http_client, scrub_secrets
 from webhooks.media_input import delivered_base64
 from webhooks.models import InboundMessage
-from webhooks.processing import evolution_target
+from webhooks.step import evolution_target
 
 logger = logging.getLogger(__name__)
 
