@@ -25,7 +25,7 @@ from instances.clients.evolution import (
     EvolutionTarget,
 )
 from instances.clients.http import OutboundError, new_http_client, scrub_secrets
-from instances.models import SECRET_FIELDS, TOKEN_HEADER, InstanceConfig
+from instances.models import SECRET_FIELDS, TOKEN_HEADER, Agent, InstanceConfig
 from instances.validators import EVENT_SLUGS
 
 T = TypeVar("T")
@@ -77,7 +77,11 @@ class ConnectionReport:
         unchecked = [step.message for step in self.steps if step.outcome == "not_checked"]
         if unchecked:
             return " ".join(["Evolution answers.", *unchecked])
-        return "Evolution and the agent server both answer."
+        return (
+            "Evolution and the agent server both answer."
+            if len(self.steps) <= 2
+            else "Evolution and every agent answer."
+        )
 
 
 @dataclass(frozen=True)
@@ -252,19 +256,29 @@ async def _check_evolution(instance: InstanceConfig, http: httpx.AsyncClient) ->
     )
 
 
-async def _check_agent(instance: InstanceConfig, http: httpx.AsyncClient) -> Step:
+async def _check_agent(
+    instance: InstanceConfig, http: httpx.AsyncClient, agent: Agent | None = None
+) -> Step:
     # Each kind checks in its own way, never by running a conversation.
-    check = await agent_for(instance=instance, http=http).check(timeout=TIMEOUT)
-    return Step("Agent server", check.ok, check.outcome, check.message)
+    check = await agent_for(instance=instance, http=http, agent=agent).check(timeout=TIMEOUT)
+    name = "Agent server" if agent is None else f'Agent "{agent.name}"'
+    return Step(name, check.ok, check.outcome, check.message)
 
 
 def test_connections(*, instance: InstanceConfig) -> ConnectionReport:
     """Whether Evolution and the agent server answer, with this instance's URLs and keys."""
 
+    # The routing's agents too (instances/models.py Agent), each its own step.
+    routed = list(instance.agents.order_by("name")) if instance.pk else []
+
     async def run() -> list[Step]:
         async with new_http_client(max_connections=4) as http:
             return list(
-                await asyncio.gather(_check_evolution(instance, http), _check_agent(instance, http))
+                await asyncio.gather(
+                    _check_evolution(instance, http),
+                    _check_agent(instance, http),
+                    *(_check_agent(instance, http, agent) for agent in routed),
+                )
             )
 
     steps = async_to_sync(run)()

@@ -254,3 +254,32 @@ def test_provision_takes_another_tenants_webhook_only_with_force(
     assert refused.json()["steps"][-1]["outcome"] == "claimed"
     assert forced.status_code == 200
     assert evolution.instances["acme-wa"]["webhook"]["url"].endswith("/webhook/evolution/acme")
+
+
+def test_the_connection_test_checks_each_routing_agent_in_its_own_way(
+    api, acme, evolution, agent, llm
+):
+    from instances.models import Agent
+    from instances.services import save_agent
+
+    save_agent(
+        agent=Agent(
+            instance=acme,
+            name="sales",
+            agent_kind="openai",
+            agent_api_url=f"{llm.url}/v1",
+            default_agent="qwen3:8b",
+        )
+    )
+    call(api, "post", "provision")
+
+    body = call(api, "post", "test").json()
+
+    assert [(s["name"], s["outcome"]) for s in body["steps"]] == [
+        ("Evolution API", "close"),
+        ("Agent server", "reachable"),
+        ('Agent "sales"', "reachable"),
+    ]
+    assert body["ok"] is True
+    assert body["detail"] == "Evolution and every agent answer."
+    assert [(r.method, r.path) for r in llm.requests] == [("GET", "/v1/models")]
