@@ -2,9 +2,13 @@
 
 The worker (webhooks/processing.py) does
 
-    agent = agent_for(instance=instance, http=http)
+    agent = agent_for(instance=instance, http=http, agent=routed)
     request = agent.build(call=AgentCall(...))   # with history when agent.history_limit
     reply = await agent.run(request=request)     # AgentReply, or raises OutboundError
+
+where `routed` is None for the instance's own agent fields (its default agent), or
+one of its Agent rows that a routing rule chose (webhooks/routing.py): the same
+field names (AgentSettings); the tenant's name and sessions stay the instance's.
 
 A kind is a package instances/clients/agents/<kind>/ whose transport.py subclasses
 HttpAgent (where the request goes, its headers and body, how the answer
