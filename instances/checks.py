@@ -15,17 +15,19 @@ from instances import crypto
 
 def secrets_problem(*, using: str = "default") -> str | None:
     """Why the stored secrets cannot be read with the configured keys; None when they can."""
-    from instances.models import SECRET_FIELDS, InstanceConfig
+    from instances.models import SECRET_FIELDS, Agent, InstanceConfig
 
     try:
         crypto.check_keys()
     except ImproperlyConfigured as exc:
         return str(exc)
-    table = InstanceConfig._meta.db_table
+    rows: list[tuple] = []
     try:
-        if table not in connections[using].introspection.table_names():
-            return None  # not migrated yet: nothing stored
-        rows = crypto.raw_secret_rows(model=InstanceConfig, using=using, fields=SECRET_FIELDS)
+        tables = connections[using].introspection.table_names()
+        # The instances' secrets, and their routing agents' keys.
+        for model, fields in ((InstanceConfig, SECRET_FIELDS), (Agent, ("agent_api_key",))):
+            if model._meta.db_table in tables:  # else not migrated yet: nothing stored
+                rows += crypto.raw_secret_rows(model=model, using=using, fields=fields)
     except DatabaseError:
         return None  # the database's own checks and errors say what is wrong
     values = [value for row in rows for value in row[1:] if value and crypto.is_encrypted(value)]

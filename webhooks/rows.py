@@ -124,14 +124,17 @@ def _instance_reading(vendor: str) -> tuple[str, list[tuple[Field, list[Converte
         (f, connection.ops.get_db_converters(f.get_col(table)) + f.get_db_converters(connection))
         for f in _INSTANCE_FIELDS
     ]
-    # Whether it has routing rules, in the same statement: the worker reads them
-    # only then (an index lookup on instances_route_order).
-    routes = Route._meta
-    has_routes = (
-        f"EXISTS (SELECT 1 FROM {q(routes.db_table)} WHERE "
-        f"{q(routes.get_field('instance').column)} = {table}.{q('id')})"
-    )
-    return f"SELECT {columns}, {has_routes} FROM {table} WHERE ", converters
+    if vendor == "sqlite":
+        # Whether it has routing rules, in the same statement: on SQLite the webhook
+        # hands the chat to its worker with this instance (ingest.can_claim_on_insert),
+        # which reads the rules only then (an index lookup on instances_route_order).
+        # Elsewhere the worker's claim says it; each delivery pays nothing for it.
+        routes = Route._meta
+        columns += (
+            f", EXISTS (SELECT 1 FROM {q(routes.db_table)} WHERE "
+            f"{q(routes.get_field('instance').column)} = {table}.{q('id')})"
+        )
+    return f"SELECT {columns} FROM {table} WHERE ", converters
 
 
 def find_instance(*, name: str | None) -> InstanceConfig | None:
@@ -147,11 +150,12 @@ def find_instance(*, name: str | None) -> InstanceConfig | None:
         found = cursor.fetchone()
     if found is None:
         return None
-    values = _convert(fields, found[:-1])
+    values = _convert(fields, found[: len(fields)])
     instance = InstanceConfig.from_db(
         connection.alias, [f.attname for f in _INSTANCE_FIELDS], values
     )
-    instance.has_routes = bool(found[-1])
+    if len(found) > len(fields):
+        instance.has_routes = bool(found[-1])
     return instance
 
 

@@ -184,3 +184,17 @@ def test_the_conversation_detail_shows_its_bound_agent(acme, api) -> None:
     assert detail["session_name"] == "acme_5511987654321-sales"
     reset = api("post", f"{path}reset/").json()
     assert (reset["agent"], reset["session_name"]) == ("default", "acme_5511987654321-2")
+
+
+@pytest.mark.parametrize("path", ["/api/v1/instances/acme/", ROUTES, AGENTS])
+def test_a_body_without_a_content_type_is_a_documented_400(acme, client, api_key_headers, path):
+    response = client.generic(
+        "POST" if path != "/api/v1/instances/acme/" else "PATCH",
+        path,
+        b"name=x",
+        content_type="",
+        **api_key_headers,
+    )
+
+    assert response.status_code == 400
+    assert response.json() == {"detail": 'Unsupported media type "" in request.'}

@@ -131,3 +131,22 @@ def test_an_unknown_instance_is_an_error(db) -> None:
     code, _, err = run("routes", "list", "nobody")
 
     assert code == 1 and "no instance named 'nobody'" in err
+
+
+def test_the_conversations_list_shows_the_bound_agent(acme) -> None:
+    from webhooks.models import Conversation
+
+    run("agents", "add", "acme", *SALES)
+    Conversation.objects.create(
+        instance=acme,
+        chat_jid="5511987654321@s.whatsapp.net",
+        phone="5511987654321",
+        bound_agent=Agent.objects.get(),
+    )
+
+    code, out, _ = run("conversations", "list")
+
+    assert code == 0
+    header, _, row = out.splitlines()
+    assert "AGENT" in header
+    assert "sales" in row.split() and "acme_5511987654321-sales" in row.split()

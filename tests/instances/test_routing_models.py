@@ -8,6 +8,7 @@ from django.db import connection
 from django.db.models import RestrictedError
 from django.test import override_settings
 
+from instances.checks import secrets_problem
 from instances.models import Agent, InstanceConfig, Route
 from instances.services import rotate_secrets
 
@@ -141,3 +142,15 @@ def test_an_instance_is_deleted_with_its_agents_and_rules(acme) -> None:
     acme.delete()
 
     assert not Agent.objects.exists() and not Route.objects.exists()
+
+
+def test_an_agent_key_no_configured_key_opens_is_reported_at_start(make_instance) -> None:
+    old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    with override_settings(OMNIHUB_ENCRYPTION_KEYS=[old]):
+        acme = make_instance(evolution_key="e", agent_api_key="a", webhook_token="")
+        InstanceConfig.objects.filter(pk=acme.pk).update(evolution_key="", agent_api_key="")
+        agent(acme).save()
+    with override_settings(OMNIHUB_ENCRYPTION_KEYS=[new]):
+        problem = secrets_problem()
+
+    assert problem is not None and "(1 encrypted secret(s) stored)" in problem

@@ -13,9 +13,10 @@ from django.utils import timezone
 from instances.models import Agent, InstanceConfig, Route
 from tests.webhooks.conftest import PHONE, Upstream, message_body, queue_message
 from webhooks import processing
+from webhooks.ingest import Outcome, accept_delivery
 from webhooks.models import Conversation, InboundMessage, Status
 from webhooks.processing import handle_batch
-from webhooks.transitions import claim_conversations
+from webhooks.transitions import Batch, claim_conversations
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True), pytest.mark.pipeline]
 
@@ -175,3 +176,59 @@ async def test_a_routed_agent_with_a_longer_timeout_gets_a_longer_lease(
 
     [lease] = leases
     assert lease > timedelta(seconds=300)
+
+
+async def deliver_and_handle(upstream: Upstream, text: str, *, instance: str = "acme") -> Batch:
+    """As the webhook view does: store with a claim (SQLite hands the chat straight to
+    this process's worker), then the worker handles it."""
+    raw = json.dumps(body(text)).encode()
+    result = await sync_to_async(accept_delivery)(
+        segment=instance, event=None, token=f"{instance}-token", raw=raw, claim=True
+    )
+    assert result.outcome is Outcome.QUEUED, result
+    batch = result.claimed
+    if batch is None:
+        # PostgreSQL: the worker claims committed chats only.
+        [batch] = await sync_to_async(claim_conversations)(limit=10)
+    async with upstream.client() as http:
+        await handle_batch(batch=batch, http=http)
+    return batch
+
+
+async def test_a_chat_the_webhook_hands_over_is_routed_with_what_it_read(
+    make_instance, upstream
+) -> None:
+    acme = await sync_to_async(make_instance)(webhook_token="acme-token")
+    sales = await sync_to_async(Agent.objects.create)(
+        instance=acme,
+        name="sales",
+        agent_api_url="http://sales.acme.test",
+        agent_api_key="k",
+        default_agent="sales_agent",
+    )
+    await sync_to_async(Route.objects.create)(
+        instance=acme, position=1, match="keyword", value="vendas", agent=sales
+    )
+
+    batch = await deliver_and_handle(upstream, "vendas")
+    bound = await deliver_and_handle(upstream, "e o preço?")
+
+    assert batch.instance.has_routes is True
+    assert bound.conversation.bound_agent_id == sales.pk
+    assert called(upstream) == [SALES_URL, SALES_URL]
+
+
+async def test_a_chat_the_webhook_hands_over_without_rules_reads_none(
+    make_instance, upstream, monkeypatch
+) -> None:
+    await sync_to_async(make_instance)(webhook_token="acme-token")
+
+    def refuse(**kwargs: Any) -> None:
+        raise AssertionError("routing read for an instance without rules")
+
+    monkeypatch.setattr(processing, "load_routing", refuse)
+
+    batch = await deliver_and_handle(upstream, "vendas")
+
+    assert batch.instance.has_routes is False
+    assert called(upstream) == [DEFAULT_URL]

@@ -2,9 +2,13 @@
 
 The worker (webhooks/processing.py) does
 
-    agent = agent_for(instance=instance, http=http)
+    agent = agent_for(instance=instance, http=http, agent=routed)
     request = agent.build(call=AgentCall(...))   # with history when agent.history_limit
     reply = await agent.run(request=request)     # AgentReply, or raises OutboundError
+
+where `routed` is None for the instance's own agent fields (its default agent), or
+one of its Agent rows that a routing rule chose (webhooks/routing.py): the same
+field names (AgentSettings); the tenant's name and sessions stay the instance's.
 
 and Test connections (instances/provisioning.py) `await agent.check(timeout=...)`,
 an AgentCheck (ok, outcome, message) got without running a conversation.

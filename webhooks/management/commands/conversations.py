@@ -33,7 +33,7 @@ class Command(TyperCommand):
         if state not in (None, "active", "paused"):
             fail(self, "error: --state must be active or paused.")
         queryset = filter_conversations(
-            Conversation.objects.select_related("instance"),
+            Conversation.objects.select_related("instance", "bound_agent"),
             {"instance": instance, "state": state},
         )[:limit]
         data = ConversationSerializer(queryset, many=True).data
@@ -43,7 +43,7 @@ class Command(TyperCommand):
         if not data:
             self.echo("No conversations.")
             return
-        headers = ["ID", "INSTANCE", "CHAT", "NAME", "STATE", "SESSION", "LAST MESSAGE"]
+        headers = ["ID", "INSTANCE", "CHAT", "NAME", "STATE", "AGENT", "SESSION", "LAST MESSAGE"]
         rows = [
             [
                 str(item["id"]),
@@ -51,6 +51,7 @@ class Command(TyperCommand):
                 item["phone"] or item["chat_jid"],
                 item["name"] or "-",
                 _state(item),
+                item["agent"],
                 item["session_name"],
                 _time(item["last_message_at"]),
             ]
@@ -87,7 +88,9 @@ class Command(TyperCommand):
     # --- helpers (not subcommands) ---
     def _get(self, conversation_id: int) -> Conversation:
         try:
-            return Conversation.objects.select_related("instance").get(pk=conversation_id)
+            return Conversation.objects.select_related("instance", "bound_agent").get(
+                pk=conversation_id
+            )
         except Conversation.DoesNotExist:
             fail(self, f"error: no conversation {conversation_id} (see `conversations list`).")
 
