@@ -9,8 +9,7 @@ The worker (webhooks/processing.py) does
 where `routed` is None for the instance's own agent fields (its default agent), or
 one of its Agent rows that a routing rule chose (webhooks/routing.py): the same
 field names (AgentSettings); the tenant's name and sessions stay the instance's.
-
-and Test connections (instances/provisioning.py) `await agent.check(timeout=...)`,
+Test connections (instances/provisioning.py) does `await agent.check(timeout=...)`,
 an AgentCheck (ok, outcome, message) got without running a conversation.
 
 A kind is a package instances/clients/agents/<kind>/ whose transport.py subclasses
