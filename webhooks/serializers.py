@@ -48,6 +48,7 @@ class MessageSerializer(serializers.ModelSerializer):
             "next_attempt_at",
             "last_error",
             "reply_text",
+            "transcript",
             "used_fallback",
             "message_timestamp",
             "received_at",
@@ -63,6 +64,10 @@ class MessageSerializer(serializers.ModelSerializer):
             "reply_text": {
                 "help_text": "The agent's answer: null while it has not answered, "
                 "empty when there was nothing to send."
+            },
+            "transcript": {
+                "help_text": "A voice note's text as its agent got it (Evolution's "
+                "speechToText or the instance's speech-to-text); empty for other messages."
             },
         }
 
@@ -170,6 +175,7 @@ class ChatMessageSerializer(serializers.ModelSerializer):
             "status",
             "ignore_reason",
             "received_at",
+            "transcript",
             "reply_text",
             "sent_at",
             "finished_at",

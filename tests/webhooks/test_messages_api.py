@@ -287,3 +287,14 @@ def test_the_schema_documents_the_messages_endpoints(client, db):
         assert not {"reply_api_key", "claim_token"} & set(components[name]["properties"])
     assert "payload" not in components["Message"]["properties"]
     assert "payload" in components["MessageDetail"]["properties"]
+
+
+def test_a_voice_notes_transcript_is_in_the_list_and_the_detail(api, acme) -> None:
+    message = add_message(acme, message_id="VOICE1", status=Status.REPLIED)
+    InboundMessage.objects.filter(pk=message.pk).update(transcript="quero uma pizza")
+
+    listed = api.get(LIST).json()["results"]
+    detail = api.get(detail_url(message)).json()
+
+    assert [row["transcript"] for row in listed] == ["quero uma pizza"]
+    assert detail["transcript"] == "quero uma pizza"
