@@ -16,7 +16,9 @@ so that older commits can be measured with the same script:
     cd /tmp/old && .venv/bin/python /path/to/bench/ingest_profile.py --per-chat 2
 Options: -n deliveries, --batch calls per transaction, --per-chat messages per
 chat in a row, --claim (the view's claim on insert, SQLite), --profile (cProfile
-of the ingest), --statements (each kind of statement with its count).
+of the ingest), --statements (each kind of statement with its count);
+PROFILE_LOOP=1 prints a cProfile of the worker phase, PROFILE_LOOP_FILE=path keeps it
+for pstats (print_callers).
 """
 
 import argparse
@@ -303,6 +305,8 @@ def worker_phase(
     if loop_profile:
         loop_profile.disable()
         pstats.Stats(loop_profile).sort_stats("tottime").print_stats(30)
+        if os.environ.get("PROFILE_LOOP_FILE"):
+            loop_profile.dump_stats(os.environ["PROFILE_LOOP_FILE"])
     cpu = time.process_time() - cpu
     elapsed = time.perf_counter() - started
     db.close_database_threads()
