@@ -7,7 +7,7 @@ from django.contrib import admin
 from django.http import HttpRequest
 
 from instances.forms import KEEP_HELP, SecretField
-from instances.models import Agent, InstanceConfig, Route
+from instances.models import AGENT_FIELDS, Agent, InstanceConfig, Route
 from instances.services import agent_in_use
 
 
@@ -16,16 +16,7 @@ class AgentInlineForm(forms.ModelForm):
 
     class Meta:
         model = Agent
-        fields = [
-            "name",
-            "agent_kind",
-            "agent_api_url",
-            "agent_api_key",
-            "default_agent",
-            "system_prompt",
-            "agent_timeout",
-            "history_limit",
-        ]
+        fields = ["name", *AGENT_FIELDS]
         field_classes = {"agent_api_key": SecretField}
         widgets = {"system_prompt": forms.Textarea(attrs={"rows": 2, "cols": 30})}
 

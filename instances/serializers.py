@@ -11,6 +11,7 @@ from rest_framework.settings import api_settings
 
 from instances import provisioning
 from instances.models import (
+    AGENT_FIELDS,
     CONVERSATION_FIELDS,
     MEDIA_FIELDS,
     REPLY_FIELDS,
@@ -217,19 +218,7 @@ class AgentSerializer(ModelCleanSerializer):
 
     class Meta:
         model = Agent
-        fields = [
-            "name",
-            "agent_kind",
-            "agent_api_url",
-            "agent_api_key",
-            "has_agent_api_key",
-            "default_agent",
-            "system_prompt",
-            "agent_timeout",
-            "history_limit",
-            "created_at",
-            "updated_at",
-        ]
+        fields = ["name", *AGENT_FIELDS, "has_agent_api_key", "created_at", "updated_at"]
         extra_kwargs = {"agent_api_key": {"write_only": True, "help_text": SECRET_HELP}}
 
     def get_fields(self) -> dict[str, serializers.Field]:

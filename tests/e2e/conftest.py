@@ -25,7 +25,7 @@ from tests.e2e.harness import (
     text_delivery,
     unique,
 )
-from tests.fakes import FakeAgent, FakeEvolution
+from tests.fakes import FakeAgent, FakeEvolution, FakeOpenAI, FakeWebhookAgent
 
 E2E_DIR = Path(__file__).parent
 # Small enough that "always failing" finishes in well under a second of backoff.
@@ -238,3 +238,19 @@ def tenant_on() -> Iterator[Callable[..., Tenant]]:
 def make_tenant(hub: Hub, tenant_on: Callable[..., Tenant]) -> Callable[..., Tenant]:
     """Create a tenant on the shared hub (see tenant_on)."""
     return functools.partial(tenant_on, hub)
+
+
+@pytest.fixture
+def llm() -> Iterator[FakeOpenAI]:
+    """An OpenAI-compatible server: chat completions, models, audio transcriptions."""
+    server = FakeOpenAI().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def workflow() -> Iterator[FakeWebhookAgent]:
+    """A workflow behind a webhook (n8n's "Respond to Webhook")."""
+    server = FakeWebhookAgent().start()
+    yield server
+    server.stop()

@@ -1,30 +1,14 @@
 """The agent kinds end to end: the hub as processes, an OpenAI-compatible server
 and a webhook workflow as loopback fakes."""
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
-
-import pytest
 
 from tests.e2e.conftest import Tenant
 from tests.e2e.harness import text_delivery, unique
 from tests.fakes import FakeOpenAI, FakeWebhookAgent
 
 CHAT = "5511911113001"
-
-
-@pytest.fixture
-def llm() -> Iterator[FakeOpenAI]:
-    server = FakeOpenAI().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def workflow() -> Iterator[FakeWebhookAgent]:
-    server = FakeWebhookAgent().start()
-    yield server
-    server.stop()
 
 
 def say(tenant: Tenant, text: str, **fields: Any) -> dict[str, Any]:

@@ -4,10 +4,8 @@ with /chat/completions and /audio/transcriptions, and the fake agents."""
 
 import base64
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
-
-import pytest
 
 from tests.e2e.conftest import Tenant
 from tests.e2e.harness import unique
@@ -20,37 +18,34 @@ JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF tiny photo"
 FAILURE = "Sorry, I could not understand this voice note. Could you write it?"
 
 
-@pytest.fixture
-def llm() -> Iterator[FakeOpenAI]:
-    server = FakeOpenAI().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def workflow() -> Iterator[FakeWebhookAgent]:
-    server = FakeWebhookAgent().start()
-    yield server
-    server.stop()
-
-
-def deliver(
-    tenant: Tenant, fixture: str, *, keep_base64: bool = False, **message: Any
-) -> tuple[str, dict[str, Any]]:
-    """Post a fixture's messages.upsert as a new message of PHONE; its id and its row."""
+def post(
+    tenant: Tenant,
+    fixture: str,
+    *,
+    file: tuple[bytes, str, str] | None = None,
+    declared_size: int | None = None,
+) -> str:
+    """Post a fixture's messages.upsert as a new message of PHONE, without the
+    delivery's base64; `file` is what the fake Evolution serves for it."""
     message_id = unique("MD").upper()
+    if file is not None:
+        tenant.evolution.media[message_id] = file
     body = message_body(fixture, message_id=message_id, phone=PHONE)
     body["instance"] = tenant.fields["whatsapp_instance"]
     body["data"]["messageTimestamp"] = int(time.time())
-    if not keep_base64:
-        body["data"]["message"].pop("base64", None)
-    for name, value in message.items():
+    body["data"]["message"].pop("base64", None)
+    if declared_size is not None:
         for content in body["data"]["message"].values():
-            if isinstance(content, dict):
-                content[name] = value
+            if isinstance(content, dict) and "fileLength" in content:
+                content["fileLength"] = declared_size
     response = tenant.post(body)
     assert response.status_code == 200, response.text
-    return message_id, tenant.wait_finished(message_id, timeout=30)
+    return message_id
+
+
+def deliver(tenant: Tenant, fixture: str, **post_fields: Any) -> dict[str, Any]:
+    """post(), then the finished row."""
+    return tenant.wait_finished(post(tenant, fixture, **post_fields), timeout=30)
 
 
 def sent_texts(tenant: Tenant) -> list[str]:
@@ -66,17 +61,12 @@ def test_a_photo_fetched_from_evolution_reaches_each_agent_kind_as_specified(
         "webhook": make_tenant(agent_kind="webhook", agent_api_url=workflow.url),
     }
     for shop in shops.values():
-        message_id = unique("PH").upper()
-        shop.evolution.media[message_id] = (JPEG, "image/jpeg", f"{message_id}.jpeg")
-        body = message_body(
-            "messages-upsert-image-caption.json", message_id=message_id, phone=PHONE
+        row = deliver(
+            shop, "messages-upsert-image-caption.json", file=(JPEG, "image/jpeg", "p.jpeg")
         )
-        body["instance"] = shop.fields["whatsapp_instance"]
-        body["data"]["messageTimestamp"] = int(time.time())
-        assert shop.post(body).status_code == 200
-        assert shop.wait_finished(message_id, timeout=30)["status"] == "replied"
+        assert row["status"] == "replied"
         [fetch] = shop.evolution.received("/chat/getBase64FromMediaMessage/")
-        assert fetch.body["message"]["key"]["id"] == message_id
+        assert fetch.body["message"]["key"]["id"] == row["message_id"]
 
     encoded = base64.b64encode(JPEG).decode()
     [automagik] = shops["automagik"].agent.received("/run")
@@ -97,14 +87,9 @@ def test_a_voice_note_is_transcribed_and_the_transcript_answered(
     shop = make_tenant(
         agent_kind="openai", agent_api_url=f"{llm.url}/v1", stt_url=f"{llm.url}/v1", stt_key="k"
     )
-    message_id = unique("VN").upper()
-    shop.evolution.media[message_id] = (b"speech: quero uma pizza", "audio/ogg", "v.ogg")
-    body = message_body("messages-upsert-audio.json", message_id=message_id, phone=PHONE)
-    body["instance"] = shop.fields["whatsapp_instance"]
-    body["data"]["messageTimestamp"] = int(time.time())
-    assert shop.post(body).status_code == 200
-
-    row = shop.wait_finished(message_id, timeout=30)
+    row = deliver(
+        shop, "messages-upsert-audio.json", file=(b"speech: quero uma pizza", "audio/ogg", "v.ogg")
+    )
 
     assert row["status"] == "replied"
     assert row["transcript"] == "quero uma pizza"
@@ -119,7 +104,7 @@ def test_evolutions_speech_to_text_is_answered_without_a_transcription(
 ) -> None:
     shop = make_tenant(agent_kind="openai", agent_api_url=f"{llm.url}/v1", stt_url=f"{llm.url}/v1")
 
-    _, row = deliver(shop, "messages-upsert-audio-speechtotext.json")
+    row = deliver(shop, "messages-upsert-audio-speechtotext.json")
 
     assert row["status"] == "replied"
     # Evolution starts its transcript with "[audio] ": the hub's marker replaces it.
@@ -135,13 +120,7 @@ def test_transcription_down_then_up_then_down_for_good(
     shop = make_tenant(agent_kind="openai", agent_api_url=f"{llm.url}/v1", stt_url=f"{llm.url}/v1")
 
     def voice_note() -> dict[str, Any]:
-        message_id = unique("VN").upper()
-        shop.evolution.media[message_id] = (b"speech: oi", "audio/ogg", "v.ogg")
-        body = message_body("messages-upsert-audio.json", message_id=message_id, phone=PHONE)
-        body["instance"] = shop.fields["whatsapp_instance"]
-        body["data"]["messageTimestamp"] = int(time.time())
-        assert shop.post(body).status_code == 200
-        return shop.wait_finished(message_id, timeout=30)
+        return deliver(shop, "messages-upsert-audio.json", file=(b"speech: oi", "audio/ogg", "v"))
 
     # Down once, then up: retried, answered once, the agent asked once.
     llm.stt_failures = 1
@@ -164,7 +143,7 @@ def test_an_oversized_document_reaches_the_agent_as_a_description(
 ) -> None:
     shop = make_tenant(agent_kind="webhook", agent_api_url=workflow.url, media_max_bytes=1000)
 
-    _, row = deliver(shop, "messages-upsert-document.json")
+    row = deliver(shop, "messages-upsert-document.json")
 
     assert row["status"] == "replied"
     [hook] = workflow.received()
@@ -180,16 +159,12 @@ def test_a_pdfs_text_reaches_an_openai_agent(
     make_tenant: Callable[..., Tenant], llm: FakeOpenAI
 ) -> None:
     shop = make_tenant(agent_kind="openai", agent_api_url=f"{llm.url}/v1")
-    message_id = unique("PD").upper()
     pdf = pdf_with_pages("Orcamento 2025: 3 mesas por R$ 900")
-    shop.evolution.media[message_id] = (pdf, "application/pdf", "Orcamento-2025.pdf")
-    body = message_body("messages-upsert-document.json", message_id=message_id, phone=PHONE)
-    body["instance"] = shop.fields["whatsapp_instance"]
-    body["data"]["messageTimestamp"] = int(time.time())
-    body["data"]["message"]["documentMessage"]["fileLength"] = len(pdf)
-    assert shop.post(body).status_code == 200
+    file = (pdf, "application/pdf", "Orcamento-2025.pdf")
 
-    assert shop.wait_finished(message_id, timeout=30)["status"] == "replied"
+    row = deliver(shop, "messages-upsert-document.json", file=file, declared_size=len(pdf))
+
+    assert row["status"] == "replied"
     turn = llm.completions[-1][-1]["content"]
     assert turn.startswith("[document] Segue o orçamento assinado")
     assert "Orcamento 2025: 3 mesas por R$ 900" in turn

@@ -1,23 +1,14 @@
 """Replies shaped like a person's, end to end: the hub as a process, a webhook
 workflow answering, and the fake Evolution recording what went out."""
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
-
-import pytest
 
 from tests.e2e.conftest import Tenant
 from tests.e2e.harness import text_delivery, unique
 from tests.fakes import FakeWebhookAgent
 
 CHAT = "5511911114001"
-
-
-@pytest.fixture
-def workflow() -> Iterator[FakeWebhookAgent]:
-    server = FakeWebhookAgent().start()
-    yield server
-    server.stop()
 
 
 def tenant_answering(
