@@ -217,6 +217,15 @@ async def _answer(step: Step, *, messages: list[InboundMessage], http: httpx.Asy
     if len(messages) > 1:
         texts = [m.text for m in messages if m.text.strip()]
         content = {**message.content, "burst_texts": texts}
+        media_source = next((m for m in reversed(messages) if m.content.get("media")), message)
+        if media_source is not message:
+            # "a photo, then 'how much?'": the burst's call carries the photo. Its
+            # bytes are fetched by its own id (a retry has only this row's payload).
+            content.update(
+                media=media_source.content["media"],
+                message_type=media_source.content.get("message_type", "text"),
+                media_message_id=media_source.message_id,
+            )
         await run_db(
             fold_into,
             folded_pks=[m.pk for m in messages[:-1]],
@@ -248,11 +257,13 @@ async def _ask_agent(
     if message.content.get("media"):
         attempt = message.agent_attempts + 1
         try:
+            media_of = message.content.get("media_message_id")
             prepared = await prepare_media(
                 instance=instance,
                 content=message.content,
-                payload=message.payload,
-                message_id=message.message_id,
+                # A burst's media from an earlier message: fetched by that one's id.
+                payload={} if media_of else message.payload,
+                message_id=media_of or message.message_id,
                 chat_jid=message.chat_jid,
                 evolution=evolution,
                 http=http,

@@ -4,17 +4,19 @@ Deliveries are recorded as the webhook does; the worker's claim and handling
 run against a mocked agent and Evolution (see conftest's Upstream).
 """
 
+import base64
 import json
 from datetime import timedelta
 from typing import Any
 
+import httpx
 import pytest
 from asgiref.sync import sync_to_async
 from django.utils import timezone
 
 from instances.models import InstanceConfig
 from tests.e2e.harness import text_delivery
-from tests.webhooks.conftest import AGENT_REPLY, Upstream
+from tests.webhooks.conftest import AGENT_REPLY, Upstream, message_body
 from webhooks import transitions
 from webhooks.ingest import Outcome, Result, record_delivery
 from webhooks.models import (
@@ -210,6 +212,33 @@ async def test_a_burst_gets_one_agent_call_with_its_texts_in_order(make_instance
     for folded in (first, second):
         assert (folded.status, folded.ignore_reason) == (Status.IGNORED, "debounced")
         assert folded.answered_by_id == last.pk
+
+
+async def test_a_photo_then_a_question_in_one_burst_gets_the_photo_with_the_call(
+    make_instance, upstream
+) -> None:
+    acme = await sync_to_async(make_instance)(debounce_seconds=5)
+    photo = message_body("messages-upsert-image-caption.json", message_id="PHOTO1", phone=PHONE)
+    photo["data"]["messageTimestamp"] = int(timezone.now().timestamp())
+    await sync_to_async(record_delivery)(instance=acme, body=photo)
+    await deliver(acme, "quanto custa?")
+    fetched: list[dict[str, Any]] = []
+
+    async def evolution(request: httpx.Request) -> tuple[int, Any]:
+        if "/chat/getBase64FromMediaMessage/" in request.url.path:
+            fetched.append(json.loads(request.content))
+            return 201, {"mimetype": "image/jpeg", "base64": base64.b64encode(b"jpeg").decode()}
+        return 201, {"key": {"id": "3EB0"}, "status": "PENDING"}
+
+    upstream.evolution = evolution
+    await work(upstream, now_due=True)
+
+    [asked] = agent_bodies(upstream)
+    assert asked["message_content"].endswith("Esse é o defeito no produto\nquanto custa?")
+    assert asked["message_type"] == "image"
+    assert asked["media_contents"][0]["data"] == base64.b64encode(b"jpeg").decode()
+    # Fetched by the photo's own id: the answering row is the question's.
+    assert [f["message"]["key"]["id"] for f in fetched] == ["PHOTO1"]
 
 
 async def test_each_message_restarts_the_window_up_to_its_bound(make_instance) -> None:
