@@ -381,7 +381,10 @@ def with_media(content: dict[str, Any], prepared: PreparedMedia | None) -> dict[
     its text (so the session's history reads it too), the media's note for the log."""
     if prepared is None:
         return content
-    media = {**content["media"], "size": prepared.media.size}
+    media = dict(content["media"])
+    if media.get("size") is None:
+        # WhatsApp's declared size stays; the file's own when none was declared.
+        media["size"] = prepared.media.size
     if prepared.media.note:
         media["note"] = prepared.media.note
     changed = {**content, "media": media}
