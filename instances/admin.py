@@ -6,6 +6,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.utils.html import format_html
 
+from instances import admin_send_keys  # noqa: F401 (registers SendKeyAdmin)
 from instances.admin_provisioning import ProvisioningAdminMixin
 from instances.admin_routing import AgentInline, RouteInline
 from instances.forms import InstanceConfigForm

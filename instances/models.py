@@ -1,3 +1,4 @@
+import hashlib
 import hmac
 import re
 import secrets
@@ -839,3 +840,77 @@ def route_value_error(*, match: str, value: str) -> str | None:
     if not value.strip():
         return "Enter the text to match."
     return None
+
+
+# --- send keys: an integration that may only send through one instance --------------
+SEND_KEY_PREFIX = "omnihub_send_"
+# What the admin, the API and the CLI show of a key: its prefix and a few characters.
+SEND_KEY_SHOWN = len(SEND_KEY_PREFIX) + 4
+
+
+def hash_send_key(key: str) -> str:
+    """The stored form of a send key: SHA-256 of it, hex.
+
+    A key is 32 random bytes (secrets.token_urlsafe), so a fast hash is enough:
+    there is nothing to guess by brute force, unlike a password.
+    """
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def generate_send_key() -> str:
+    return SEND_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+class SendKeyQuerySet(models.QuerySet["SendKey"]):
+    def active(self) -> "SendKeyQuerySet":
+        return self.filter(revoked_at__isnull=True)
+
+
+class SendKey(models.Model):
+    """A key (header x-api-key) that may send messages through its instance and do
+    nothing else (instances/authentication.py, instances/permissions.py).
+
+    Only its SHA-256 is stored: the key itself is shown once, when it is made.
+    """
+
+    instance = models.ForeignKey(
+        InstanceConfig, on_delete=models.CASCADE, related_name="send_keys"
+    )
+    name = models.CharField(
+        max_length=100,
+        blank=True,
+        validators=[NO_NUL],
+        help_text="What uses the key (e.g. 'crm'), for the operator; optional.",
+    )
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    # The key's first characters, shown to tell keys apart; never enough to use it.
+    shown_prefix = models.CharField("key starts with", max_length=32, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    objects = SendKeyQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["instance", "-id"]
+        verbose_name = "send key"
+
+    def __str__(self) -> str:
+        return f"{self.shown_prefix}… ({self.name or 'unnamed'})"
+
+    def __repr__(self) -> str:
+        return f"<SendKey {self.pk} of instance {self.instance_id}>"
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None
+
+    def set_new_key(self) -> str:
+        """Give the row a new random key; returns it (the only time it is readable)."""
+        key = generate_send_key()
+        self.key_hash = hash_send_key(key)
+        self.shown_prefix = key[:SEND_KEY_SHOWN]
+        return key
+
+    def matches(self, key: str) -> bool:
+        return hmac.compare_digest(self.key_hash, hash_send_key(key))

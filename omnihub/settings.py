@@ -174,6 +174,7 @@ OMNIHUB_API_KEY = env.str("OMNIHUB_API_KEY", default="")
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "instances.authentication.ApiKeyAuthentication",
+        "instances.authentication.SendKeyAuthentication",
         "rest_framework.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
