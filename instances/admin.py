@@ -92,6 +92,7 @@ class InstanceConfigAdmin(ProvisioningAdminMixin, admin.ModelAdmin):
             ),
             ("Groups", {"fields": ["group_policy", "bot_ids"]}),
             ("Who is answered", {"fields": ["allow_list", "block_list"]}),
+            ("Opt-out", {"fields": ["opt_out_keywords", "opt_out_reply"]}),
             ("Capacity", {"fields": ["max_concurrent"]}),
             ("Webhook", {"fields": webhook}),
         ]

@@ -26,6 +26,7 @@ from instances.validators import (
     validate_chat_patterns,
     validate_http_url,
     validate_instance_name,
+    validate_keywords,
     validate_secret,
 )
 
@@ -36,6 +37,14 @@ MAX_AGENT_TIMEOUT = 600
 NO_NUL = ProhibitNullCharactersValidator()
 SECRET_FIELDS = ("evolution_key", "agent_api_key", "webhook_token", "stt_key")
 DEFAULT_RESET_REPLY = "Conversation restarted."
+DEFAULT_OPT_OUT_KEYWORDS = ("STOP", "SAIR", "PARAR", "CANCELAR")
+DEFAULT_OPT_OUT_REPLY = (
+    "Done: you will get no more messages from us. Write to us any time if you need help."
+)
+
+
+def default_opt_out_keywords() -> list[str]:
+    return list(DEFAULT_OPT_OUT_KEYWORDS)
 DEFAULT_STT_FAILURE_MESSAGE = "Sorry, I could not understand this voice note. Could you write it?"
 MAX_DEBOUNCE_SECONDS = 300
 MAX_HANDOFF_MINUTES = 7 * 24 * 60
@@ -54,6 +63,8 @@ CONVERSATION_FIELDS = (
     "reset_reply",
     "session_idle_minutes",
     "max_concurrent",
+    "opt_out_keywords",
+    "opt_out_reply",
 )
 # Which agent answers and how (instances/clients/agents/), in the same order everywhere.
 AGENT_KIND_FIELDS = ("agent_kind", "system_prompt", "history_limit")
@@ -404,6 +415,22 @@ class InstanceConfig(models.Model):
         default=0,
         help_text="After this many minutes without a message, the chat's next message "
         "starts a new agent session. 0: never.",
+    )
+    opt_out_keywords = models.JSONField(
+        "opt-out keywords",
+        default=default_opt_out_keywords,
+        blank=True,
+        validators=[validate_keywords],
+        help_text="A user message equal to one of these (trimmed, case-insensitive) adds the "
+        "number to the instance's opt-out list: API sends to it are refused. Its own later "
+        "messages are still answered. Empty: no keywords.",
+    )
+    opt_out_reply = models.TextField(
+        "opt-out reply",
+        blank=True,
+        default=DEFAULT_OPT_OUT_REPLY,
+        validators=[NO_NUL],
+        help_text="The answer to an opt-out keyword (the agent is not asked). Blank sends nothing.",
     )
     max_concurrent = models.PositiveIntegerField(
         default=16,

@@ -74,6 +74,10 @@ class InstanceConfigSerializer(serializers.ModelSerializer):
         required=False,
         help_text=InstanceConfig._meta.get_field("block_list").help_text,
     )
+    opt_out_keywords = StringListField(
+        required=False,
+        help_text=InstanceConfig._meta.get_field("opt_out_keywords").help_text,
+    )
     connection_state = serializers.SerializerMethodField(
         help_text="The state in Evolution's last connection.update (open, connecting, "
         "close); null before the first one."

@@ -48,6 +48,10 @@ CONVERSATION_FORM_DEFAULTS = {
     "group_policy": "ignore",
     "bot_ids": "[]",
     "allow_list": "[]",
+    "opt_out_keywords": '["STOP", "SAIR", "PARAR", "CANCELAR"]',
+    "opt_out_reply": (
+        "Done: you will get no more messages from us. Write to us any time if you need help."
+    ),
     "block_list": "[]",
     "reset_keyword": "/reset",
     "reset_reply": "Conversation restarted.",

@@ -286,3 +286,25 @@ class WorkerHeartbeat(models.Model):
 
     def __str__(self) -> str:
         return f"{self.hostname}:{self.pid}"
+
+
+class OptOut(models.Model):
+    """A number that sent one of its instance's opt_out_keywords: API sends to it are
+    refused (webhooks/opt_out.py). Its own later messages are still answered."""
+
+    instance = models.ForeignKey(
+        InstanceConfig, on_delete=models.CASCADE, related_name="opt_outs", db_index=False
+    )
+    phone = models.CharField(max_length=32)
+    keyword = models.CharField(max_length=64, blank=True, help_text="What the user sent.")
+    at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["-at"]
+        verbose_name = "opted-out number"
+        constraints = [
+            models.UniqueConstraint(fields=["instance", "phone"], name="webhooks_one_opt_out")
+        ]
+
+    def __str__(self) -> str:
+        return self.phone
