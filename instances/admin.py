@@ -10,7 +10,7 @@ from instances import admin_send_keys  # noqa: F401 (registers SendKeyAdmin)
 from instances.admin_provisioning import ProvisioningAdminMixin
 from instances.admin_routing import AgentInline, RouteInline
 from instances.forms import InstanceConfigForm
-from instances.models import MEDIA_FIELDS, REPLY_FIELDS, InstanceConfig
+from instances.models import CALLBACK_FIELDS, MEDIA_FIELDS, REPLY_FIELDS, InstanceConfig
 from instances.services import save_instance, set_default_instance
 
 NO_TOKEN_WARNING = "accepts unauthenticated deliveries"
@@ -71,6 +71,7 @@ class InstanceConfigAdmin(ProvisioningAdminMixin, admin.ModelAdmin):
             ("Behaviour", {"fields": ["fallback_message"]}),
             ("Replies", {"fields": list(REPLY_FIELDS)}),
             ("Media and voice notes", {"fields": list(MEDIA_FIELDS)}),
+            ("Status callbacks", {"fields": list(CALLBACK_FIELDS)}),
             (
                 "Legacy mode (the single-tenant service's behaviour)",
                 {"fields": ["legacy_mode", "legacy_server_url"]},

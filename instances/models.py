@@ -35,7 +35,7 @@ DEFAULT_FALLBACK_MESSAGE = (
 )
 MAX_AGENT_TIMEOUT = 600
 NO_NUL = ProhibitNullCharactersValidator()
-SECRET_FIELDS = ("evolution_key", "agent_api_key", "webhook_token", "stt_key")
+SECRET_FIELDS = ("evolution_key", "agent_api_key", "webhook_token", "stt_key", "callback_secret")
 DEFAULT_RESET_REPLY = "Conversation restarted."
 DEFAULT_OPT_OUT_KEYWORDS = ("STOP", "SAIR", "PARAR", "CANCELAR")
 DEFAULT_OPT_OUT_REPLY = (
@@ -80,6 +80,8 @@ MEDIA_FIELDS = (
     "stt_failure_message",
     "mark_read",
 )
+# Where the status of the messages the hub sends is posted (webhooks/callbacks.py).
+CALLBACK_FIELDS = ("callback_url", "callback_secret")
 DEFAULT_MEDIA_MAX_BYTES = 10 * 1024 * 1024
 MAX_MEDIA_BYTES = 50 * 1024 * 1024
 # An agent of its own under an instance (Agent) has these, as the instance has for
@@ -134,6 +136,8 @@ KEY_OF_URL = {
     "evolution_url": "evolution_key",
     "agent_api_url": "agent_api_key",
     "stt_url": "stt_key",
+    # Not sent, but it signs what is sent there: a new host must be given it anew.
+    "callback_url": "callback_secret",
 }
 _TRACKED_SECRETS = frozenset(SECRET_FIELDS)
 
@@ -340,6 +344,25 @@ class InstanceConfig(models.Model):
     mark_read = models.BooleanField(
         default=False,
         help_text="Mark a message read (blue ticks) when the agent starts working on it.",
+    )
+
+    # --- status callbacks: the outbound messages' statuses, posted signed ---
+    callback_url = models.CharField(
+        "Status callback URL",
+        max_length=500,
+        blank=True,
+        validators=[validate_http_url, NO_NUL],
+        help_text="Each new status of a message the hub sends (sent, delivered, read, failed) "
+        "is POSTed here as JSON, signed (header X-Omnihub-Signature), retried with backoff. "
+        "Blank: none.",
+    )
+    callback_secret = EncryptedCharField(
+        "Status callback secret",
+        max_length=512,
+        blank=True,
+        validators=[validate_secret],
+        help_text="Signs each callback: X-Omnihub-Signature: sha256=<hex HMAC-SHA256 of the "
+        "body with this secret>. Blank: callbacks are not signed.",
     )
 
     # --- conversations: how the bot behaves in a chat ---

@@ -70,6 +70,9 @@ CONVERSATION_FORM_DEFAULTS = {
     "stt_key": "",
     "stt_model": "whisper-1",
     "stt_failure_message": "Sorry, I could not understand this voice note. Could you write it?",
+    # The Status callbacks group, empty.
+    "callback_url": "",
+    "callback_secret": "",
     # The inlines of other agents and routing rules: none, nothing changed.
     **{f"{prefix}-{name}": "0" for prefix in ("agents", "routes") for name in FORMSET_COUNTS},
 }

@@ -308,3 +308,51 @@ class OptOut(models.Model):
 
     def __str__(self) -> str:
         return self.phone
+
+
+class CallbackState(models.TextChoices):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class StatusCallback(models.Model):
+    """One status of an outbound message, to be POSTed to its instance's callback_url.
+
+    The row is the job (webhooks/callbacks.py): written in the transaction that
+    changed the status, delivered by the worker's callback loop, retried with
+    backoff until CALLBACK_MAX_ATTEMPTS, then kept failed with its last error.
+    """
+
+    instance = models.ForeignKey(
+        InstanceConfig, on_delete=models.CASCADE, related_name="status_callbacks"
+    )
+    outbound = models.ForeignKey(
+        OutboundMessage, on_delete=models.CASCADE, related_name="status_callbacks"
+    )
+    status = models.CharField(max_length=16)
+    # The JSON posted, byte for byte the same on every attempt (it is what is signed).
+    body = models.TextField()
+    state = models.CharField(
+        max_length=16, choices=CallbackState.choices, default=CallbackState.PENDING
+    )
+    attempts = models.PositiveIntegerField(default=0)
+    # When the next attempt is due; while an attempt runs, the end of its lease.
+    # NULL once delivered or given up.
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [
+            models.Index(
+                fields=["next_attempt_at"],
+                condition=models.Q(next_attempt_at__isnull=False),
+                name="webhooks_callback_due",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.outbound_id}:{self.status}"
