@@ -1,5 +1,6 @@
 from datetime import datetime
 
+from django.conf import settings
 from django.db import models
 
 from instances.models import Agent, InstanceConfig
@@ -241,6 +242,15 @@ class OutboundMessage(models.Model):
         InboundMessage, null=True, blank=True, on_delete=models.SET_NULL, related_name="replies"
     )
     evolution_id = models.CharField(max_length=128, blank=True)
+    # The staff user who wrote it on the conversation page (an operator's message).
+    sent_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        db_index=False,
+    )
     status = models.CharField(
         max_length=16, choices=OutboundStatus.choices, default=OutboundStatus.SENDING
     )
