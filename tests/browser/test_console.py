@@ -387,7 +387,10 @@ def test_an_operator_answers_from_the_conversation_page_and_the_bot_stays_silent
     console.shot("conversation-operator-reply")
 
     agent_calls = len(fakes.agent.received())
-    later = post_text(hub, acme, text="Obrigado!", phone=phone, push_name="Rui")
+    # Paused: the hub stores it as ignored at once (human takeover).
+    later = post_text(
+        hub, acme, text="Obrigado!", phone=phone, push_name="Rui", expect="ignored"
+    )
     wait_for_status(console, later, "Ignored")
     assert len(fakes.agent.received()) == agent_calls
     assert len(sent_to(fakes, phone)) == 2
