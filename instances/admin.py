@@ -6,10 +6,11 @@ from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.utils.html import format_html
 
+from instances import admin_send_keys  # noqa: F401 (registers SendKeyAdmin)
 from instances.admin_provisioning import ProvisioningAdminMixin
 from instances.admin_routing import AgentInline, RouteInline
 from instances.forms import InstanceConfigForm
-from instances.models import MEDIA_FIELDS, REPLY_FIELDS, InstanceConfig
+from instances.models import CALLBACK_FIELDS, MEDIA_FIELDS, REPLY_FIELDS, InstanceConfig
 from instances.services import save_instance, set_default_instance
 
 NO_TOKEN_WARNING = "accepts unauthenticated deliveries"
@@ -70,6 +71,7 @@ class InstanceConfigAdmin(ProvisioningAdminMixin, admin.ModelAdmin):
             ("Behaviour", {"fields": ["fallback_message"]}),
             ("Replies", {"fields": list(REPLY_FIELDS)}),
             ("Media and voice notes", {"fields": list(MEDIA_FIELDS)}),
+            ("Status callbacks", {"fields": list(CALLBACK_FIELDS)}),
             (
                 "Legacy mode (the single-tenant service's behaviour)",
                 {"fields": ["legacy_mode", "legacy_server_url"]},
@@ -91,6 +93,7 @@ class InstanceConfigAdmin(ProvisioningAdminMixin, admin.ModelAdmin):
             ),
             ("Groups", {"fields": ["group_policy", "bot_ids"]}),
             ("Who is answered", {"fields": ["allow_list", "block_list"]}),
+            ("Opt-out", {"fields": ["opt_out_keywords", "opt_out_reply"]}),
             ("Capacity", {"fields": ["max_concurrent"]}),
             ("Webhook", {"fields": webhook}),
         ]

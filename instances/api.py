@@ -31,6 +31,30 @@ class ApiKeyScheme(OpenApiAuthenticationExtension):
         }
 
 
+class SendKeyScheme(OpenApiAuthenticationExtension):
+    target_class = "instances.authentication.SendKeyAuthentication"
+    name = "sendKeyAuth"
+
+    def get_security_definition(self, auto_schema: AutoSchema) -> dict[str, str]:
+        return {
+            "type": "apiKey",
+            "in": "header",
+            "name": API_KEY_HEADER,
+            "description": "An instance's send key (omnihub_send_…): the send endpoint of "
+            "its own instance only.",
+        }
+
+    def get_security_requirement(self, auto_schema: AutoSchema) -> dict[str, list[str]] | None:
+        # Listed only where it is accepted: views using SendKeyPermission.
+        from instances.permissions import SendKeyPermission
+
+        accepted = any(
+            isinstance(permission, SendKeyPermission)
+            for permission in auto_schema.view.get_permissions()
+        )
+        return {self.name: []} if accepted else None
+
+
 class ErrorSerializer(serializers.Serializer):
     detail = serializers.CharField()
 

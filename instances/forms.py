@@ -5,6 +5,7 @@ from typing import Any
 from django import forms
 
 from instances.models import (
+    CALLBACK_FIELDS,
     CONVERSATION_FIELDS,
     MEDIA_FIELDS,
     REPLY_FIELDS,
@@ -76,6 +77,7 @@ class InstanceConfigForm(forms.ModelForm):
             "webhook_token",
             *REPLY_FIELDS,
             *MEDIA_FIELDS,
+            *CALLBACK_FIELDS,
             *CONVERSATION_FIELDS,
         ]
         field_classes = dict.fromkeys(SECRET_FIELDS, SecretField)

@@ -1,3 +1,4 @@
+import hashlib
 import hmac
 import re
 import secrets
@@ -25,6 +26,7 @@ from instances.validators import (
     validate_chat_patterns,
     validate_http_url,
     validate_instance_name,
+    validate_keywords,
     validate_secret,
 )
 
@@ -33,8 +35,16 @@ DEFAULT_FALLBACK_MESSAGE = (
 )
 MAX_AGENT_TIMEOUT = 600
 NO_NUL = ProhibitNullCharactersValidator()
-SECRET_FIELDS = ("evolution_key", "agent_api_key", "webhook_token", "stt_key")
+SECRET_FIELDS = ("evolution_key", "agent_api_key", "webhook_token", "stt_key", "callback_secret")
 DEFAULT_RESET_REPLY = "Conversation restarted."
+DEFAULT_OPT_OUT_KEYWORDS = ("STOP", "SAIR", "PARAR", "CANCELAR")
+DEFAULT_OPT_OUT_REPLY = (
+    "Done: you will get no more messages from us. Write to us any time if you need help."
+)
+
+
+def default_opt_out_keywords() -> list[str]:
+    return list(DEFAULT_OPT_OUT_KEYWORDS)
 DEFAULT_STT_FAILURE_MESSAGE = "Sorry, I could not understand this voice note. Could you write it?"
 MAX_DEBOUNCE_SECONDS = 300
 MAX_HANDOFF_MINUTES = 7 * 24 * 60
@@ -53,6 +63,8 @@ CONVERSATION_FIELDS = (
     "reset_reply",
     "session_idle_minutes",
     "max_concurrent",
+    "opt_out_keywords",
+    "opt_out_reply",
 )
 # Which agent answers and how (instances/clients/agents/), in the same order everywhere.
 AGENT_KIND_FIELDS = ("agent_kind", "system_prompt", "history_limit")
@@ -68,6 +80,8 @@ MEDIA_FIELDS = (
     "stt_failure_message",
     "mark_read",
 )
+# Where the status of the messages the hub sends is posted (webhooks/callbacks.py).
+CALLBACK_FIELDS = ("callback_url", "callback_secret")
 DEFAULT_MEDIA_MAX_BYTES = 10 * 1024 * 1024
 MAX_MEDIA_BYTES = 50 * 1024 * 1024
 # An agent of its own under an instance (Agent) has these, as the instance has for
@@ -122,6 +136,8 @@ KEY_OF_URL = {
     "evolution_url": "evolution_key",
     "agent_api_url": "agent_api_key",
     "stt_url": "stt_key",
+    # Not sent, but it signs what is sent there: a new host must be given it anew.
+    "callback_url": "callback_secret",
 }
 _TRACKED_SECRETS = frozenset(SECRET_FIELDS)
 
@@ -330,6 +346,25 @@ class InstanceConfig(models.Model):
         help_text="Mark a message read (blue ticks) when the agent starts working on it.",
     )
 
+    # --- status callbacks: the outbound messages' statuses, posted signed ---
+    callback_url = models.CharField(
+        "Status callback URL",
+        max_length=500,
+        blank=True,
+        validators=[validate_http_url, NO_NUL],
+        help_text="Each new status of a message the hub sends (sent, delivered, read, failed) "
+        "is POSTed here as JSON, signed (header X-Omnihub-Signature), retried with backoff. "
+        "Blank: none.",
+    )
+    callback_secret = EncryptedCharField(
+        "Status callback secret",
+        max_length=512,
+        blank=True,
+        validators=[validate_secret],
+        help_text="Signs each callback: X-Omnihub-Signature: sha256=<hex HMAC-SHA256 of the "
+        "body with this secret>. Blank: callbacks are not signed.",
+    )
+
     # --- conversations: how the bot behaves in a chat ---
     handoff_minutes = models.PositiveIntegerField(
         default=30,
@@ -403,6 +438,22 @@ class InstanceConfig(models.Model):
         default=0,
         help_text="After this many minutes without a message, the chat's next message "
         "starts a new agent session. 0: never.",
+    )
+    opt_out_keywords = models.JSONField(
+        "opt-out keywords",
+        default=default_opt_out_keywords,
+        blank=True,
+        validators=[validate_keywords],
+        help_text="A user message equal to one of these (trimmed, case-insensitive) adds the "
+        "number to the instance's opt-out list: API sends to it are refused. Its own later "
+        "messages are still answered. Empty: no keywords.",
+    )
+    opt_out_reply = models.TextField(
+        "opt-out reply",
+        blank=True,
+        default=DEFAULT_OPT_OUT_REPLY,
+        validators=[NO_NUL],
+        help_text="The answer to an opt-out keyword (the agent is not asked). Blank sends nothing.",
     )
     max_concurrent = models.PositiveIntegerField(
         default=16,
@@ -839,3 +890,77 @@ def route_value_error(*, match: str, value: str) -> str | None:
     if not value.strip():
         return "Enter the text to match."
     return None
+
+
+# --- send keys: an integration that may only send through one instance --------------
+SEND_KEY_PREFIX = "omnihub_send_"
+# What the admin, the API and the CLI show of a key: its prefix and a few characters.
+SEND_KEY_SHOWN = len(SEND_KEY_PREFIX) + 4
+
+
+def hash_send_key(key: str) -> str:
+    """The stored form of a send key: SHA-256 of it, hex.
+
+    A key is 32 random bytes (secrets.token_urlsafe), so a fast hash is enough:
+    there is nothing to guess by brute force, unlike a password.
+    """
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def generate_send_key() -> str:
+    return SEND_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+class SendKeyQuerySet(models.QuerySet["SendKey"]):
+    def active(self) -> "SendKeyQuerySet":
+        return self.filter(revoked_at__isnull=True)
+
+
+class SendKey(models.Model):
+    """A key (header x-api-key) that may send messages through its instance and do
+    nothing else (instances/authentication.py, instances/permissions.py).
+
+    Only its SHA-256 is stored: the key itself is shown once, when it is made.
+    """
+
+    instance = models.ForeignKey(
+        InstanceConfig, on_delete=models.CASCADE, related_name="send_keys"
+    )
+    name = models.CharField(
+        max_length=100,
+        blank=True,
+        validators=[NO_NUL],
+        help_text="What uses the key (e.g. 'crm'), for the operator; optional.",
+    )
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    # The key's first characters, shown to tell keys apart; never enough to use it.
+    shown_prefix = models.CharField("key starts with", max_length=32, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    objects = SendKeyQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["instance", "-id"]
+        verbose_name = "send key"
+
+    def __str__(self) -> str:
+        return f"{self.shown_prefix}… ({self.name or 'unnamed'})"
+
+    def __repr__(self) -> str:
+        return f"<SendKey {self.pk} of instance {self.instance_id}>"
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None
+
+    def set_new_key(self) -> str:
+        """Give the row a new random key; returns it (the only time it is readable)."""
+        key = generate_send_key()
+        self.key_hash = hash_send_key(key)
+        self.shown_prefix = key[:SEND_KEY_SHOWN]
+        return key
+
+    def matches(self, key: str) -> bool:
+        return hmac.compare_digest(self.key_hash, hash_send_key(key))

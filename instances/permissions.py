@@ -5,6 +5,9 @@
   permissions, the ones the admin uses: list and retrieve need
   ``<app>.view_<model>``, create ``add_``, update ``change_``, delete ``delete_``
   (the model is the viewset's queryset's).
+- An instance's send key (header x-api-key, omnihub_send_…) may call the send
+  endpoint of its own instance, whose view uses SendKeyPermission, and nothing
+  else: 403 on every other operation.
 - Anyone else, a logged-in user who is not staff included, gets 401.
 
 A custom action (``@action``) declares its permissions in the viewset's
@@ -32,7 +35,7 @@ from typing import Any
 from rest_framework import exceptions, permissions, status
 from rest_framework.request import Request
 
-from instances.authentication import ApiKeyUser
+from instances.authentication import ApiKeyUser, SendKeyUser
 
 # What each of the viewsets' standard actions does to the model.
 MODEL_ACTIONS = {
@@ -77,6 +80,14 @@ def missing_permission_message(perms: Sequence[str] | None) -> str:
     return f"This operation needs the permission {', '.join(perms)}."
 
 
+SEND_KEY_ONLY_SENDS = (
+    "A send key may only send messages through its own instance "
+    "(POST /api/v1/instances/{name}/messages/)."
+)
+# The URL keyword naming the instance: a nested route's, or InstanceViewSet's lookup.
+INSTANCE_KWARGS = ("instance_name", "name")
+
+
 class HubPermission(permissions.BasePermission):
     message = "Send header x-api-key, a staff user's token, or log in as staff."
 
@@ -84,6 +95,8 @@ class HubPermission(permissions.BasePermission):
         user = request.user
         if isinstance(user, ApiKeyUser):
             return True
+        if isinstance(user, SendKeyUser):
+            raise MissingPermission(SEND_KEY_ONLY_SENDS)
         if not (user and user.is_authenticated and user.is_active and user.is_staff):
             # DRF raises PermissionDenied, which api_errors turns into 401.
             return False
@@ -93,4 +106,31 @@ class HubPermission(permissions.BasePermission):
         perms = required_permissions(view=view)
         if perms is None or not user.has_perms(perms):
             raise MissingPermission(missing_permission_message(perms))
+        return True
+
+
+def instance_named_by(view: Any) -> str | None:
+    kwargs = getattr(view, "kwargs", None) or {}
+    for name in INSTANCE_KWARGS:
+        if name in kwargs:
+            return str(kwargs[name])
+    return None
+
+
+class SendKeyPermission(HubPermission):
+    """The send endpoint's permission: HubPermission's callers as everywhere, and
+    also a send key of the instance the URL names (POST only; another instance's
+    key, or any other method: 403).
+
+    Used by the send view only: ``permission_classes = [SendKeyPermission]``.
+    """
+
+    def has_permission(self, request: Request, view: Any) -> bool:
+        user = request.user
+        if not isinstance(user, SendKeyUser):
+            return super().has_permission(request, view)
+        if request.method != "POST":
+            raise MissingPermission(SEND_KEY_ONLY_SENDS)
+        if instance_named_by(view) != user.instance_name:
+            raise MissingPermission("This send key belongs to another instance.")
         return True

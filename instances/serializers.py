@@ -12,6 +12,7 @@ from rest_framework.settings import api_settings
 from instances import provisioning
 from instances.models import (
     AGENT_FIELDS,
+    CALLBACK_FIELDS,
     CONVERSATION_FIELDS,
     MEDIA_FIELDS,
     REPLY_FIELDS,
@@ -63,6 +64,7 @@ class InstanceConfigSerializer(serializers.ModelSerializer):
     has_webhook_token = IsSetField(source="webhook_token")
     has_agent_api_key = IsSetField(source="agent_api_key")
     has_stt_key = IsSetField(source="stt_key")
+    has_callback_secret = IsSetField(source="callback_secret")
     bot_ids = StringListField(
         required=False,
         help_text=InstanceConfig._meta.get_field("bot_ids").help_text,
@@ -74,6 +76,10 @@ class InstanceConfigSerializer(serializers.ModelSerializer):
     block_list = StringListField(
         required=False,
         help_text=InstanceConfig._meta.get_field("block_list").help_text,
+    )
+    opt_out_keywords = StringListField(
+        required=False,
+        help_text=InstanceConfig._meta.get_field("opt_out_keywords").help_text,
     )
     connection_state = serializers.SerializerMethodField(
         help_text="The state in Evolution's last connection.update (open, connecting, "
@@ -111,6 +117,8 @@ class InstanceConfigSerializer(serializers.ModelSerializer):
             *REPLY_FIELDS,
             *MEDIA_FIELDS,
             "has_stt_key",
+            *CALLBACK_FIELDS,
+            "has_callback_secret",
             *CONVERSATION_FIELDS,
             "connection_state",
             "connection_updated_at",
@@ -121,6 +129,7 @@ class InstanceConfigSerializer(serializers.ModelSerializer):
             "evolution_key": {"write_only": True, "help_text": SECRET_HELP},
             "agent_api_key": {"write_only": True, "help_text": SECRET_HELP},
             "stt_key": {"write_only": True, "help_text": SECRET_HELP},
+            "callback_secret": {"write_only": True, "help_text": SECRET_HELP},
             "webhook_token": {
                 "write_only": True,
                 "help_text": "Write-only. Omitted on create: a random token is generated; "

@@ -283,6 +283,29 @@ def validate_agent_name(value: str) -> None:
         )
 
 
+MAX_KEYWORD_LENGTH = 64
+MAX_KEYWORDS = 50
+
+
+def validate_keywords(value: object) -> None:
+    """A list of keywords (opt_out_keywords): non-blank strings of at most 64 characters."""
+    if not isinstance(value, list):
+        raise ValidationError('Enter a list, e.g. ["STOP", "SAIR"].', code="not_a_list")
+    if len(value) > MAX_KEYWORDS:
+        raise ValidationError(f"At most {MAX_KEYWORDS} keywords.", code="too_many")
+    for item in value:
+        if (
+            not isinstance(item, str)
+            or not item.strip()
+            or len(item) > MAX_KEYWORD_LENGTH
+            or "\x00" in item
+        ):
+            raise ValidationError(
+                f"{item!r} is not a keyword: enter text of 1 to {MAX_KEYWORD_LENGTH} characters.",
+                code="invalid_item",
+            )
+
+
 def validate_bot_ids(value: object) -> None:
     _string_list(value, pattern=BOT_ID_RE, example='["5511900000001", "123456789012345@lid"]')
 

@@ -174,6 +174,7 @@ OMNIHUB_API_KEY = env.str("OMNIHUB_API_KEY", default="")
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "instances.authentication.ApiKeyAuthentication",
+        "instances.authentication.SendKeyAuthentication",
         "rest_framework.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
@@ -253,6 +254,11 @@ METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 METRICS_ALLOW = env.list("METRICS_ALLOW", default=["127.0.0.1/32", "::1/128"])
 RETRY_BASE_DELAY = env.float("RETRY_BASE_DELAY", default=2.0)
 RETRY_MAX_DELAY = env.float("RETRY_MAX_DELAY", default=60.0)
+# Status callbacks (webhooks/callbacks.py): attempts before one is given up, how many are
+# in flight at once per worker process, each one's timeout.
+CALLBACK_MAX_ATTEMPTS = env.int("CALLBACK_MAX_ATTEMPTS", default=8)
+CALLBACK_CONCURRENCY = env.int("CALLBACK_CONCURRENCY", default=8)
+CALLBACK_TIMEOUT = env.float("CALLBACK_TIMEOUT", default=10.0)
 
 LOG_FORMAT = env.str("LOG_FORMAT", default="plain")  # "plain" or "json"
 LOGGING = {

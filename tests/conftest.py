@@ -48,6 +48,10 @@ CONVERSATION_FORM_DEFAULTS = {
     "group_policy": "ignore",
     "bot_ids": "[]",
     "allow_list": "[]",
+    "opt_out_keywords": '["STOP", "SAIR", "PARAR", "CANCELAR"]',
+    "opt_out_reply": (
+        "Done: you will get no more messages from us. Write to us any time if you need help."
+    ),
     "block_list": "[]",
     "reset_keyword": "/reset",
     "reset_reply": "Conversation restarted.",
@@ -66,6 +70,9 @@ CONVERSATION_FORM_DEFAULTS = {
     "stt_key": "",
     "stt_model": "whisper-1",
     "stt_failure_message": "Sorry, I could not understand this voice note. Could you write it?",
+    # The Status callbacks group, empty.
+    "callback_url": "",
+    "callback_secret": "",
     # The inlines of other agents and routing rules: none, nothing changed.
     **{f"{prefix}-{name}": "0" for prefix in ("agents", "routes") for name in FORMSET_COUNTS},
 }

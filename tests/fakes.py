@@ -43,6 +43,8 @@ class Recorded:
     status: int | None = None
     # The body answered (sendText's key.id is how a test sends the hub's echo back).
     answer: Any = None
+    # The body as it came, byte for byte (what a signature is computed over).
+    raw: bytes = b""
 
 
 # An answer is (status, body); a bytes body is sent as is, anything else as JSON.
@@ -110,6 +112,7 @@ class FakeServer:
                     self.path,
                     {k.lower(): v for k, v in self.headers.items()},
                     body,
+                    raw=raw,
                 )
                 with outer.lock:
                     outer.requests.append(record)

@@ -28,6 +28,7 @@ from rest_framework.authtoken.models import Token
 from schemathesis import GenerationMode, checks
 
 from instances.models import Agent, Route
+from instances.send_keys import create_send_key
 from omnihub import errors
 from tests.conftest import load_fixture
 from tests.fakes import FakeAgent, FakeEvolution
@@ -78,6 +79,7 @@ class Existing:
     message_ids: dict[Status, str] = field(default_factory=dict)
     conversation_id: str = ""
     route_id: str = ""
+    send_key_id: str = ""
 
     def paths(self, params: list[str]) -> list[dict[str, str]]:
         """Path parameters that name existing objects."""
@@ -152,6 +154,7 @@ def existing(
     Agent.objects.create(instance=acme, name="idle", agent_kind="webhook", agent_api_url=agent.url)
     route = Route.objects.create(instance=acme, match="keyword", value="vendas", agent=sales)
     existing.route_id = str(route.pk)
+    existing.send_key_id = str(create_send_key(instance=acme, name="crm")[0].pk)
     return existing
 
 
@@ -213,6 +216,9 @@ def test_every_operation_of_the_api_is_tested() -> None:
                 ("DELETE", f"{key}/"),
             )
         ),
+        "GET /api/v1/instances/{instance_name}/send-keys/",
+        "POST /api/v1/instances/{instance_name}/send-keys/",
+        "DELETE /api/v1/instances/{instance_name}/send-keys/{id}/",
     }
 
 
@@ -253,6 +259,8 @@ AGENTS = "/api/v1/instances/{instance_name}/agents/"
 AGENT = "/api/v1/instances/{instance_name}/agents/{name}/"
 ROUTES = "/api/v1/instances/{instance_name}/routes/"
 ROUTE = "/api/v1/instances/{instance_name}/routes/{id}/"
+SEND_KEYS = "/api/v1/instances/{instance_name}/send-keys/"
+SEND_KEY = "/api/v1/instances/{instance_name}/send-keys/{id}/"
 IN_ACME = {"instance_name": "acme"}
 SALES = {**IN_ACME, "name": "sales"}
 A_ROUTE = {**IN_ACME, "id": "route"}
@@ -322,6 +330,10 @@ KNOWN_REQUESTS: list[tuple[str, dict[str, str], dict[str, str], Any, int]] = [
     (f"PATCH {ROUTE}", A_ROUTE, {}, {"position": 3}, 200),
     (f"PATCH {ROUTE}", A_ROUTE, {}, {"match": "chat"}, 400),
     (f"DELETE {ROUTE}", A_ROUTE, {}, None, 204),
+    (f"GET {SEND_KEYS}", IN_ACME, {}, None, 200),
+    (f"POST {SEND_KEYS}", IN_ACME, {}, {"name": "erp"}, 201),
+    (f"POST {SEND_KEYS}", IN_ACME, {}, {"name": "x" * 101}, 400),
+    (f"DELETE {SEND_KEY}", {**IN_ACME, "id": "send_key"}, {}, None, 204),
 ]
 
 
@@ -330,6 +342,8 @@ def known_case(existing: Existing, label: str, path: dict[str, str], query: dict
         path = {"id": existing.conversation_id}
     elif path.get("id") == "route":
         path = {**path, "id": existing.route_id}
+    elif path.get("id") == "send_key":
+        path = {**path, "id": existing.send_key_id}
     elif "id" in path:
         path = {"id": existing.message_ids[Status(path["id"])]}
     operation = OPERATIONS[label]

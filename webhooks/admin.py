@@ -15,7 +15,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
 from webhooks.admin_media import media_facts, media_html, media_response
-from webhooks.models import InboundMessage, Status
+from webhooks.models import InboundMessage, OptOut, Status
 from webhooks.parsing import MEDIA_TYPES
 from webhooks.services import retry_messages
 
@@ -379,3 +379,17 @@ class InboundMessageAdmin(admin.ModelAdmin):
                 "default instance needs its own Evolution URL and key to send them."
             )
         self.message_user(request, text, messages.SUCCESS if requeued else messages.WARNING)
+
+
+@admin.register(OptOut)
+class OptOutAdmin(admin.ModelAdmin):
+    """Opted-out numbers: API sends to them are refused; deleting one allows them again."""
+
+    list_display = ["phone", "instance", "keyword", "at"]
+    list_filter = ["instance"]
+    list_select_related = ["instance"]
+    search_fields = ["phone"]
+    readonly_fields = ["instance", "phone", "keyword", "at"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False

@@ -18,7 +18,8 @@ from django.views.decorators.http import require_POST
 
 from webhooks.admin import STATUS_COLORS, local_time
 from webhooks.admin_media import media_facts, media_html
-from webhooks.models import Conversation, InboundMessage
+from webhooks.models import Conversation, InboundMessage, OutboundMessage
+from webhooks.operator_messages import MAX_OPERATOR_TEXT, queue_operator_message
 from webhooks.selectors import chat_messages, current_session, paused_now_q
 from webhooks.transitions import pause_conversation, reset_conversation, resume_conversation
 
@@ -31,6 +32,7 @@ BUBBLE = (
 )
 USER_BUBBLE = f"{BUBBLE}; background: var(--darkened-bg); margin-right: auto"
 BOT_BUBBLE = f"{BUBBLE}; background: #dcf8c6; color: #111; margin-left: auto"
+OPERATOR_BUBBLE = f"{BUBBLE}; background: #cfe3ff; color: #111; margin-left: auto"
 
 
 class StateFilter(admin.SimpleListFilter):
@@ -95,7 +97,47 @@ class ConversationAdmin(admin.ModelAdmin):
             )
             for name, change in views.items()
         ]
+        routes.append(
+            path(
+                "<path:object_id>/reply/",
+                wrap(require_POST(self._reply_view)),
+                name=f"{info}_reply",
+            )
+        )
         return [*routes, *super().get_urls()]
+
+    def _reply_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """The reply box: the operator's text to the chat (through the outbox), which
+        pauses the bot there as a human's message from the phone does."""
+        conversation = get_object_or_404(Conversation, pk=object_id)
+        url = reverse("admin:webhooks_conversation_change", args=[conversation.pk])
+        if not self.can_manage(request):
+            self.message_user(request, "You may not change conversations.", messages.ERROR)
+            return HttpResponseRedirect(url)
+        text = request.POST.get("text", "").strip()
+        if not text or len(text) > MAX_OPERATOR_TEXT or "\x00" in text:
+            self.message_user(
+                request,
+                f"Write a message of 1 to {MAX_OPERATOR_TEXT} characters.",
+                messages.ERROR,
+            )
+            return HttpResponseRedirect(url)
+        outbound_id = queue_operator_message(
+            instance_id=conversation.instance_id,
+            chat_jid=conversation.chat_jid,
+            text=text,
+            user_id=request.user.pk,
+        )
+        sent = OutboundMessage.objects.get(pk=outbound_id)
+        if sent.status == "failed":
+            self.message_user(request, f"Not sent: {sent.error}", messages.ERROR)
+        else:
+            self.message_user(
+                request,
+                f"Sent to {_chat_label(conversation)}; the bot is paused in this chat.",
+                messages.SUCCESS,
+            )
+        return HttpResponseRedirect(url)
 
     def _action_view(
         self, name: str, change: Callable[[Conversation], Conversation]
@@ -193,7 +235,17 @@ class ConversationAdmin(admin.ModelAdmin):
     def chat_display(self, obj: Conversation) -> SafeString:
         can_open = _can_open_media.get()
         bubbles = []
+        # The messages sent without a user's message to answer (an operator's), in time order.
+        others = list(
+            OutboundMessage.objects.filter(
+                instance_id=obj.instance_id, chat_jid=obj.chat_jid, in_reply_to__isnull=True
+            )
+            .select_related("sent_by")
+            .order_by("-id")[:50]
+        )[::-1]
         for message in chat_messages(conversation=obj, with_content=True):
+            while others and others[0].created_at <= message.received_at:
+                bubbles.append(_operator_bubble(others.pop(0)))
             bubbles.append(_user_bubble(message, can_open=can_open))
             if message.reply_text and message.sent_at:
                 bubbles.append(
@@ -204,6 +256,7 @@ class ConversationAdmin(admin.ModelAdmin):
                         local_time(message.sent_at)[:-4],
                     )
                 )
+        bubbles.extend(_operator_bubble(sent) for sent in others)
         if not bubbles:
             return format_html("<p>{}</p>", "No messages stored.")
         return format_html(
@@ -232,6 +285,21 @@ def _user_bubble(message: InboundMessage, *, can_open: bool) -> SafeString:
         media,
         local_time(message.received_at)[:-4],
         STATUS_COLORS.get(message.status, "#64748b"),
+        status,
+    )
+
+
+def _operator_bubble(sent: OutboundMessage) -> SafeString:
+    who = sent.sent_by.get_username() if sent.sent_by is not None else "the hub"
+    status = sent.status + (f": {sent.error}" if sent.error else "")
+    return format_html(
+        '<div style="{}" class="operator-message" data-status="{}">{}<br>'
+        "<small>{} · by {} · {}</small></div>",
+        OPERATOR_BUBBLE,
+        sent.status,
+        sent.text,
+        local_time(sent.created_at)[:-4],
+        who,
         status,
     )
 

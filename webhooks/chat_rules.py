@@ -44,6 +44,11 @@ def is_reset(*, instance: InstanceConfig, text: str) -> bool:
     return keyword_matches(instance.reset_keyword, text)
 
 
+def is_opt_out(*, instance: InstanceConfig, text: str) -> bool:
+    """A user's message asking for no more messages (opt_out_keywords)."""
+    return any(keyword_matches(keyword, text) for keyword in instance.opt_out_keywords or ())
+
+
 def _matches(pattern: str, value: str) -> bool:
     if not value:
         return False

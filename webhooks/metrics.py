@@ -79,6 +79,11 @@ takeovers = Counter(
     "Messages written from the business's phone that paused the bot in their chat.",
     ["instance"],
 )
+opt_outs = Counter(
+    "omnihub_opt_outs_total",
+    "User messages that were an opt-out keyword (the number was recorded as opted out).",
+    ["instance"],
+)
 debounced_bursts = Counter(
     "omnihub_debounced_bursts_total",
     "Agent calls that answered two or more messages of a chat at once (debounce).",

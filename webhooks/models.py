@@ -1,5 +1,6 @@
 from datetime import datetime
 
+from django.conf import settings
 from django.db import models
 
 from instances.models import Agent, InstanceConfig
@@ -241,6 +242,15 @@ class OutboundMessage(models.Model):
         InboundMessage, null=True, blank=True, on_delete=models.SET_NULL, related_name="replies"
     )
     evolution_id = models.CharField(max_length=128, blank=True)
+    # The staff user who wrote it on the conversation page (an operator's message).
+    sent_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        db_index=False,
+    )
     status = models.CharField(
         max_length=16, choices=OutboundStatus.choices, default=OutboundStatus.SENDING
     )
@@ -286,3 +296,73 @@ class WorkerHeartbeat(models.Model):
 
     def __str__(self) -> str:
         return f"{self.hostname}:{self.pid}"
+
+
+class OptOut(models.Model):
+    """A number that sent one of its instance's opt_out_keywords: API sends to it are
+    refused (webhooks/opt_out.py). Its own later messages are still answered."""
+
+    instance = models.ForeignKey(
+        InstanceConfig, on_delete=models.CASCADE, related_name="opt_outs", db_index=False
+    )
+    phone = models.CharField(max_length=32)
+    keyword = models.CharField(max_length=64, blank=True, help_text="What the user sent.")
+    at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["-at"]
+        verbose_name = "opted-out number"
+        constraints = [
+            models.UniqueConstraint(fields=["instance", "phone"], name="webhooks_one_opt_out")
+        ]
+
+    def __str__(self) -> str:
+        return self.phone
+
+
+class CallbackState(models.TextChoices):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class StatusCallback(models.Model):
+    """One status of an outbound message, to be POSTed to its instance's callback_url.
+
+    The row is the job (webhooks/callbacks.py): written in the transaction that
+    changed the status, delivered by the worker's callback loop, retried with
+    backoff until CALLBACK_MAX_ATTEMPTS, then kept failed with its last error.
+    """
+
+    instance = models.ForeignKey(
+        InstanceConfig, on_delete=models.CASCADE, related_name="status_callbacks"
+    )
+    outbound = models.ForeignKey(
+        OutboundMessage, on_delete=models.CASCADE, related_name="status_callbacks"
+    )
+    status = models.CharField(max_length=16)
+    # The JSON posted, byte for byte the same on every attempt (it is what is signed).
+    body = models.TextField()
+    state = models.CharField(
+        max_length=16, choices=CallbackState.choices, default=CallbackState.PENDING
+    )
+    attempts = models.PositiveIntegerField(default=0)
+    # When the next attempt is due; while an attempt runs, the end of its lease.
+    # NULL once delivered or given up.
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [
+            models.Index(
+                fields=["next_attempt_at"],
+                condition=models.Q(next_attempt_at__isnull=False),
+                name="webhooks_callback_due",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.outbound_id}:{self.status}"

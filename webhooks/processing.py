@@ -21,11 +21,12 @@ from instances.clients.http import OutboundError
 from instances.models import Agent, InstanceConfig
 from webhooks import metrics
 from webhooks.agent_history import session_history
-from webhooks.chat_rules import is_reset
+from webhooks.chat_rules import is_opt_out, is_reset
 from webhooks.db import run_db
 from webhooks.instance_routes import load_routing
 from webhooks.media_input import PreparedMedia, evolution_speech, prepare_media
 from webhooks.models import Conversation, InboundMessage, Status
+from webhooks.opt_out import record_opt_out
 from webhooks.reply_sending import (
     in_background,
     parts_of,
@@ -50,12 +51,38 @@ from webhooks.transitions import (
 NO_TARGET = "No Evolution URL/key to send the reply with: the agent was not asked."
 
 
+OPT_OUT_REASON = "opt out"
+
+
+def wants_opt_out(*, instance: InstanceConfig, message: InboundMessage) -> bool:
+    """An opt-out keyword from a one-to-one chat (in a group it would be the group's
+    message, not a request about the sender's number)."""
+    return (
+        not message.content.get("is_group")
+        and bool(message.phone)
+        and is_opt_out(instance=instance, text=message.text)
+    )
+
+
 def plan(batch: Batch) -> list[tuple[str, list[InboundMessage]]]:
-    """The batch's messages as units, in order: ("paused" | "reset" | "answer", messages)."""
+    """The batch's messages as units, in order: ("paused" | "reset" | "opt_out" |
+    "opt_out_paused" | "answer", messages)."""
     conversation, instance = batch.conversation, batch.instance
-    if conversation.paused_now(now=timezone.now()):
-        return [("paused", batch.messages)]
     units: list[tuple[str, list[InboundMessage]]] = []
+    if conversation.paused_now(now=timezone.now()):
+        # Not answered; an opt-out is still recorded (the person asked for it).
+        paused: list[InboundMessage] = []
+        for message in batch.messages:
+            if wants_opt_out(instance=instance, message=message):
+                if paused:
+                    units.append(("paused", paused))
+                    paused = []
+                units.append(("opt_out_paused", [message]))
+            else:
+                paused.append(message)
+        if paused:
+            units.append(("paused", paused))
+        return units
     burst: list[InboundMessage] = []
 
     def close_burst() -> None:
@@ -71,6 +98,9 @@ def plan(batch: Batch) -> list[tuple[str, list[InboundMessage]]]:
         elif message.content.get("reset") or is_reset(instance=instance, text=message.text):
             close_burst()
             units.append(("reset", [message]))
+        elif wants_opt_out(instance=instance, message=message):
+            close_burst()
+            units.append(("opt_out", [message]))
         else:
             burst.append(message)
             if not instance.debounce_seconds:
@@ -117,6 +147,10 @@ async def _handle_units(batch: Batch, *, http: httpx.AsyncClient) -> tuple[int, 
         elif kind == "reset":
             if not await _reset(step, message=messages[0], http=http):
                 return handled + 1, step.lost
+        elif kind in ("opt_out", "opt_out_paused"):
+            quiet = kind == "opt_out_paused"
+            if not await _opt_out(step, message=messages[0], quiet=quiet, http=http):
+                return handled + 1, step.lost
         elif not await _answer(step, messages=messages, http=http):
             # Requeued for a retry (it holds back the rest of its chat) or lost.
             return handled + len(messages), step.lost
@@ -140,6 +174,34 @@ async def _reset(step: Step, *, message: InboundMessage, http: httpx.AsyncClient
         reply_text=instance.reset_reply,
         content={**message.content, "reset": True},
         session_name=_session(conversation, instance),
+    )
+    if not held:
+        return False
+    return await send_reply(step, message=message, http=http)
+
+
+async def _opt_out(
+    step: Step, *, message: InboundMessage, quiet: bool, http: httpx.AsyncClient
+) -> bool:
+    """Record the number as opted out and answer opt_out_reply, without an agent call
+    (quiet: the chat is paused, so nothing is sent)."""
+    instance = step.batch.instance
+    await run_db(
+        record_opt_out,
+        instance_id=instance.pk,
+        phone=message.phone,
+        keyword=message.text.strip(),
+        at=timezone.now(),
+    )
+    metrics.opt_outs.labels(instance.name).inc()
+    if quiet or not instance.opt_out_reply:
+        await step.finish(message, Status.IGNORED, ignore_reason=OPT_OUT_REASON)
+        return True
+    held, _ = await step.update(
+        message,
+        ignore_reason=OPT_OUT_REASON,
+        reply_text=instance.opt_out_reply,
+        content={**message.content, "opt_out": True},
     )
     if not held:
         return False

@@ -23,6 +23,7 @@ from django.utils import timezone
 
 from instances.clients.http import new_http_client
 from webhooks import notify
+from webhooks.callbacks import run_callback_loop
 from webhooks.db import run_db
 from webhooks.models import WorkerHeartbeat
 from webhooks.processing import handle_batch
@@ -103,12 +104,18 @@ class Worker:
             # Room for every chat's agent call and sendText, and typing presences.
             async with new_http_client(max_connections=self.concurrency * 3) as http:
                 self._http = http
+                # The status callbacks: a task of their own, never in the way of a send.
+                callbacks = asyncio.create_task(
+                    run_callback_loop(stop=stop, http=http, poll_interval=self.poll_interval)
+                )
                 try:
                     await self._loop(stop=stop)
                 finally:
                     self._stopping = True
                     listener.cancel()
                     await self._drain()
+                    callbacks.cancel()
+                    await asyncio.gather(callbacks, return_exceptions=True)
                     self._http = None
         finally:
             wake_events.discard(entry)

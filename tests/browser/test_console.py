@@ -364,3 +364,33 @@ def test_an_operator_sees_a_photo_s_thumbnail_in_the_conversation_and_opens_it(
         assert width == (21 + 2 * 4) * 6
     finally:
         tab.close()
+
+
+def test_an_operator_answers_from_the_conversation_page_and_the_bot_stays_silent(
+    console: Console, acme: Tenant, hub: Hub, fakes: Fakes
+) -> None:
+    console.secrets.append(DELIVERY_APIKEY)
+    phone = "5511933332222"
+    first = post_text(hub, acme, text="Posso falar com alguém?", phone=phone, push_name="Rui")
+    wait_for_status(console, first, "Replied")
+    open_conversation(console, phone)
+    page = console.page
+
+    page.fill("#id_reply_text", "Oi Rui, aqui é a Ana. Como posso ajudar?")
+    with page.expect_navigation():
+        page.click("#reply-send")
+
+    expect(page.locator(".messagelist li.success")).to_contain_text("the bot is paused")
+    expect(page.locator(".operator-message")).to_contain_text("aqui é a Ana")
+    expect(page.locator(".field-state_badge")).to_contain_text("paused (Human)")
+    assert sent_to(fakes, phone)[-1]["text"] == "Oi Rui, aqui é a Ana. Como posso ajudar?"
+    console.shot("conversation-operator-reply")
+
+    agent_calls = len(fakes.agent.received())
+    # Paused: the hub stores it as ignored at once (human takeover).
+    later = post_text(
+        hub, acme, text="Obrigado!", phone=phone, push_name="Rui", expect="ignored"
+    )
+    wait_for_status(console, later, "Ignored")
+    assert len(fakes.agent.received()) == agent_calls
+    assert len(sent_to(fakes, phone)) == 2

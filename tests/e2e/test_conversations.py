@@ -212,3 +212,27 @@ def test_a_tenant_with_a_slow_agent_and_many_chats_does_not_delay_another_s_repl
         for call in calls
     )
     assert overlapping <= 2
+
+
+def test_stop_is_answered_with_the_opt_out_reply_and_the_number_recorded(
+    make_tenant: Callable[..., Tenant],
+) -> None:
+    shop = make_tenant(opt_out_reply="Ok, no more messages.")
+    stop, _ = post(shop, "STOP", phone=CHAT_A)
+    shop.wait_finished(stop)
+    later, _ = post(shop, "quero falar com alguém", phone=CHAT_A)
+    shop.wait_finished(later)
+
+    # The agent got only the later message; the opt-out was the hub's answer.
+    [asked] = agent_texts(shop)
+    assert asked.endswith("quero falar com alguém")
+    first, _second = (s["text"] for s in sends(shop))
+    assert first == "Ok, no more messages."
+    instance_id = shop.hub.query(
+        "SELECT id FROM instances_instanceconfig WHERE name = ?", [shop.name]
+    )[0]["id"]
+    recorded = shop.hub.query(
+        "SELECT phone, keyword FROM webhooks_optout WHERE instance_id = ?", [instance_id]
+    )
+    assert recorded == [{"phone": CHAT_A, "keyword": "STOP"}]
+    assert shop.row(stop)["ignore_reason"] == "opt out"

@@ -26,9 +26,10 @@ SECRETS = {
     "agent_api_key": "plain-agent-key",
     "webhook_token": "plain-webhook-token",
     "stt_key": "plain-stt-key",
+    "callback_secret": "plain-callback-secret",
 }
 # The secrets migration 0006 encrypted (stt_key came later, encrypted from the start).
-SECRETS_AT_0006 = {k: v for k, v in SECRETS.items() if k != "stt_key"}
+SECRETS_AT_0006 = {k: v for k, v in SECRETS.items() if k not in ("stt_key", "callback_secret")}
 TABLE = InstanceConfig._meta.db_table
 BEFORE = ("instances", "0005_permissions_and_token_rotation")
 AFTER = ("instances", "0006_secrets_encrypted_at_rest")
@@ -125,7 +126,7 @@ def test_rotate_secrets_re_encrypts_every_secret_with_the_first_key(make_instanc
     with keys(NEW_KEY):
         instance = InstanceConfig.objects.get(name="acme")
 
-    assert "Re-encrypted 4 secret(s) of 1 instance(s)" in capsys.readouterr().out
+    assert "Re-encrypted 5 secret(s) of 1 instance(s)" in capsys.readouterr().out
     after = stored()
     assert all(value.startswith("enc1:") for value in after.values())
     assert all(after[f] != before[f] for f in SECRET_FIELDS)
@@ -165,7 +166,7 @@ def test_the_database_check_refuses_encrypted_rows_without_a_key(make_instance):
             call_command("check", "--database", "default")
 
     assert [(type(p), p.id) for p in problems] == [(Error, "instances.E002")]
-    assert "4 encrypted secret(s) stored" in problems[0].msg
+    assert "5 encrypted secret(s) stored" in problems[0].msg
 
 
 def test_the_database_check_passes_with_the_right_key(make_instance):
