@@ -370,7 +370,7 @@ def test_an_operator_answers_from_the_conversation_page_and_the_bot_stays_silent
     console: Console, acme: Tenant, hub: Hub, fakes: Fakes
 ) -> None:
     console.secrets.append(DELIVERY_APIKEY)
-    phone = "5511933332222"
+    phone = "5511933334444"
     first = post_text(hub, acme, text="Posso falar com alguém?", phone=phone, push_name="Rui")
     wait_for_status(console, first, "Replied")
     open_conversation(console, phone)
