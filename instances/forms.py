@@ -7,6 +7,7 @@ from django import forms
 from instances.models import (
     CONVERSATION_FIELDS,
     MEDIA_FIELDS,
+    OUTBOUND_FIELDS,
     REPLY_FIELDS,
     SECRET_FIELDS,
     InstanceConfig,
@@ -76,6 +77,7 @@ class InstanceConfigForm(forms.ModelForm):
             "webhook_token",
             *REPLY_FIELDS,
             *MEDIA_FIELDS,
+            *OUTBOUND_FIELDS,
             *CONVERSATION_FIELDS,
         ]
         field_classes = dict.fromkeys(SECRET_FIELDS, SecretField)

@@ -94,3 +94,12 @@ class HubPermission(permissions.BasePermission):
         if perms is None or not user.has_perms(perms):
             raise MissingPermission(missing_permission_message(perms))
         return True
+
+
+class SendPermission(HubPermission):
+    """Who may send through an instance and read its sends (the send API,
+    webhooks/api_outbox.py): the one check of those views, to be extended with
+    per-instance send keys. Today the API's own rules: the operator's key, or a
+    staff user with ``webhooks.add_outboundmessage`` (send) /
+    ``webhooks.view_outboundmessage`` (list, retrieve).
+    """

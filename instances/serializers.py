@@ -13,6 +13,7 @@ from instances import provisioning
 from instances.models import (
     CONVERSATION_FIELDS,
     MEDIA_FIELDS,
+    OUTBOUND_FIELDS,
     REPLY_FIELDS,
     SECRET_FIELDS,
     Agent,
@@ -110,6 +111,7 @@ class InstanceConfigSerializer(serializers.ModelSerializer):
             *REPLY_FIELDS,
             *MEDIA_FIELDS,
             "has_stt_key",
+            *OUTBOUND_FIELDS,
             *CONVERSATION_FIELDS,
             "connection_state",
             "connection_updated_at",

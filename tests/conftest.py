@@ -66,6 +66,11 @@ CONVERSATION_FORM_DEFAULTS = {
     "stt_key": "",
     "stt_model": "whisper-1",
     "stt_failure_message": "Sorry, I could not understand this voice note. Could you write it?",
+    # The Outbound group at its defaults.
+    "send_interval_ms": "1000",
+    "daily_send_limit": "0",
+    "warmup_days": "0",
+    "send_backoff_minutes": "5",
     # The inlines of other agents and routing rules: none, nothing changed.
     **{f"{prefix}-{name}": "0" for prefix in ("agents", "routes") for name in FORMSET_COUNTS},
 }

@@ -23,13 +23,20 @@ from instances.models import (
     CONVERSATION_FIELDS,
     MAX_AGENT_TIMEOUT,
     MEDIA_FIELDS,
+    OUTBOUND_FIELDS,
     REPLY_FIELDS,
     SECRET_FIELDS,
     InstanceConfig,
 )
 
 # The fields --set takes: the agent's kind and memory, and the conversation settings.
-SET_FIELDS = (*AGENT_KIND_FIELDS, *REPLY_FIELDS, *MEDIA_FIELDS, *CONVERSATION_FIELDS)
+SET_FIELDS = (
+    *AGENT_KIND_FIELDS,
+    *REPLY_FIELDS,
+    *MEDIA_FIELDS,
+    *OUTBOUND_FIELDS,
+    *CONVERSATION_FIELDS,
+)
 
 NameArg = Annotated[str, typer.Argument(help="The instance's name.", show_default=False)]
 Json = Annotated[
@@ -233,7 +240,7 @@ class Command(TyperCommand):
             self.echo(f"{label + ':':<{width}}{value}")
         # The names --set takes, in a block of their own.
         self.echo("reply, media and conversation settings:")
-        shown = (*REPLY_FIELDS, *MEDIA_FIELDS, *CONVERSATION_FIELDS)
+        shown = (*REPLY_FIELDS, *MEDIA_FIELDS, *OUTBOUND_FIELDS, *CONVERSATION_FIELDS)
         width = max(map(len, shown)) + 3
         for name in shown:
             if name in SECRET_FIELDS:
