@@ -35,6 +35,9 @@ logger = logging.getLogger("webhooks.outbox")
 # An instance is let go after this many sends, so that instances waiting for a
 # slot get their turn (it is due again at once, behind those due before it).
 SENDS_PER_HOLD = 50
+# Outboxes taken per claim: a few at a time, so that every worker process (and
+# core) gets its share of the instances rather than the first one all of them.
+CLAIM_BATCH = 4
 # Evolution could not be asked whether a send went out: the instance waits this long.
 CHECK_RETRY_SECONDS = 30.0
 
@@ -95,14 +98,14 @@ class Dispatcher:
                 held: list[outbox.Held] = []
                 if free > 0:
                     try:
-                        held = await run_db(outbox.claim_outboxes, limit=free)
+                        held = await run_db(outbox.claim_outboxes, limit=min(free, CLAIM_BATCH))
                     except DatabaseError:
                         logger.exception("dispatcher could not claim outboxes; retrying")
                 for one in held:
                     task = asyncio.create_task(self._drain(one))
                     self._tasks.add(task)
                     task.add_done_callback(self._done)
-                if free <= 0 or len(held) < free:
+                if free <= 0 or len(held) < min(free, CLAIM_BATCH):
                     await _wait_any(self.wake, stop, timeout=self.poll_interval)
         finally:
             wake_events.discard(entry)
@@ -120,7 +123,9 @@ class Dispatcher:
         try:
             sends = 0
             while not self._stop.is_set():
-                step = await run_db(outbox.next_step, instance_id=instance.pk, token=held.token)
+                step = await run_db(
+                    outbox.next_step, instance_id=instance.pk, token=held.token, instance=instance
+                )
                 if step.action in (outbox.Action.LOST, outbox.Action.RELEASED):
                     released = True
                     if step.reason in ("interval", "daily_limit"):
@@ -147,6 +152,11 @@ class Dispatcher:
                 sends += 1
                 if sends >= SENDS_PER_HOLD:
                     break
+                # The paced wait before asking for the next one (a step fewer per send).
+                assert step.until is not None
+                delay = (step.until - timezone.now()).total_seconds()
+                if 0 < delay <= outbox.MAX_HELD_WAIT:
+                    await _wait_any(self._stop, timeout=delay)
         except asyncio.CancelledError:
             raise
         except Exception:

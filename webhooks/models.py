@@ -280,8 +280,8 @@ class OutboundMessage(models.Model):
     idempotency_key = models.CharField(max_length=128, blank=True, db_default="")
     request_hash = models.CharField(max_length=64, blank=True, db_default="")
     send_at = models.DateTimeField(null=True, blank=True)
-    # When a queued send may go: send_at, or now. The dispatcher reads the
-    # instance's due queued rows only (webhooks_outbox_due).
+    # When a queued send may go: send_at, or when it was accepted. The order of
+    # an instance's sends (a retried one keeps its place): webhooks_outbox_due.
     next_attempt_at = models.DateTimeField(null=True, blank=True)
     attempts = models.PositiveIntegerField(default=0, db_default=0)
     # When the current attempt started (the row became `sending`).
@@ -297,29 +297,26 @@ class OutboundMessage(models.Model):
             models.Index(fields=["instance", "evolution_id"], name="webhooks_outbound_key"),
             models.Index(fields=["instance", "chat_jid", "status"], name="webhooks_outbound_chat"),
             # The dispatcher's reads of an instance's outbox touch its queued rows
-            # only (partial indexes), never the sent ones: the next in order...
+            # only (partial indexes), never the sent ones: the next due one in
+            # order, and when the next scheduled one is...
             models.Index(
-                fields=["instance", "id"],
-                condition=models.Q(status="queued"),
-                name="webhooks_outbox_order",
-            ),
-            # ...the next operator send (ahead of API sends)...
-            models.Index(
-                fields=["instance", "id"],
-                condition=models.Q(status="queued", kind="operator"),
-                name="webhooks_outbox_operator",
-            ),
-            # ...and when the next scheduled one is due.
-            models.Index(
-                fields=["instance", "next_attempt_at"],
+                fields=["instance", "next_attempt_at", "id"],
                 condition=models.Q(status="queued"),
                 name="webhooks_outbox_due",
             ),
-            # Outbox sends of an instance left `sending` or `unconfirmed` (a crash):
-            # checked with findMessages before anything else goes.
+            # ...the next operator send (ahead of API sends)...
+            models.Index(
+                fields=["instance", "next_attempt_at", "id"],
+                condition=models.Q(status="queued", kind="operator"),
+                name="webhooks_outbox_operator",
+            ),
+            # ...and a send left `sending` or `unconfirmed` (a crash): checked with
+            # findMessages before anything else goes. Replies are never in it.
             models.Index(
                 fields=["instance", "id"],
-                condition=models.Q(status__in=["sending", "unconfirmed"]) & ~models.Q(kind="reply"),
+                condition=models.Q(
+                    status__in=["sending", "unconfirmed"], kind__in=["api", "operator"]
+                ),
                 name="webhooks_outbox_in_doubt",
             ),
         ]

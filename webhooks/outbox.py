@@ -21,8 +21,8 @@ from enum import Enum
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
-from django.db.models import Max, Q
+from django.db import IntegrityError, connection, transaction
+from django.db.models import Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -41,6 +41,7 @@ FAILURES_BEFORE_PAUSE = 3
 JITTER = (1.0, 1.4)
 RATE_LIMIT_MARKER = "rate-overlimit"
 IN_DOUBT = (OutboundStatus.SENDING, OutboundStatus.UNCONFIRMED)
+ORDER = ("next_attempt_at", "id")
 
 
 def lease_seconds() -> float:
@@ -164,7 +165,7 @@ def release(*, instance_id: int, token: str, due_at: datetime | None = None) -> 
 
 def next_due(*, instance_id: int) -> datetime | None:
     queued = OutboundMessage.objects.filter(instance_id=instance_id, status=OutboundStatus.QUEUED)
-    return queued.order_by("next_attempt_at").values_list("next_attempt_at", flat=True).first()
+    return queued.order_by(*ORDER).values_list("next_attempt_at", flat=True).first()
 
 
 # --- the next step of a held outbox ------------------------------------------------
@@ -173,7 +174,7 @@ class Action(Enum):
     RELEASED = "released"  # nothing to do before `until` (or at all)
     CHECK = "check"  # `row` may have reached Evolution: ask before anything else
     WAIT = "wait"  # `row` is next, after a paced wait until `until`
-    SEND = "send"  # `row` is marked sending: call Evolution now
+    SEND = "send"  # `row` is marked sending: call Evolution now; the next not before `until`
 
 
 @dataclass(frozen=True)
@@ -208,42 +209,38 @@ def last_send_at(
 ) -> datetime | None:
     """The instance's last send of any kind: the dispatcher's own, or a reply's row
     (written `sending` just before it goes). Replies are read only within the
-    pacing window, on the created_at index: a range of a few seconds of rows."""
+    pacing window, on the created_at index (every instance's replies of the last
+    second or so, picked here: filtered on the instance, the database would
+    walk all of the instance's rows on another index)."""
     since = now - timedelta(seconds=window)
-    reply = (
-        OutboundMessage.objects.filter(
-            created_at__gte=since, instance_id=instance_id, kind=OutboundKind.REPLY
-        )
-        .aggregate(at=Max("created_at"))
-        .get("at")
-    )
+    recent = OutboundMessage.objects.filter(
+        created_at__gte=since, kind=OutboundKind.REPLY
+    ).order_by()
+    times = [at for pk, at in recent.values_list("instance_id", "created_at") if pk == instance_id]
+    reply = max(times) if times else None
     candidates = [at for at in (state.last_send_at, reply) if at is not None]
     return max(candidates) if candidates else None
 
 
-def next_step(*, instance_id: int, token: str) -> Next:
+def next_step(*, instance_id: int, token: str, instance: InstanceConfig | None = None) -> Next:
     """What a dispatcher holding this outbox does next; marks the row `sending`
-    (committed before the call) when it is time to send it."""
+    (committed before the call) when it is time to send it. `instance`: the
+    settings as read when the outbox was claimed (read here when not given)."""
     now = timezone.now()
     with transaction.atomic():
         state = (
             OutboxState.objects.select_for_update()
-            .select_related("instance")
             .filter(instance_id=instance_id, claim_token=token)
             .first()
         )
         if state is None:
             return Next(Action.LOST)
-        instance = state.instance
+        if instance is None:
+            instance = InstanceConfig.objects.get(pk=instance_id)
         if state.paused_until and state.paused_until > now:
             _release_state(state, due_at=state.paused_until)
             return Next(Action.RELEASED, until=state.paused_until, reason="paused")
-        doubt = (
-            OutboundMessage.objects.filter(instance_id=instance_id, status__in=IN_DOUBT)
-            .exclude(kind=OutboundKind.REPLY)
-            .order_by("id")
-            .first()
-        )
+        doubt = _in_doubt(instance_id=instance_id)
         if doubt is not None:
             return Next(Action.CHECK, row=doubt, probe_id=_probe_id(instance_id=instance_id))
         row, limit_reason = _next_row(state=state, instance=instance, now=now)
@@ -265,8 +262,26 @@ def next_step(*, instance_id: int, token: str) -> Next:
                 _release_state(state, due_at=ready)
                 return Next(Action.RELEASED, until=ready, reason="interval")
             return Next(Action.WAIT, row=row, until=ready, reason="interval")
-        _mark_sending(state=state, instance=instance, row=row, now=now)
-        return Next(Action.SEND, row=row)
+        gap_ms = _mark_sending(state=state, instance=instance, row=row, now=now)
+        return Next(Action.SEND, row=row, until=now + timedelta(milliseconds=gap_ms))
+
+
+def _in_doubt(*, instance_id: int) -> OutboundMessage | None:
+    """The instance's first outbox send left `sending` or `unconfirmed`, on the
+    partial index webhooks_outbox_in_doubt. Its condition is written out as
+    literals: SQLite uses a partial index only when the query names its
+    condition's values, not parameters (an ORM filter walked all the instance's
+    rows on webhooks_outbound_chat)."""
+    meta = OutboundMessage._meta
+    sql = (
+        f"SELECT id FROM {meta.db_table} WHERE instance_id = %s "
+        "AND kind IN ('api', 'operator') AND status IN ('sending', 'unconfirmed') "
+        "ORDER BY id LIMIT 1"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [instance_id])
+        found = cursor.fetchone()
+    return None if found is None else OutboundMessage.objects.get(pk=found[0])
 
 
 def _next_row(
@@ -277,10 +292,10 @@ def _next_row(
     queued = OutboundMessage.objects.filter(
         instance_id=instance.pk, status=OutboundStatus.QUEUED, next_attempt_at__lte=now
     )
-    row = queued.filter(kind=OutboundKind.OPERATOR).order_by("id").first()
+    row = queued.filter(kind=OutboundKind.OPERATOR).order_by(*ORDER).first()
     if row is not None:
         return row, ""
-    row = queued.order_by("id").first()
+    row = queued.order_by(*ORDER).first()
     if row is None:
         return None, ""
     today = now.date()
@@ -304,7 +319,8 @@ def _tomorrow(now: datetime) -> datetime:
 
 def _mark_sending(
     *, state: OutboxState, instance: InstanceConfig, row: OutboundMessage, now: datetime
-) -> None:
+) -> int:
+    """The row `sending`, the instance's pacing moved on; the gap to the next send (ms)."""
     OutboundMessage.objects.filter(pk=row.pk, status=OutboundStatus.QUEUED).update(
         status=OutboundStatus.SENDING,
         attempts=row.attempts + 1,
@@ -312,9 +328,10 @@ def _mark_sending(
         wait_reason="",
     )
     row.status, row.attempts, row.attempt_started_at = OutboundStatus.SENDING, row.attempts + 1, now
+    gap_ms = int(instance.send_interval_ms * random.uniform(*JITTER))
     fields: dict[str, Any] = {
         "last_send_at": now,
-        "next_gap_ms": int(instance.send_interval_ms * random.uniform(*JITTER)),
+        "next_gap_ms": gap_ms,
         "due_at": now + timedelta(seconds=lease_seconds()),
     }
     if row.kind == OutboundKind.API:
@@ -324,6 +341,7 @@ def _mark_sending(
         if state.first_send_day is None:
             fields["first_send_day"] = today
     OutboxState.objects.filter(pk=state.pk).update(**fields)
+    return gap_ms
 
 
 def _release_state(state: OutboxState, *, due_at: datetime | None) -> None:
@@ -390,14 +408,14 @@ def finish_send(
         mine = OutboundMessage.objects.filter(
             pk=row_id, attempts=attempt, status=OutboundStatus.SENDING
         )
-        state = OutboxState.objects.select_for_update().filter(instance_id=instance_id).first()
-        instance = InstanceConfig.objects.get(pk=instance_id)
         if outcome is Outcome.SENT:
             # The last error stays: a 5xx before, or "may be a duplicate" from a check.
             mine.update(status=OutboundStatus.SENT, evolution_id=evolution_id[:128], sent_at=now)
-            OutboxState.objects.filter(instance_id=instance_id).update(
+            # A success ends a run of failures and resets the backoff (usually
+            # there is none: the statement then changes nothing).
+            OutboxState.objects.filter(instance_id=instance_id).exclude(
                 failures_in_row=0, backoff_minutes=0
-            )
+            ).update(failures_in_row=0, backoff_minutes=0)
             return Finished(outcome)
         if outcome is Outcome.FAILED:
             mine.update(status=OutboundStatus.FAILED, error=error)
@@ -405,6 +423,8 @@ def finish_send(
         if outcome is Outcome.UNCONFIRMED:
             mine.update(status=OutboundStatus.UNCONFIRMED, error=error)
             return Finished(outcome)
+        state = OutboxState.objects.select_for_update().filter(instance_id=instance_id).first()
+        instance = InstanceConfig.objects.get(pk=instance_id)
         failures = (state.failures_in_row if state else 0) + 1
         pause = outcome is Outcome.RATE_LIMITED or failures >= FAILURES_BEFORE_PAUSE
         if not pause:

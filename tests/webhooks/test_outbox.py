@@ -528,3 +528,82 @@ async def test_a_send_left_sending_and_not_in_evolution_goes_once(make_instance)
     await drain(evolution, until=done)
 
     assert len(evolution.sends()) == 1
+
+
+# --- cost: the dispatcher's statements do not grow with the stored rows -------------
+OUTBOX_INDEXES = (
+    "webhooks_outbox_due",
+    "webhooks_outbox_operator",
+    "webhooks_outbox_in_doubt",
+    "webhooks_outboundmessage_created_at",
+    "webhooks_outbox_state_due",
+    "sqlite_autoindex_webhooks_outboxstate",
+    "INTEGER PRIMARY KEY",
+)
+
+
+def sqlite_plan(sql: str) -> list[str]:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(f"EXPLAIN QUERY PLAN {sql}")
+        return [row[-1] for row in cursor.fetchall()]
+
+
+@pytest.mark.django_db
+def test_the_dispatcher_s_statements_read_the_outbox_s_own_indexes_only(
+    make_instance, monkeypatch
+) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from tests.webhooks import test_claim_plan
+
+    monkeypatch.setattr(
+        test_claim_plan, "TABLES", ("webhooks_outboundmessage", "webhooks_outboxstate")
+    )
+
+    acme = make_instance(send_interval_ms=0)
+    for n in range(3):  # sent rows of the instance, which no step may walk
+        OutboundMessage.objects.create(
+            instance=acme, chat_jid=JID, text="old", status=OutboundStatus.SENT, evolution_id=str(n)
+        )
+    queue(acme, "1")
+    queue(acme, "2")
+
+    with CaptureQueriesContext(connection) as captured:
+        held = hold(acme)
+        sent = step(held)
+        finish(held, sent.row, Outcome.SENT, evolution_id="X")
+        second = step(held)
+        finish(held, second.row, Outcome.SENT, evolution_id="Y")
+        assert step(held).action is Action.RELEASED
+
+    statements = [
+        q["sql"]
+        for q in captured.captured_queries
+        if q["sql"].startswith(("SELECT", "UPDATE")) and "webhooks_out" in q["sql"]
+    ]
+    assert len(statements) >= 10, statements
+    for sql in statements:
+        assert test_claim_plan.table_scans(sql) == [], sql
+        if connection.vendor == "sqlite":
+            for line in sqlite_plan(sql):
+                if "webhooks_out" in line and line.startswith(("SEARCH", "SCAN")):
+                    assert any(index in line for index in OUTBOX_INDEXES), (line, sql)
+
+
+@pytest.mark.django_db
+def test_metrics_show_the_outbox_depth_and_the_delivered_and_read_ratios(
+    client, make_instance
+) -> None:
+    acme = make_instance()
+    queue(acme, "waiting")
+    for status in ("sent", "delivered", "read", "read"):
+        OutboundMessage.objects.create(instance=acme, chat_jid=JID, text="x", status=status)
+
+    text = client.get("/metrics").content.decode()
+
+    assert 'omnihub_outbox_depth{instance="acme"} 1.0' in text
+    assert 'omnihub_outbound_delivered_ratio{instance="acme"} 0.75' in text
+    assert 'omnihub_outbound_read_ratio{instance="acme"} 0.5' in text
