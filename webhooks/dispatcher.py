@@ -156,6 +156,7 @@ class Dispatcher:
                 assert step.until is not None
                 delay = (step.until - timezone.now()).total_seconds()
                 if 0 < delay <= outbox.MAX_HELD_WAIT:
+                    metrics.outbox_paced_waits.labels(instance.name, "interval").inc()
                     await _wait_any(self._stop, timeout=delay)
         except asyncio.CancelledError:
             raise
@@ -223,6 +224,8 @@ class Dispatcher:
         """Ask Evolution whether a row in doubt went out; False when it could not
         be asked (the instance waits and asks again)."""
         instance = held.instance
+        # The question can take a few calls: the lease covers them.
+        await run_db(outbox.renew, instance_id=instance.pk, token=held.token)
         evolution = EvolutionClient(target=target_of(instance), http=self.http)
         started = row.attempt_started_at or row.created_at
         attempt = EarlierAttempt(

@@ -606,6 +606,7 @@ def record_connection_state(*, instance: InstanceConfig, body: dict[str, Any]) -
     if state == "open":
         # Replies held while the number was not connected go out now.
         transitions.connected_again(instance_id=instance.pk)
+        outbox.connected_again(instance_id=instance.pk)
     return Result(Outcome.IGNORED, f"connection state {state} recorded")
 
 

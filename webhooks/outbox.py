@@ -28,7 +28,14 @@ from django.utils import timezone
 
 from instances.models import MAX_SEND_BACKOFF_MINUTES, InstanceConfig
 from webhooks import notify
-from webhooks.models import OutboundKind, OutboundMessage, OutboundStatus, OutboxState
+from webhooks.models import (
+    ConnectionState,
+    OutboundKind,
+    OutboundMessage,
+    OutboundStatus,
+    OutboxState,
+)
+from webhooks.transitions import NOT_CONNECTED
 from webhooks.wakeup import wake_up
 
 # A dispatcher sleeps at most this long holding an instance (a paced wait);
@@ -40,6 +47,9 @@ FAILURES_BEFORE_PAUSE = 3
 # (±20 % around 1.2: never less than send_interval_ms).
 JITTER = (1.0, 1.4)
 RATE_LIMIT_MARKER = "rate-overlimit"
+# While the number is not connected, the outbox looks again this often (an
+# "open" connection.update makes it due at once).
+NOT_CONNECTED_RECHECK = 60.0
 IN_DOUBT = (OutboundStatus.SENDING, OutboundStatus.UNCONFIRMED)
 ORDER = ("next_attempt_at", "id")
 
@@ -240,6 +250,12 @@ def next_step(*, instance_id: int, token: str, instance: InstanceConfig | None =
         if state.paused_until and state.paused_until > now:
             _release_state(state, due_at=state.paused_until)
             return Next(Action.RELEASED, until=state.paused_until, reason="paused")
+        if _not_connected(instance_id=instance_id):
+            # As replies are held (transitions.NOT_CONNECTED): nothing is tried while
+            # Evolution says the number is not connected; "open" makes it due at once.
+            until = now + timedelta(seconds=NOT_CONNECTED_RECHECK)
+            _release_state(state, due_at=until)
+            return Next(Action.RELEASED, until=until, reason="not_connected")
         doubt = _in_doubt(instance_id=instance_id)
         if doubt is not None:
             return Next(Action.CHECK, row=doubt, probe_id=_probe_id(instance_id=instance_id))
@@ -264,6 +280,17 @@ def next_step(*, instance_id: int, token: str, instance: InstanceConfig | None =
             return Next(Action.WAIT, row=row, until=ready, reason="interval")
         gap_ms = _mark_sending(state=state, instance=instance, row=row, now=now)
         return Next(Action.SEND, row=row, until=now + timedelta(milliseconds=gap_ms))
+
+
+def _not_connected(*, instance_id: int) -> bool:
+    return ConnectionState.objects.filter(instance_id=instance_id, state__in=NOT_CONNECTED).exists()
+
+
+def connected_again(*, instance_id: int) -> None:
+    """connection.update "open": an outbox with work waiting is due now."""
+    OutboxState.objects.filter(
+        instance_id=instance_id, claim_token="", due_at__isnull=False
+    ).update(due_at=timezone.now())
 
 
 def _in_doubt(*, instance_id: int) -> OutboundMessage | None:

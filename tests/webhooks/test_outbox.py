@@ -594,16 +594,16 @@ def test_the_dispatcher_s_statements_read_the_outbox_s_own_indexes_only(
 
 
 @pytest.mark.django_db
-def test_metrics_show_the_outbox_depth_and_the_delivered_and_read_ratios(
-    client, make_instance
+def test_nothing_is_sent_while_the_number_is_not_connected_and_open_makes_it_due(
+    make_instance,
 ) -> None:
-    acme = make_instance()
-    queue(acme, "waiting")
-    for status in ("sent", "delivered", "read", "read"):
-        OutboundMessage.objects.create(instance=acme, chat_jid=JID, text="x", status=status)
+    acme = make_instance(send_interval_ms=0)
+    row = queue(acme)
+    record_delivery(instance=acme, body=load_fixture("connection-update-close.json"))
 
-    text = client.get("/metrics").content.decode()
+    nxt = step(hold(acme))
 
-    assert 'omnihub_outbox_depth{instance="acme"} 1.0' in text
-    assert 'omnihub_outbound_delivered_ratio{instance="acme"} 0.75' in text
-    assert 'omnihub_outbound_read_ratio{instance="acme"} 0.5' in text
+    assert nxt.action is Action.RELEASED and nxt.reason == "not_connected"
+    assert status_of(row) == OutboundStatus.QUEUED
+    record_delivery(instance=acme, body=load_fixture("connection-update-open.json"))
+    assert step(hold(acme)).action is Action.SEND
