@@ -79,11 +79,13 @@ clean:
 	rm -rf $(VENV) staticfiles
 
 # Benchmark (issue-sized numbers on loopback): writes bench/results.json and bench/results.md,
-# then the same hub with 1,000,000 stored messages: bench/results-stored.{json,md}.
+# then the same hub with 1,000,000 stored messages: bench/results-stored.{json,md}, then
+# 5,000 API sends through the outbox: bench/results-outbox.{json,md}.
 bench: install .env
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q wrk >/dev/null; } || { echo "install wrk (apt-get install wrk)"; exit 1; }
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/stored_inbox.py
+	$(BIN)/python bench/outbox.py
 
 # Rebuild db.sqlite3.example after adding a migration (tests/instances/test_example_db.py says when).
 example-db: install

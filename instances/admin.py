@@ -1,7 +1,7 @@
 from typing import Any
 
 from django.contrib import admin, messages
-from django.core.exceptions import ValidationError
+from django.core.exceptions import ObjectDoesNotExist, ValidationError
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.utils.html import format_html
@@ -10,7 +10,13 @@ from instances import admin_send_keys  # noqa: F401 (registers SendKeyAdmin)
 from instances.admin_provisioning import ProvisioningAdminMixin
 from instances.admin_routing import AgentInline, RouteInline
 from instances.forms import InstanceConfigForm
-from instances.models import CALLBACK_FIELDS, MEDIA_FIELDS, REPLY_FIELDS, InstanceConfig
+from instances.models import (
+    CALLBACK_FIELDS,
+    MEDIA_FIELDS,
+    OUTBOUND_FIELDS,
+    REPLY_FIELDS,
+    InstanceConfig,
+)
 from instances.services import save_instance, set_default_instance
 
 NO_TOKEN_WARNING = "accepts unauthenticated deliveries"
@@ -33,7 +39,7 @@ class InstanceConfigAdmin(ProvisioningAdminMixin, admin.ModelAdmin):
     ]
     search_fields = ["name", "whatsapp_instance", "default_agent"]
     list_filter = ["is_default", "is_active"]
-    readonly_fields = ["webhook_url_display", "webhook_url_with_token_display"]
+    readonly_fields = ["webhook_url_display", "webhook_url_with_token_display", "outbox_state"]
     actions = ["make_default", "test_selected", "provision_selected"]
 
     def get_fieldsets(self, request: HttpRequest, obj: InstanceConfig | None = None) -> Any:
@@ -72,6 +78,10 @@ class InstanceConfigAdmin(ProvisioningAdminMixin, admin.ModelAdmin):
             ("Replies", {"fields": list(REPLY_FIELDS)}),
             ("Media and voice notes", {"fields": list(MEDIA_FIELDS)}),
             ("Status callbacks", {"fields": list(CALLBACK_FIELDS)}),
+            (
+                "Outbound",
+                {"fields": [*OUTBOUND_FIELDS, *(["outbox_state"] if obj is not None else [])]},
+            ),
             (
                 "Legacy mode (the single-tenant service's behaviour)",
                 {"fields": ["legacy_mode", "legacy_server_url"]},
@@ -118,6 +128,16 @@ class InstanceConfigAdmin(ProvisioningAdminMixin, admin.ModelAdmin):
         return format_html(
             '<strong style="color: var(--error-fg)" title="{}">none</strong>', NO_TOKEN_WARNING
         )
+
+    @admin.display(description="Outbox now")
+    def outbox_state(self, obj: InstanceConfig) -> str:
+        """Queued sends and a rate-limit pause (webhooks.OutboxState, by its reverse name)."""
+        queued = obj.sent.filter(status="queued").count()
+        try:
+            state = obj.outbox  # type: ignore[attr-defined]
+        except ObjectDoesNotExist:
+            return f"{queued} queued; nothing sent through the outbox yet"
+        return f"{queued} queued; {state.describe()}"
 
     @admin.display(description="Webhook URL")
     def webhook_url_display(self, obj: InstanceConfig) -> str:

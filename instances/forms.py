@@ -8,6 +8,7 @@ from instances.models import (
     CALLBACK_FIELDS,
     CONVERSATION_FIELDS,
     MEDIA_FIELDS,
+    OUTBOUND_FIELDS,
     REPLY_FIELDS,
     SECRET_FIELDS,
     InstanceConfig,
@@ -78,6 +79,7 @@ class InstanceConfigForm(forms.ModelForm):
             *REPLY_FIELDS,
             *MEDIA_FIELDS,
             *CALLBACK_FIELDS,
+            *OUTBOUND_FIELDS,
             *CONVERSATION_FIELDS,
         ]
         field_classes = dict.fromkeys(SECRET_FIELDS, SecretField)

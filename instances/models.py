@@ -82,6 +82,14 @@ MEDIA_FIELDS = (
 )
 # Where the status of the messages the hub sends is posted (webhooks/callbacks.py).
 CALLBACK_FIELDS = ("callback_url", "callback_secret")
+# How the outbox paces API and operator sends (webhooks/outbox.py), in the same
+# order everywhere.
+OUTBOUND_FIELDS = ("send_interval_ms", "daily_send_limit", "warmup_days", "send_backoff_minutes")
+MAX_SEND_INTERVAL_MS = 10 * 60 * 1000
+MAX_DAILY_SEND_LIMIT = 1_000_000
+MAX_WARMUP_DAYS = 365
+# The pause after a rate limit doubles from send_backoff_minutes up to this.
+MAX_SEND_BACKOFF_MINUTES = 60
 DEFAULT_MEDIA_MAX_BYTES = 10 * 1024 * 1024
 MAX_MEDIA_BYTES = 50 * 1024 * 1024
 # An agent of its own under an instance (Agent) has these, as the instance has for
@@ -363,6 +371,33 @@ class InstanceConfig(models.Model):
         validators=[validate_secret],
         help_text="Signs each callback: X-Omnihub-Signature: sha256=<hex HMAC-SHA256 of the "
         "body with this secret>. Blank: callbacks are not signed.",
+    )
+
+    # --- outbound: how the outbox paces API and operator sends (webhooks/outbox.py) ---
+    send_interval_ms = models.PositiveIntegerField(
+        default=1000,
+        validators=[MaxValueValidator(MAX_SEND_INTERVAL_MS)],
+        help_text="An API or operator send waits at least this long after the instance's "
+        "last send of any kind (replies included), plus up to 40 % random jitter. "
+        "Replies are never delayed. 0: no pacing.",
+    )
+    daily_send_limit = models.PositiveIntegerField(
+        default=0,
+        validators=[MaxValueValidator(MAX_DAILY_SEND_LIMIT)],
+        help_text="At most this many API sends a day (UTC); one over it waits for the next "
+        "day. Replies and operator sends never count. 0: no limit.",
+    )
+    warmup_days = models.PositiveIntegerField(
+        default=0,
+        validators=[MaxValueValidator(MAX_WARMUP_DAYS)],
+        help_text="A new number's warm-up: the daily limit ramps from 10 % to 100 % over this "
+        "many days from its first API send. Needs a daily limit. 0: none.",
+    )
+    send_backoff_minutes = models.PositiveIntegerField(
+        default=5,
+        validators=[MinValueValidator(1), MaxValueValidator(MAX_SEND_BACKOFF_MINUTES)],
+        help_text="When WhatsApp's rate limit is reported (rate-overlimit, or repeated "
+        "429/5xx), API and operator sends pause this long, doubling each time up to an hour.",
     )
 
     # --- conversations: how the bot behaves in a chat ---

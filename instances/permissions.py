@@ -134,3 +134,12 @@ class SendKeyPermission(HubPermission):
         if instance_named_by(view) != user.instance_name:
             raise MissingPermission("This send key belongs to another instance.")
         return True
+
+
+class SendPermission(SendKeyPermission):
+    """Who may send through an instance and read its sends (the send API,
+    webhooks/api_outbox.py): the one check of those views. The operator's key; a
+    staff user with ``webhooks.add_outboundmessage`` (send) /
+    ``webhooks.view_outboundmessage`` (list, retrieve); and a send key of the
+    instance the URL names, to send only (SendKeyPermission).
+    """

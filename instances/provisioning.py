@@ -34,7 +34,8 @@ TIMEOUT = PROVISION_TIMEOUT
 # Read at call time, like TIMEOUT, so tests can shorten both.
 CREATE_TIMEOUT_SECONDS = CREATE_TIMEOUT
 KEY_REFUSED = (401, 403)
-WEBHOOK_EVENTS = ("MESSAGES_UPSERT", "CONNECTION_UPDATE")
+# MESSAGES_UPDATE: delivery and read receipts of what the hub sent (webhooks/outbox.py).
+WEBHOOK_EVENTS = ("MESSAGES_UPSERT", "MESSAGES_UPDATE", "CONNECTION_UPDATE")
 NOT_CONFIGURED = (
     "Provisioning needs an Evolution URL and key: this instance has none (the legacy "
     "default takes them from each delivery). Set both on the instance first."

@@ -195,6 +195,11 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
     "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    # The outbound messages' status, apart from the inbound messages' one.
+    "ENUM_NAME_OVERRIDES": {
+        "StatusEnum": "webhooks.models.Status",
+        "OutboundStatusEnum": "webhooks.models.OutboundStatus",
+    },
 }
 
 # --- Security ----------------------------------------------------------------
@@ -241,6 +246,10 @@ MESSAGE_RETENTION_DAYS = env.int("MESSAGE_RETENTION_DAYS", default=30)
 AGENT_MAX_ATTEMPTS = env.int("AGENT_MAX_ATTEMPTS", default=4)
 EVOLUTION_RETRY_WINDOW = env.int("EVOLUTION_RETRY_WINDOW", default=900)
 EVOLUTION_TIMEOUT = env.float("EVOLUTION_TIMEOUT", default=15.0)
+# The outbox (API and operator sends, webhooks/dispatcher.py): run by every worker;
+# at most this many instances' outboxes drained at once per worker.
+OUTBOX_DISPATCHER = env.bool("OUTBOX_DISPATCHER", default=True)
+OUTBOX_CONCURRENCY = env.int("OUTBOX_CONCURRENCY", default=64)
 # "typing..." is shown once the agent has worked this long (seconds): a reply
 # that comes sooner needs none, and its presence could land after the reply.
 TYPING_AFTER = env.float("TYPING_AFTER", default=0.5)

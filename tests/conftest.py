@@ -73,6 +73,11 @@ CONVERSATION_FORM_DEFAULTS = {
     # The Status callbacks group, empty.
     "callback_url": "",
     "callback_secret": "",
+    # The Outbound group at its defaults.
+    "send_interval_ms": "1000",
+    "daily_send_limit": "0",
+    "warmup_days": "0",
+    "send_backoff_minutes": "5",
     # The inlines of other agents and routing rules: none, nothing changed.
     **{f"{prefix}-{name}": "0" for prefix in ("agents", "routes") for name in FORMSET_COUNTS},
 }

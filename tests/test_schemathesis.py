@@ -32,6 +32,7 @@ from instances.send_keys import create_send_key
 from omnihub import errors
 from tests.conftest import load_fixture
 from tests.fakes import FakeAgent, FakeEvolution
+from webhooks import outbox
 from webhooks.ingest import record_delivery
 from webhooks.models import Conversation, InboundMessage, Status
 
@@ -80,6 +81,7 @@ class Existing:
     conversation_id: str = ""
     route_id: str = ""
     send_key_id: str = ""
+    outbound_id: str = ""
 
     def paths(self, params: list[str]) -> list[dict[str, str]]:
         """Path parameters that name existing objects."""
@@ -155,6 +157,22 @@ def existing(
     route = Route.objects.create(instance=acme, match="keyword", value="vendas", agent=sales)
     existing.route_id = str(route.pk)
     existing.send_key_id = str(create_send_key(instance=acme, name="crm")[0].pk)
+    # The send API: one message queued with a known idempotency key.
+    queued = outbox.queue_send(
+        instance=acme,
+        chat_jid=SEND["to"] + "@s.whatsapp.net",
+        text=SEND["text"],
+        idempotency_key=SEND["idempotency_key"],
+        body_hash=outbox.request_hash(
+            {
+                "to": SEND["to"] + "@s.whatsapp.net",
+                "text": SEND["text"],
+                "media": None,
+                "send_at": None,
+            }
+        ),
+    )
+    existing.outbound_id = str(queued.message.pk)
     return existing
 
 
@@ -204,6 +222,9 @@ def test_every_operation_of_the_api_is_tested() -> None:
         "POST /api/v1/conversations/{id}/pause/",
         "POST /api/v1/conversations/{id}/resume/",
         "POST /api/v1/conversations/{id}/reset/",
+        "POST /api/v1/instances/{instance_name}/messages/",
+        "GET /api/v1/instances/{instance_name}/messages/",
+        "GET /api/v1/instances/{instance_name}/messages/{id}/",
         *(
             f"{method} /api/v1/instances/{{instance_name}}/{what}/{detail}"
             for what, key in (("agents", "{name}"), ("routes", "{id}"))
@@ -271,6 +292,9 @@ NEW_AGENT = {
     "default_agent": "gpt-4o-mini",
 }
 NEW_ROUTE = {"match": "prefix", "value": "/help", "agent": "sales"}
+SENDS = "/api/v1/instances/{instance_name}/messages/"
+SEND = {"to": "5511987654321", "text": "Olá", "idempotency_key": "known-key"}
+AN_OUTBOUND = {**IN_ACME, "id": "outbound"}
 KNOWN_REQUESTS: list[tuple[str, dict[str, str], dict[str, str], Any, int]] = [
     ("GET /api/v1/instances/", {}, {}, None, 200),
     ("GET /api/v1/instances/", {}, {"page": "2"}, None, 404),
@@ -334,6 +358,15 @@ KNOWN_REQUESTS: list[tuple[str, dict[str, str], dict[str, str], Any, int]] = [
     (f"POST {SEND_KEYS}", IN_ACME, {}, {"name": "erp"}, 201),
     (f"POST {SEND_KEYS}", IN_ACME, {}, {"name": "x" * 101}, 400),
     (f"DELETE {SEND_KEY}", {**IN_ACME, "id": "send_key"}, {}, None, 204),
+    (f"POST {SENDS}", IN_ACME, {}, {"to": "5511987654321", "text": "new"}, 202),
+    (f"POST {SENDS}", IN_ACME, {}, SEND, 200),
+    (f"POST {SENDS}", IN_ACME, {}, {**SEND, "text": "another"}, 409),
+    (f"POST {SENDS}", {"instance_name": "legacy"}, {}, {"to": "5511987654321", "text": "a"}, 409),
+    (f"POST {SENDS}", IN_ACME, {}, {"to": "x", "text": "a"}, 400),
+    (f"GET {SENDS}", IN_ACME, {"status": "queued", "to": "5511987654321"}, None, 200),
+    (f"GET {SENDS}", IN_ACME, {"status": "lost"}, None, 400),
+    (f"GET {SENDS}", IN_ACME, {"page": "99"}, None, 404),
+    (f"GET {SENDS}{{id}}/", AN_OUTBOUND, {}, None, 200),
 ]
 
 
@@ -344,6 +377,8 @@ def known_case(existing: Existing, label: str, path: dict[str, str], query: dict
         path = {**path, "id": existing.route_id}
     elif path.get("id") == "send_key":
         path = {**path, "id": existing.send_key_id}
+    elif path.get("id") == "outbound":
+        path = {**path, "id": existing.outbound_id}
     elif "id" in path:
         path = {"id": existing.message_ids[Status(path["id"])]}
     operation = OPERATIONS[label]

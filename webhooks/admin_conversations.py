@@ -128,15 +128,12 @@ class ConversationAdmin(admin.ModelAdmin):
             text=text,
             user_id=request.user.pk,
         )
-        sent = OutboundMessage.objects.get(pk=outbound_id)
-        if sent.status == "failed":
-            self.message_user(request, f"Not sent: {sent.error}", messages.ERROR)
-        else:
-            self.message_user(
-                request,
-                f"Sent to {_chat_label(conversation)}; the bot is paused in this chat.",
-                messages.SUCCESS,
-            )
+        self.message_user(
+            request,
+            f"Queued to {_chat_label(conversation)} (message {outbound_id}); the bot is paused "
+            "in this chat. The thread shows when it is sent.",
+            messages.SUCCESS,
+        )
         return HttpResponseRedirect(url)
 
     def _action_view(

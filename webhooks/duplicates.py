@@ -70,7 +70,7 @@ async def check_earlier_send(
     attempt: EarlierAttempt,
     chat_jid: str,
     text: str,
-    answered_id: str,
+    answered_id: str | None,
     now: datetime,
     recorded_ids: RecordedIds,
 ) -> SendCheck:
@@ -107,7 +107,9 @@ async def check_earlier_send(
     if any_kept:
         return SendCheck(Verdict.NOT_SENT)
     # Nothing of the hub's in the chat since the attempt: not sent, or not kept.
-    answered = await evolution.find_messages(key_id=answered_id)
-    if answered.records:
+    # None: no message known to be in Evolution to ask about (an API send to a
+    # number the instance never wrote to): treated as "keeps no messages".
+    answered = await evolution.find_messages(key_id=answered_id) if answered_id else None
+    if answered is not None and answered.records:
         return SendCheck(Verdict.NOT_SENT)
     return SendCheck(Verdict.NO_MESSAGES_KEPT, note=NO_MESSAGES_KEPT)

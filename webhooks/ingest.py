@@ -21,7 +21,7 @@ from instances import services
 from instances.models import InstanceConfig, normalized_url
 from instances.validators import EVENT_SLUGS, is_event_slug, validate_http_url
 from omnihub.logging import kv
-from webhooks import chat_rules, db, metrics, parsing, rows, transitions
+from webhooks import chat_rules, db, metrics, outbox, parsing, rows, transitions
 from webhooks.models import ConnectionState, Conversation, InboundMessage, Status
 from webhooks.notify import notify_new_message
 
@@ -344,6 +344,8 @@ def record(*, instance: InstanceConfig, delivery: Delivery, claim: bool = False)
         return Result(Outcome.IGNORED, delivery.problem)
     if delivery.event == "connection.update":
         return record_connection_state(instance=instance, body=delivery.body)
+    if delivery.event == "messages.update":
+        return record_message_updates(instance=instance, body=delivery.body)
     if delivery.event != "messages.upsert":
         return Result(Outcome.IGNORED, f"event {delivery.event or '(none)'} is not handled")
     if delivery.message is None:
@@ -604,7 +606,15 @@ def record_connection_state(*, instance: InstanceConfig, body: dict[str, Any]) -
     if state == "open":
         # Replies held while the number was not connected go out now.
         transitions.connected_again(instance_id=instance.pk)
+        outbox.connected_again(instance_id=instance.pk)
     return Result(Outcome.IGNORED, f"connection state {state} recorded")
+
+
+def record_message_updates(*, instance: InstanceConfig, body: dict[str, Any]) -> Result:
+    """Delivery and read receipts of the hub's messages (webhooks/outbox.py)."""
+    updates = parsing.parse_message_updates(body)
+    moved = outbox.record_status_updates(instance_id=instance.pk, updates=updates)
+    return Result(Outcome.IGNORED, f"{moved} of {len(updates)} message updates recorded")
 
 
 def _timestamp(value: int | None) -> datetime | None:

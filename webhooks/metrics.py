@@ -90,6 +90,24 @@ debounced_bursts = Counter(
     ["instance"],
 )
 
+outbox_sends = Counter(
+    "omnihub_outbox_sends_total",
+    "Outbox sends (API, operator) by instance, kind and outcome (sent, failed, retry, "
+    "rate_limited, unconfirmed): the send rate is its rate().",
+    ["instance", "kind", "outcome"],
+)
+outbox_paced_waits = Counter(
+    "omnihub_outbox_paced_waits_total",
+    "Times an outbox send waited for its pace, by reason (interval: send_interval_ms; "
+    "daily_limit: the day's API sends are used up).",
+    ["instance", "reason"],
+)
+outbox_pauses = Counter(
+    "omnihub_outbox_rate_limit_pauses_total",
+    "Outbox pauses after WhatsApp's rate limit (rate-overlimit, repeated 429/5xx).",
+    ["instance"],
+)
+
 
 def paused_by_instance() -> dict[str, int]:
     from django.db.models import Count
@@ -102,11 +120,32 @@ def paused_by_instance() -> dict[str, int]:
     return dict(paused.order_by().values_list("instance__name").annotate(count=Count("id")))
 
 
+# The delivered and read ratios are of the messages sent in this last stretch.
+RATIO_WINDOW = 3600
+
+
+def outbox_by_instance() -> dict[str, dict[str, float]]:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from webhooks.outbox import outbox_stats
+
+    return outbox_stats(since=timezone.now() - timedelta(seconds=RATIO_WINDOW))
+
+
 class QueueCollector(Collector):
-    def __init__(self, depth: int, oldest: float, paused: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        depth: int,
+        oldest: float,
+        paused: dict[str, int] | None = None,
+        outbox: dict[str, dict[str, float]] | None = None,
+    ) -> None:
         self.depth = depth
         self.oldest = oldest
         self.paused = paused or {}
+        self.outbox = outbox or {}
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily(
@@ -125,6 +164,24 @@ class QueueCollector(Collector):
         for name, count in sorted(self.paused.items()):
             paused.add_metric([name], count)
         yield paused
+        gauges = {
+            "depth": ("omnihub_outbox_depth", "Outbox sends queued (API, operator)."),
+            "delivered_ratio": (
+                "omnihub_outbound_delivered_ratio",
+                "Of the messages sent in the last hour (replies too), the share delivered "
+                "or read (Evolution's messages.update).",
+            ),
+            "read_ratio": (
+                "omnihub_outbound_read_ratio",
+                "Of the messages sent in the last hour (replies too), the share read.",
+            ),
+        }
+        for key, (name, documentation) in gauges.items():
+            family = GaugeMetricFamily(name, documentation, labels=["instance"])
+            for instance, values in sorted(self.outbox.items()):
+                if key in values:
+                    family.add_metric([instance], values[key])
+            yield family
 
 
 def bearer_token_matches(request: HttpRequest, *, expected: str) -> bool:
@@ -170,8 +227,9 @@ async def metrics_view(request: HttpRequest) -> HttpResponse:
         registry = REGISTRY
     depth, oldest = await run_db(queue_stats)
     paused = await run_db(paused_by_instance)
+    outbox = await run_db(outbox_by_instance)
     output = generate_latest(registry) + generate_latest(
-        _one(QueueCollector(depth, oldest, paused))
+        _one(QueueCollector(depth, oldest, paused, outbox))
     )
     return HttpResponse(output, content_type=CONTENT_TYPE_LATEST)
 

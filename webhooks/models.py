@@ -213,8 +213,13 @@ class Conversation(models.Model):
 
 
 class OutboundStatus(models.TextChoices):
+    # An API or operator send waiting in the outbox (webhooks/outbox.py).
+    QUEUED = "queued"
     SENDING = "sending"
     SENT = "sent"
+    # From Evolution's messages.update (DELIVERY_ACK, READ/PLAYED), matched by key.id.
+    DELIVERED = "delivered"
+    READ = "read"
     FAILED = "failed"
     # The attempt ended without Evolution's answer (a timeout, a connection
     # dropped after the request was written): it may have been sent. Before the
@@ -222,22 +227,45 @@ class OutboundStatus(models.TextChoices):
     UNCONFIRMED = "unconfirmed"
 
 
+class OutboundKind(models.TextChoices):
+    # The agent's answer to a message, sent at once by the chat's worker (reply_sending.py).
+    REPLY = "reply"
+    # POST /api/v1/instances/{name}/messages/: queued, paced by the dispatcher.
+    API = "api"
+    # A person writing from the console: queued, paced, ahead of API sends.
+    OPERATOR = "operator"
+
+
 class OutboundMessage(models.Model):
-    """A message the hub sent (or is sending) through Evolution.
+    """A message the hub sent, is sending, or has queued to send through Evolution.
 
     Its Evolution id (sendText's key.id) is how the hub tells its own messages'
     echoes from a human's messages written on the phone; a row is written
     before the send, so an echo that arrives before sendText answers is known
     by its text. A row still `sending` when its message is handled again, or
     `unconfirmed`, is an attempt that may have reached Evolution.
+
+    Replies are written `sending` just before they go (webhooks/rows.py, plain
+    SQL: the new columns have database defaults). API and operator sends are the
+    outbox: written `queued`, taken in turn by the dispatcher, and every change
+    of their state is in webhooks/outbox.py.
     """
 
     # No index of its own: webhooks_outbound_key and webhooks_outbound_chat start with it.
     instance = models.ForeignKey(
         InstanceConfig, on_delete=models.CASCADE, related_name="sent", db_index=False
     )
+    kind = models.CharField(
+        max_length=16,
+        choices=OutboundKind.choices,
+        default=OutboundKind.REPLY,
+        db_default=OutboundKind.REPLY,
+    )
     chat_jid = models.CharField(max_length=128)
+    # The text sent; a media send's caption.
     text = models.TextField()
+    # A media send: {"url" | "base64", "mime_type", "file_name", "caption", "mediatype"}.
+    media = models.JSONField(null=True, blank=True)
     in_reply_to = models.ForeignKey(
         InboundMessage, null=True, blank=True, on_delete=models.SET_NULL, related_name="replies"
     )
@@ -255,18 +283,117 @@ class OutboundMessage(models.Model):
         max_length=16, choices=OutboundStatus.choices, default=OutboundStatus.SENDING
     )
     error = models.TextField(blank=True)
+    # Why a queued send is not going yet (the daily limit, a rate-limit pause).
+    wait_reason = models.CharField(max_length=200, blank=True, db_default="")
+    # The same key for the same instance is the same send (webhooks_outbound_idempotency);
+    # request_hash tells a replay from a different body under a used key.
+    idempotency_key = models.CharField(max_length=128, blank=True, db_default="")
+    request_hash = models.CharField(max_length=64, blank=True, db_default="")
+    send_at = models.DateTimeField(null=True, blank=True)
+    # When a queued send may go: send_at, or when it was accepted. The order of
+    # an instance's sends (a retried one keeps its place): webhooks_outbox_due.
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0, db_default=0)
+    # When the current attempt started (the row became `sending`).
+    attempt_started_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     sent_at = models.DateTimeField(null=True, blank=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    read_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-id"]
         indexes = [
             models.Index(fields=["instance", "evolution_id"], name="webhooks_outbound_key"),
             models.Index(fields=["instance", "chat_jid", "status"], name="webhooks_outbound_chat"),
+            # The dispatcher's reads of an instance's outbox touch its queued rows
+            # only (partial indexes), never the sent ones: the next due one in
+            # order, and when the next scheduled one is...
+            models.Index(
+                fields=["instance", "next_attempt_at", "id"],
+                condition=models.Q(status="queued"),
+                name="webhooks_outbox_due",
+            ),
+            # ...the next operator send (ahead of API sends)...
+            models.Index(
+                fields=["instance", "next_attempt_at", "id"],
+                condition=models.Q(status="queued", kind="operator"),
+                name="webhooks_outbox_operator",
+            ),
+            # ...and a send left `sending` or `unconfirmed` (a crash): checked with
+            # findMessages before anything else goes. Replies are never in it.
+            models.Index(
+                fields=["instance", "id"],
+                condition=models.Q(
+                    status__in=["sending", "unconfirmed"], kind__in=["api", "operator"]
+                ),
+                name="webhooks_outbox_in_doubt",
+            ),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["instance", "idempotency_key"],
+                condition=~models.Q(idempotency_key=""),
+                name="webhooks_outbound_idempotency",
+            )
         ]
 
     def __str__(self) -> str:
         return f"{self.instance_id}:{self.evolution_id or self.pk}"
+
+
+class OutboxState(models.Model):
+    """One instance's outbox: the dispatcher's lease on it and its pacing.
+
+    Like a conversation for the chat workers: `due_at` is when a dispatcher
+    should look at the instance (NULL: nothing queued); while one holds it
+    (`claim_token` set), `due_at` is the end of its lease. The claim reads only
+    due rows of this table, one per instance.
+    """
+
+    instance = models.OneToOneField(InstanceConfig, on_delete=models.CASCADE, related_name="outbox")
+    due_at = models.DateTimeField(null=True, blank=True)
+    claim_token = models.CharField(max_length=32, blank=True)
+    # The dispatcher's last send (start of the call); replies are read from their rows.
+    last_send_at = models.DateTimeField(null=True, blank=True)
+    # The jittered wait chosen at the last send: the next one goes this long after it.
+    next_gap_ms = models.PositiveIntegerField(default=0)
+    # API sends started on `sends_day` (UTC), for daily_send_limit.
+    sends_day = models.DateField(null=True, blank=True)
+    sends_today = models.PositiveIntegerField(default=0)
+    # The day of the instance's first API send: warmup_days count from it.
+    first_send_day = models.DateField(null=True, blank=True)
+    # A rate-limit pause: nothing of the outbox goes before paused_until.
+    paused_until = models.DateTimeField(null=True, blank=True)
+    pause_reason = models.CharField(max_length=200, blank=True)
+    # The last pause's length; doubles per pause up to an hour, reset by a success.
+    backoff_minutes = models.PositiveIntegerField(default=0)
+    # 429/5xx answers in a row (three pause the instance).
+    failures_in_row = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        indexes = [models.Index(fields=["due_at"], name="webhooks_outbox_state_due")]
+
+    def __str__(self) -> str:
+        return f"outbox:{self.instance_id}"
+
+    def describe(self) -> str:
+        """One line for the console."""
+        from django.utils import timezone
+
+        now = timezone.now()
+        if self.paused_until and self.paused_until > now:
+            left = int((self.paused_until - now).total_seconds() // 60) + 1
+            return (
+                f"PAUSED until {self.paused_until:%Y-%m-%d %H:%M:%S} UTC (about {left} min): "
+                f"{self.pause_reason}"
+            )
+        parts = ["sending normally"]
+        if self.last_send_at:
+            parts.append(f"last send {self.last_send_at:%Y-%m-%d %H:%M:%S} UTC")
+        if self.sends_day:
+            parts.append(f"{self.sends_today} API sends on {self.sends_day}")
+        return ", ".join(parts)
 
 
 class ConnectionState(models.Model):

@@ -564,3 +564,30 @@ def _mentions(contexts: list[dict[str, Any]]) -> tuple[str, ...]:
             if isinstance(jid, str) and jid:
                 mentions[jid] = None
     return tuple(mentions)
+
+
+def parse_message_updates(body: dict) -> list[tuple[str, str]]:
+    """A messages.update delivery's (key id, status) pairs for the hub's own messages.
+
+    Evolution 2.x sends one update as `data` {keyId, remoteJid, fromMe, status:
+    "DELIVERY_ACK" | "READ" | ...}; older ones {key: {id, fromMe}, update:
+    {status: 3}} (numbers: 2 server, 3 delivered, 4 read, 5 played), also as a
+    list. Updates of messages the hub did not send (not fromMe) are left out.
+    """
+    data = body.get("data") if isinstance(body, dict) else None
+    items = data if isinstance(data, list) else [data]
+    found: list[tuple[str, str]] = []
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        key = item.get("key") if isinstance(item.get("key"), dict) else {}
+        key_id = item.get("keyId") or key.get("id")
+        from_me = item.get("fromMe", key.get("fromMe"))
+        update = item.get("update") if isinstance(item.get("update"), dict) else {}
+        status = item.get("status", update.get("status"))
+        if not isinstance(key_id, str) or not key_id or from_me is False:
+            continue
+        if isinstance(status, bool) or not isinstance(status, str | int):
+            continue
+        found.append((key_id[:128], str(status).upper()))
+    return found

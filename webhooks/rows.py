@@ -540,8 +540,10 @@ def earlier_attempt(*, message_pk: int) -> EarlierAttempt | None:
 def sent_reply_count(*, message_pk: int) -> int:
     """How many messages of this reply went out (a reply sent in parts, handled
     again after one of them failed)."""
+    # Delivered and read (messages.update) were sent too.
     return OutboundMessage.objects.filter(
-        in_reply_to_id=message_pk, status=OutboundStatus.SENT
+        in_reply_to_id=message_pk,
+        status__in=(OutboundStatus.SENT, OutboundStatus.DELIVERED, OutboundStatus.READ),
     ).count()
 
 

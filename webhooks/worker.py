@@ -25,6 +25,7 @@ from instances.clients.http import new_http_client
 from webhooks import notify
 from webhooks.callbacks import run_callback_loop
 from webhooks.db import run_db
+from webhooks.dispatcher import Dispatcher
 from webhooks.models import WorkerHeartbeat
 from webhooks.processing import handle_batch
 from webhooks.reply_sending import sends_in_flight
@@ -100,7 +101,6 @@ class Worker:
         _workers[loop] = self
         logger.info("worker started concurrency=%d", self.concurrency)
         try:
-            listener = asyncio.create_task(notify.listen(on_notify=self._wake.set, stop=stop))
             # Room for every chat's agent call and sendText, and typing presences.
             async with new_http_client(max_connections=self.concurrency * 3) as http:
                 self._http = http
@@ -108,6 +108,16 @@ class Worker:
                 callbacks = asyncio.create_task(
                     run_callback_loop(stop=stop, http=http, poll_interval=self.poll_interval)
                 )
+                # The outbox's paced sends (webhooks/dispatcher.py), beside the chats.
+                dispatcher = Dispatcher(http=http) if settings.OUTBOX_DISPATCHER else None
+                dispatching = asyncio.create_task(dispatcher.run(stop=stop)) if dispatcher else None
+
+                def woken() -> None:
+                    self._wake.set()
+                    if dispatcher is not None:
+                        dispatcher.wake.set()
+
+                listener = asyncio.create_task(notify.listen(on_notify=woken, stop=stop))
                 try:
                     await self._loop(stop=stop)
                 finally:
@@ -116,6 +126,8 @@ class Worker:
                     await self._drain()
                     callbacks.cancel()
                     await asyncio.gather(callbacks, return_exceptions=True)
+                    if dispatching is not None:
+                        await asyncio.gather(dispatching, return_exceptions=True)
                     self._http = None
         finally:
             wake_events.discard(entry)

@@ -49,7 +49,7 @@ def test_provision_creates_the_instance_then_sets_the_webhook(acme, evolution):
         "webhook": {
             "url": f"{settings.PUBLIC_BASE_URL}/webhook/evolution/acme",
             "headers": {"X-Webhook-Token": SECRETS["webhook_token"]},
-            "events": ["MESSAGES_UPSERT", "CONNECTION_UPDATE"],
+            "events": ["MESSAGES_UPSERT", "MESSAGES_UPDATE", "CONNECTION_UPDATE"],
             "byEvents": False,
             "base64": True,
         },

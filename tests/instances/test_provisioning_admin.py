@@ -81,7 +81,7 @@ def test_the_provision_page_asks_first_and_calls_nothing(admin_client: Client, a
     html = text(response)
     assert response.status_code == 200
     assert "Create the instance &quot;acme-wa&quot; on Evolution" in html
-    assert "/webhook/evolution/acme for MESSAGES_UPSERT, CONNECTION_UPDATE" in html
+    assert "/webhook/evolution/acme for MESSAGES_UPSERT, MESSAGES_UPDATE, CONNECTION_UPDATE" in html
     assert 'value="Provision now"' in html
     assert evolution.requests == []
     assert_no_secret(html)

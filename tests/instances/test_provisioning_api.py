@@ -40,7 +40,11 @@ def test_provision_creates_and_sets_the_webhook_then_changes_nothing(api, acme, 
     ]
     [create] = evolution.received("/instance/create")
     assert create.body["webhook"]["url"] == f"{settings.PUBLIC_BASE_URL}/webhook/evolution/acme"
-    assert create.body["webhook"]["events"] == ["MESSAGES_UPSERT", "CONNECTION_UPDATE"]
+    assert create.body["webhook"]["events"] == [
+        "MESSAGES_UPSERT",
+        "MESSAGES_UPDATE",
+        "CONNECTION_UPDATE",
+    ]
     assert create.body["webhook"]["headers"] == {"X-Webhook-Token": SECRETS["webhook_token"]}
     assert second.status_code == 200
     assert [s["outcome"] for s in second.json()["steps"]] == ["exists", "unchanged"]

@@ -60,7 +60,6 @@ def test_a_connection_update_without_a_state_is_ignored(make_instance) -> None:
     "name",
     [
         "presence-update.json",
-        "messages-update-read.json",
         "messages-delete.json",
         "messages-edited.json",
         "contacts-update.json",

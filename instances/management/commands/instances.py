@@ -24,6 +24,7 @@ from instances.models import (
     CONVERSATION_FIELDS,
     MAX_AGENT_TIMEOUT,
     MEDIA_FIELDS,
+    OUTBOUND_FIELDS,
     REPLY_FIELDS,
     SECRET_FIELDS,
     InstanceConfig,
@@ -35,6 +36,7 @@ SET_FIELDS = (
     *REPLY_FIELDS,
     *MEDIA_FIELDS,
     *CALLBACK_FIELDS,
+    *OUTBOUND_FIELDS,
     *CONVERSATION_FIELDS,
 )
 
@@ -240,7 +242,13 @@ class Command(TyperCommand):
             self.echo(f"{label + ':':<{width}}{value}")
         # The names --set takes, in a block of their own.
         self.echo("reply, media and conversation settings:")
-        shown = (*REPLY_FIELDS, *MEDIA_FIELDS, *CALLBACK_FIELDS, *CONVERSATION_FIELDS)
+        shown = (
+            *REPLY_FIELDS,
+            *MEDIA_FIELDS,
+            *CALLBACK_FIELDS,
+            *OUTBOUND_FIELDS,
+            *CONVERSATION_FIELDS,
+        )
         width = max(map(len, shown)) + 3
         for name in shown:
             if name in SECRET_FIELDS:
