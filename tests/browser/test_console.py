@@ -25,7 +25,7 @@ from tests.browser.conftest import (
     qr_like_png,
 )
 from tests.conftest import load_fixture
-from tests.e2e.harness import Hub, text_delivery
+from tests.e2e.harness import Hub, text_delivery, wait_until
 from tests.fakes import PAIRING_CODE
 
 NAME = "acme"
@@ -111,7 +111,9 @@ def open_message(console: Console, message_id: str) -> None:
 
 
 def sent_to(fakes: Fakes, phone: str) -> list[Any]:
-    return [r.body for r in fakes.evolution.sent() if r.body.get("number") == phone]
+    """What went to the number: replies name its digits, outbox sends its JID."""
+    chat = (phone, f"{phone}@s.whatsapp.net")
+    return [r.body for r in fakes.evolution.sent() if r.body.get("number") in chat]
 
 
 def test_the_new_instance_is_listed_and_its_page_shows_the_webhook_url(
@@ -383,7 +385,12 @@ def test_an_operator_answers_from_the_conversation_page_and_the_bot_stays_silent
     expect(page.locator(".messagelist li.success")).to_contain_text("the bot is paused")
     expect(page.locator(".operator-message")).to_contain_text("aqui é a Ana")
     expect(page.locator(".field-state_badge")).to_contain_text("paused (Human)")
-    assert sent_to(fakes, phone)[-1]["text"] == "Oi Rui, aqui é a Ana. Como posso ajudar?"
+    # Through the outbox: paced after the bot's own reply (send_interval_ms).
+    wait_until(
+        lambda: sent_to(fakes, phone)[-1]["text"] == "Oi Rui, aqui é a Ana. Como posso ajudar?",
+        timeout=15,
+        what="the operator's text at the fake Evolution",
+    )
     console.shot("conversation-operator-reply")
 
     agent_calls = len(fakes.agent.received())
