@@ -25,10 +25,9 @@ from django.utils.html import format_html, format_html_join
 from django.utils.http import content_disposition_header
 from django.utils.safestring import SafeString
 
-from instances.clients.agents.media import human_size
+from instances.clients.agents.media import delivered_base64, human_size
 from instances.clients.evolution import EvolutionClient, MediaFile
 from instances.clients.http import OutboundError, new_http_client, scrub_secrets
-from webhooks.media_input import delivered_base64
 from webhooks.models import InboundMessage
 from webhooks.step import evolution_target
 

@@ -19,15 +19,18 @@ from django.conf import settings
 from django.db import DatabaseError
 from django.utils import timezone
 
-from instances.clients.evolution import EvolutionClient, EvolutionTarget
+from instances.clients.evolution import (
+    EvolutionClient,
+    instance_target,
+    sent_key_id,
+)
 from instances.clients.http import OutboundError
-from instances.models import InstanceConfig
 from omnihub.logging import kv
 from webhooks import metrics, outbox
 from webhooks.db import run_db
 from webhooks.duplicates import Verdict, check_earlier_send
 from webhooks.models import OutboundMessage
-from webhooks.rows import EarlierAttempt
+from webhooks.rows import EarlierAttempt, recorded_ids
 from webhooks.wakeup import wake_events
 
 logger = logging.getLogger("webhooks.outbox")
@@ -40,14 +43,6 @@ SENDS_PER_HOLD = 50
 CLAIM_BATCH = 4
 # Evolution could not be asked whether a send went out: the instance waits this long.
 CHECK_RETRY_SECONDS = 30.0
-
-
-def target_of(instance: InstanceConfig) -> EvolutionTarget:
-    return EvolutionTarget(
-        base_url=instance.evolution_url,
-        api_key=instance.evolution_key,
-        instance_name=instance.evolution_instance_name,
-    )
 
 
 async def post(evolution: EvolutionClient, row: OutboundMessage) -> dict:
@@ -63,12 +58,6 @@ async def post(evolution: EvolutionClient, row: OutboundMessage) -> dict:
             caption=media.get("caption", ""),
         )
     return await evolution.send_text(number=row.chat_jid, text=row.text)
-
-
-def key_id(answer: dict) -> str:
-    key = answer.get("key")
-    value = key.get("id") if isinstance(key, dict) else None
-    return value if isinstance(value, str) else ""
 
 
 class Dispatcher:
@@ -171,13 +160,13 @@ class Dispatcher:
 
     async def _send(self, held: outbox.Held, row: OutboundMessage) -> None:
         instance = held.instance
-        evolution = EvolutionClient(target=target_of(instance), http=self.http)
+        evolution = EvolutionClient(target=instance_target(instance), http=self.http)
         outcome, evolution_id, error = outbox.Outcome.SENT, "", ""
         try:
             if not instance.evolution_url or not instance.evolution_key:
                 raise OutboundError("No Evolution URL/key to send with.", retryable=False)
             answer = await post(evolution, row)
-            evolution_id = key_id(answer)
+            evolution_id = sent_key_id(answer)
         except OutboundError as exc:
             metrics.outbound_errors.labels(instance.name, "evolution", exc.status or "none").inc()
             error = str(exc)
@@ -226,7 +215,7 @@ class Dispatcher:
         instance = held.instance
         # The question can take a few calls: the lease covers them.
         await run_db(outbox.renew, instance_id=instance.pk, token=held.token)
-        evolution = EvolutionClient(target=target_of(instance), http=self.http)
+        evolution = EvolutionClient(target=instance_target(instance), http=self.http)
         started = row.attempt_started_at or row.created_at
         attempt = EarlierAttempt(
             outbound_id=row.pk, started_at=started, evolution_id=row.evolution_id, status=row.status
@@ -234,7 +223,7 @@ class Dispatcher:
 
         async def recorded(ids: list[str]) -> set[str]:
             return await run_db(
-                outbox.recorded_ids, instance_id=instance.pk, evolution_ids=ids, excluding=row.pk
+                recorded_ids, instance_id=instance.pk, evolution_ids=ids, excluding=row.pk
             )
 
         text = row.text if not row.media else row.media.get("caption", "")

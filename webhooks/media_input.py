@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from instances.clients.agents.media import MEDIA_KINDS, AgentMedia, human_size
+from instances.clients.agents.media import MEDIA_KINDS, AgentMedia, delivered_base64, human_size
 from instances.clients.evolution import EvolutionClient
 from instances.clients.http import OutboundError
 from instances.clients.transcription import Transcriber
@@ -32,19 +32,6 @@ class PreparedMedia:
     transcript: str | None
     # The STT was asked and failed for good (or there is none for this kind).
     voice_unreadable: str = ""
-
-
-def delivered_base64(payload: dict[str, Any]) -> str | None:
-    """The media the delivery carried (Evolution's webhook "base64" option)."""
-    data = payload.get("data") if isinstance(payload, dict) else None
-    if not isinstance(data, dict):
-        return None
-    message = data.get("message")
-    for holder in (message if isinstance(message, dict) else {}, data):
-        value = holder.get("base64")
-        if isinstance(value, str) and value:
-            return value
-    return None
 
 
 def evolution_speech(content: dict[str, Any]) -> str:

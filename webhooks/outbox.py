@@ -499,14 +499,6 @@ def settle_in_doubt(*, row_id: int, sent_id: str = "", note: str = "") -> None:
         doubt.update(status=OutboundStatus.QUEUED, error=note)
 
 
-def recorded_ids(*, instance_id: int, evolution_ids: list[str], excluding: int) -> set[str]:
-    return set(
-        OutboundMessage.objects.filter(instance_id=instance_id, evolution_id__in=evolution_ids)
-        .exclude(pk=excluding)
-        .values_list("evolution_id", flat=True)
-    )
-
-
 # --- delivery and read receipts (messages.update) -----------------------------------------
 DELIVERED_STATES = {"DELIVERY_ACK", "3"}
 READ_STATES = {"READ", "PLAYED", "4", "5"}

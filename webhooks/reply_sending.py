@@ -14,7 +14,7 @@ import httpx
 from django.conf import settings
 from django.utils import timezone
 
-from instances.clients.evolution import EvolutionClient, EvolutionTarget
+from instances.clients.evolution import EvolutionClient, EvolutionTarget, sent_key_id
 from instances.clients.http import OutboundError
 from instances.models import InstanceConfig
 from omnihub.logging import kv
@@ -365,7 +365,7 @@ async def _send_and_record(
                 send_end=failed,
                 retryable=exc.retryable,
             )
-        sent = SendEnd(outbound_id=outbound_id, evolution_id=_key_id(answer), ok=True)
+        sent = SendEnd(outbound_id=outbound_id, evolution_id=sent_key_id(answer), ok=True)
         index += 1
         if index == len(parts):
             await step.finish(
@@ -425,9 +425,3 @@ async def _post_part(
             delay_ms=delay,
         )
     return await evolution.send_text(number=number, text=part.text, quoted=quoted, delay_ms=delay)
-
-
-def _key_id(answer: dict[str, Any]) -> str:
-    key = answer.get("key")
-    value = key.get("id") if isinstance(key, dict) else None
-    return value if isinstance(value, str) else ""

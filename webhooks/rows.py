@@ -548,7 +548,8 @@ def sent_reply_count(*, message_pk: int) -> int:
 
 
 def recorded_ids(*, instance_id: int, evolution_ids: list[str], excluding: int) -> set[str]:
-    """Which of these Evolution ids are other replies of the hub's, already recorded."""
+    """Which of these Evolution ids are other messages the hub sent, already recorded
+    (a reply's or an outbox send's check before it goes again)."""
     return set(
         OutboundMessage.objects.filter(instance_id=instance_id, evolution_id__in=evolution_ids)
         .exclude(pk=excluding)

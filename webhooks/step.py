@@ -11,7 +11,7 @@ from typing import Any
 from django.conf import settings
 from django.utils import timezone
 
-from instances.clients.evolution import EvolutionTarget
+from instances.clients.evolution import EvolutionTarget, instance_target
 from instances.models import InstanceConfig
 from omnihub.logging import kv
 from webhooks import metrics
@@ -42,11 +42,7 @@ def evolution_target(*, message: InboundMessage) -> EvolutionTarget:
             api_key=message.reply_api_key,
             instance_name=instance.whatsapp_instance or message.evolution_instance,
         )
-    return EvolutionTarget(
-        base_url=instance.evolution_url,
-        api_key=instance.evolution_key,
-        instance_name=instance.whatsapp_instance or instance.name,
-    )
+    return instance_target(instance)
 
 
 class Step:

@@ -8,7 +8,7 @@ import json
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
@@ -16,6 +16,9 @@ from django.conf import settings
 
 from instances.clients.aiohttp_transport import MAX_RESPONSE_BYTES
 from instances.clients.http import OutboundError, OutboundRefused, clean_text, describe_body
+
+if TYPE_CHECKING:
+    from instances.models import InstanceConfig
 
 # Provisioning calls are made while an operator waits on a page.
 PROVISION_TIMEOUT = 10.0
@@ -31,6 +34,22 @@ class EvolutionTarget:
     base_url: str
     api_key: str
     instance_name: str
+
+
+def instance_target(instance: "InstanceConfig") -> EvolutionTarget:
+    """The instance's own Evolution: its URL, its key, its name there."""
+    return EvolutionTarget(
+        base_url=instance.evolution_url,
+        api_key=instance.evolution_key,
+        instance_name=instance.evolution_instance_name,
+    )
+
+
+def sent_key_id(answer: dict[str, Any]) -> str:
+    """The id WhatsApp gave a message sendText/sendMedia sent (its answer's key.id)."""
+    key = answer.get("key")
+    value = key.get("id") if isinstance(key, dict) else None
+    return value if isinstance(value, str) else ""
 
 
 # Evolution's own default page size for findMessages.

@@ -22,6 +22,19 @@ def human_size(size: int | None) -> str:
     return f"{size / (1024 * 1024):.1f} MB"
 
 
+def delivered_base64(payload: dict[str, Any]) -> str | None:
+    """The media the delivery carried (Evolution's webhook "base64" option)."""
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, dict):
+        return None
+    message = data.get("message")
+    for holder in (message if isinstance(message, dict) else {}, data):
+        value = holder.get("base64")
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 @dataclass(frozen=True)
 class AgentMedia:
     kind: str

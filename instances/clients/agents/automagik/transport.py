@@ -10,7 +10,7 @@ from typing import Any
 from urllib.parse import quote
 
 from instances.clients.agents.base import AgentCall, AgentCheck, AgentReply, HttpAgent, user_text
-from instances.clients.agents.media import AgentMedia, without_data
+from instances.clients.agents.media import AgentMedia, delivered_base64, without_data
 
 AGENT_MESSAGE_TYPES = frozenset({"text", "image", "audio", "video", "document"})
 MESSAGE_LIMIT = 100
@@ -58,7 +58,7 @@ def build_agent_request(
         # Built without the worker's preparation (as the README's example is):
         # the delivery's own base64, else its URL.
         described = content["media"]
-        encoded = _payload_base64(payload)
+        encoded = delivered_base64(payload)
         media = AgentMedia(
             kind=message_type,
             mime_type=described.get("mime_type") or "",
@@ -86,13 +86,6 @@ def media_item(media: AgentMedia) -> dict[str, Any]:
         # Nothing the agent could open: what it is, and why it is missing.
         item["alt_text"] = media.description()
     return item
-
-
-def _payload_base64(payload: dict[str, Any]) -> str | None:
-    data = payload.get("data")
-    message = data.get("message") if isinstance(data, dict) else None
-    value = message.get("base64") if isinstance(message, dict) else None
-    return value if isinstance(value, str) and value else None
 
 
 def reply_text(body: Any) -> str:
