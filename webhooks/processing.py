@@ -112,10 +112,14 @@ def plan(batch: Batch) -> list[tuple[str, list[InboundMessage]]]:
 async def handle_batch(*, batch: Batch, http: httpx.AsyncClient) -> None:
     """Handle a held conversation's messages, then those that came meanwhile; let it go."""
     while batch.messages:
-        handled, lost = await _handle_units(batch, http=http)
+        handled, lost, taken = await _handle_units(batch, http=http)
         if lost:
             # Another worker holds the chat now (this one's lease ran out).
             return
+        if taken is not None:
+            # Taken with the last message's final write.
+            batch.messages = taken
+            continue
         left = [m for m in batch.messages[handled:] if m.status == Status.PROCESSING]
         if left:
             # Held back by a message waiting for its retry: they wait with it.
@@ -127,9 +131,12 @@ async def handle_batch(*, batch: Batch, http: httpx.AsyncClient) -> None:
         )
 
 
-async def _handle_units(batch: Batch, *, http: httpx.AsyncClient) -> tuple[int, bool]:
+async def _handle_units(
+    batch: Batch, *, http: httpx.AsyncClient
+) -> tuple[int, bool, list[InboundMessage] | None]:
     """Handle the batch's units in order: (how many messages were handled, whether
-    the claim was lost on the way)."""
+    the claim was lost on the way, the chat's next messages when the last one's
+    write took them)."""
     step = Step(batch)
     handled = 0
     for index, (kind, messages) in enumerate(plan(batch)):
@@ -146,18 +153,18 @@ async def _handle_units(batch: Batch, *, http: httpx.AsyncClient) -> tuple[int, 
                 await step.finish(message, Status.IGNORED, ignore_reason=reason)
         elif kind == "reset":
             if not await _reset(step, message=messages[0], http=http):
-                return handled + 1, step.lost
+                return handled + 1, step.lost, step.taken
         elif kind in ("opt_out", "opt_out_paused"):
             quiet = kind == "opt_out_paused"
             if not await _opt_out(step, message=messages[0], quiet=quiet, http=http):
-                return handled + 1, step.lost
+                return handled + 1, step.lost, step.taken
         elif not await _answer(step, messages=messages, http=http):
             # Requeued for a retry (it holds back the rest of its chat) or lost.
-            return handled + len(messages), step.lost
+            return handled + len(messages), step.lost, step.taken
         handled += len(messages)
         if step.lost:
-            return handled, True
-    return handled, step.lost
+            return handled, True, None
+    return handled, step.lost, step.taken
 
 
 async def _reset(step: Step, *, message: InboundMessage, http: httpx.AsyncClient) -> bool:

@@ -21,6 +21,7 @@ from django.db.models import DateTimeField, Field, JSONField
 from django.utils import timezone
 
 from instances.models import InstanceConfig, Route
+from webhooks import statements
 from webhooks.models import (
     ConnectionState,
     Conversation,
@@ -64,6 +65,12 @@ def _prepare(field: Field, value: Any, db: Any = connection) -> Any:
     return value
 
 
+# Each inserted column's attribute, and the field when its value needs converting.
+_INSERT_PLAN = [
+    (f.attname, f if isinstance(f, DateTimeField | JSONField) else None) for f in _INSERT_FIELDS
+]
+
+
 def insert_message(*, row: InboundMessage) -> bool:
     """Store a new row (setting its pk); False when this delivery is already stored."""
     # The connection itself, looked up once: each attribute read through the
@@ -72,18 +79,18 @@ def insert_message(*, row: InboundMessage) -> bool:
     # Its times are mostly the same `now`: converted once.
     times: dict[datetime, Any] = {}
     values = []
-    for f in _INSERT_FIELDS:
-        value = getattr(row, f.attname)
-        if isinstance(value, datetime):
-            if value not in times:
-                times[value] = _prepare(f, value, db)
-            value = times[value]
-        else:
-            value = _prepare(f, value, db)
+    fields = row.__dict__
+    for attname, field in _INSERT_PLAN:
+        value = fields[attname]
+        if field is not None and value is not None:
+            if isinstance(value, datetime):
+                if value not in times:
+                    times[value] = field.get_db_prep_save(value, db)
+                value = times[value]
+            else:
+                value = field.get_db_prep_save(value, db)
         values.append(value)
-    with db.cursor() as cursor:
-        cursor.execute(_insert_sql(), values)
-        found = cursor.fetchone()
+    found = statements.run(_insert_sql(), values).fetchone()
     if found is None:
         return False
     row.pk = found[0]
@@ -106,9 +113,8 @@ def update_claimed_row(*, pk: int, claim_token: str, fields: dict[str, Any]) -> 
         fields = {"claim_token": claim_token}
     names = tuple(sorted(fields))
     values = [_prepare(_meta.get_field(n), fields[n]) for n in names]
-    with connection.cursor() as cursor:
-        cursor.execute(_update_sql(names), [*values, pk, claim_token, Status.PROCESSING.value])
-        return cursor.rowcount == 1
+    ran = statements.run(_update_sql(names), [*values, pk, claim_token, Status.PROCESSING.value])
+    return ran.rowcount == 1
 
 
 _INSTANCE_FIELDS = InstanceConfig._meta.concrete_fields
@@ -145,15 +151,11 @@ def find_instance(*, name: str | None) -> InstanceConfig | None:
     """
     select, fields = _instance_reading(connection.vendor)
     sql, params = (select + "is_default", []) if name is None else (select + "name = %s", [name])
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        found = cursor.fetchone()
+    found = statements.run(sql, params).fetchone()
     if found is None:
         return None
     values = _convert(fields, found[: len(fields)])
-    instance = InstanceConfig.from_db(
-        connection.alias, [f.attname for f in _INSTANCE_FIELDS], values
-    )
+    instance = InstanceConfig.from_stored(connection.alias, values)
     if len(found) > len(fields):
         instance.has_routes = bool(found[-1])
     return instance
@@ -188,9 +190,7 @@ def open_messages(*, instance_id: int, chat_jid: str) -> list[InboundMessage]:
     """The chat's queued and processing messages, in the order they are handled."""
     sql, reading = _open_reading(connection.vendor)
     params = [instance_id, chat_jid, Status.QUEUED.value, Status.PROCESSING.value]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        found = cursor.fetchall()
+    found = statements.run(sql, params).fetchall()
     names = [f.attname for f, _ in reading]
     return [
         InboundMessage.from_db(connection.alias, names, _convert(reading, row)) for row in found
@@ -207,8 +207,7 @@ def take_messages(*, pks: Sequence[int], token: str, lease: datetime) -> None:
         f"{_column('lease_until')} = %s, {_column('attempts')} = {_column('attempts')} + 1 "
         f"WHERE id IN ({marks})"
     )
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [Status.PROCESSING.value, token, _dt(lease), *pks])
+    statements.run(sql, [Status.PROCESSING.value, token, _dt(lease), *pks])
 
 
 @cache
@@ -228,21 +227,17 @@ def _lease_sql(held_only: bool) -> str:
 def any_conversation_due(*, now: datetime) -> bool:
     """Whether any chat is due (or its lease ran out): one look at webhooks_conversation_due."""
     sql = f"SELECT 1 FROM {_conv_table()} WHERE {_conv_column('due_at')} <= %s LIMIT 1"
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [_dt(now)])
-        return cursor.fetchone() is not None
+    return statements.run(sql, [_dt(now)]).fetchone() is not None
 
 
 def lease_conversation(*, conversation_id: int, token: str, lease: datetime) -> None:
     """Hold a claimed chat with this token until `lease`."""
-    with connection.cursor() as cursor:
-        cursor.execute(_lease_sql(False), [token, _dt(lease), conversation_id])
+    statements.run(_lease_sql(False), [token, _dt(lease), conversation_id])
 
 
 def renew_conversation_lease(*, conversation_id: int, token: str, lease: datetime) -> None:
     """Move a held chat's lease to `lease`, if this token still holds it."""
-    with connection.cursor() as cursor:
-        cursor.execute(_lease_sql(True), [_dt(lease), conversation_id, token])
+    statements.run(_lease_sql(True), [_dt(lease), conversation_id, token])
 
 
 # --- conversations: the chat's row, touched by every queued message -------------
@@ -443,9 +438,7 @@ def touch_conversation(
         q is not None and q.limit is not None,
         q is not None and bool(q.token),
     )
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        found = cursor.fetchone()
+    found = statements.run(sql, params).fetchone()
     return ChatState(*_convert(_conv_state_reading(connection.vendor), found))
 
 
@@ -467,8 +460,7 @@ def _release_idle_sql() -> str:
 
 def unclaim_conversation(*, conversation_id: int, token: str) -> None:
     """Undo a claim made as a message was stored (it turned out to be a repeat)."""
-    with connection.cursor() as cursor:
-        cursor.execute(_release_idle_sql(), [conversation_id, token])
+    statements.run(_release_idle_sql(), [conversation_id, token])
 
 
 # --- the hub's own messages -----------------------------------------------------
@@ -503,9 +495,7 @@ def is_own_message(*, instance_id: int, chat_jid: str, message_id: str, text: st
         OutboundStatus.UNCONFIRMED.value,
         text,
     ]
-    with connection.cursor() as cursor:
-        cursor.execute(_own_sql(), params)
-        return cursor.fetchone() is not None
+    return statements.run(_own_sql(), params).fetchone() is not None
 
 
 @dataclass(frozen=True)
@@ -602,21 +592,18 @@ def let_go_if_done(*, conversation_id: int, token: str, instance_id: int, chat_j
         Status.QUEUED.value,
         Status.PROCESSING.value,
     ]
-    with connection.cursor() as cursor:
-        if connection.vendor != "sqlite":
-            # A webhook storing a message of this chat holds the row's lock (it
-            # touched the conversation first): wait for it, so that the check
-            # below, a statement of its own, sees that message. On SQLite every
-            # write transaction runs alone.
-            cursor.execute(
-                f"SELECT 1 FROM {_conv_table()} WHERE id = %s AND "
-                f"{_conv_column('claim_token')} = %s FOR UPDATE",
-                [conversation_id, token],
-            )
-            if cursor.fetchone() is None:
-                return False
-        cursor.execute(_let_go_sql(), params)
-        return cursor.rowcount == 1
+    if connection.vendor != "sqlite":
+        # A webhook storing a message of this chat holds the row's lock (it
+        # touched the conversation first): wait for it, so that the check
+        # below, a statement of its own, sees that message. On SQLite every
+        # write transaction runs alone.
+        lock = (
+            f"SELECT 1 FROM {_conv_table()} WHERE id = %s AND "
+            f"{_conv_column('claim_token')} = %s FOR UPDATE"
+        )
+        if statements.run(lock, [conversation_id, token]).fetchone() is None:
+            return False
+    return statements.run(_let_go_sql(), params).rowcount == 1
 
 
 @cache
@@ -662,9 +649,7 @@ def insert_outbound(
         instance_id,
         *not_connected,
     ]
-    with connection.cursor() as cursor:
-        cursor.execute(_outbound_insert_sql(), params)
-        found = cursor.fetchone()
+    found = statements.run(_outbound_insert_sql(), params).fetchone()
     return None if found is None else int(found[0])
 
 
@@ -689,5 +674,4 @@ def finish_outbound(
         _out.get_field("sent_at").get_db_prep_save(sent_at, connection),
         outbound_id,
     ]
-    with connection.cursor() as cursor:
-        cursor.execute(_outbound_update_sql(), params)
+    statements.run(_outbound_update_sql(), params)

@@ -22,6 +22,7 @@ from webhooks.transitions import (
     SendEnd,
     SendStart,
     save_claimed,
+    save_claimed_and_take_more,
 )
 
 # The worker's message lines keep the one logger name operators filter on.
@@ -58,6 +59,9 @@ class Step:
         # Replies whose outbound row was written with the agent's answer: its id,
         # or None when the number is not connected (the reply is held).
         self.prepared: dict[int, int | None] = {}
+        # Set when the batch's last message was finished: the chat's next messages,
+        # taken in the same database call ([]: the chat was let go).
+        self.taken: list[InboundMessage] | None = None
 
     async def update(
         self,
@@ -65,25 +69,33 @@ class Step:
         *,
         send_start: SendStart | None = None,
         send_end: SendEnd | None = None,
+        take_more: bool = False,
         **fields: Any,
     ) -> tuple[bool, int | None]:
         """Write fields if this worker still holds the chat; False when it lost it.
+        With `take_more` (the batch's last message finished), the chat's next
+        messages are taken in the same call, into self.taken.
 
         The message object changes only once the write is back: the database
         thread may run a call twice (see webhooks/db.py), so what it runs must
         not change its arguments.
         """
         instance = self.batch.instance
-        held, outbound_id = await run_db(
-            save_claimed,
-            message_pk=message.pk,
-            token=self.batch.token,
-            fields=fields,
-            conversation_id=self.batch.conversation.pk,
-            send_start=send_start,
-            send_end=send_end,
-            instance_id=instance.pk,
-        )
+        save: dict[str, Any] = {
+            "message_pk": message.pk,
+            "token": self.batch.token,
+            "fields": fields,
+            "conversation_id": self.batch.conversation.pk,
+            "send_start": send_start,
+            "send_end": send_end,
+            "instance_id": instance.pk,
+        }
+        if take_more:
+            held, outbound_id, self.taken = await run_db(
+                save_claimed_and_take_more, conversation=self.batch.conversation, **save
+            )
+        else:
+            held, outbound_id = await run_db(save_claimed, **save)
         for key, value in fields.items():
             setattr(message, key, value)
         self.lost = self.lost or not held
@@ -95,6 +107,8 @@ class Step:
         done, _ = await self.update(
             message,
             send_end=send_end,
+            # Nothing of the batch is left after its last message.
+            take_more=message is self.batch.messages[-1],
             status=status,
             finished_at=now,
             lease_until=None,

@@ -317,6 +317,18 @@ def save_claimed(
     return True, outbound_id
 
 
+def save_claimed_and_take_more(
+    *, conversation: Conversation, **save: Any
+) -> tuple[bool, int | None, list[InboundMessage] | None]:
+    """save_claimed for the batch's last message, then take_more_or_settle, in one
+    database call: the chat's next messages (or [], the chat let go), None when
+    the claim was lost. One trip to the database thread fewer per answered message."""
+    held, outbound_id = save_claimed(**save)
+    if not held:
+        return False, outbound_id, None
+    return True, outbound_id, take_more_or_settle(conversation=conversation, token=save["token"])
+
+
 HOLD_REASON = "waiting for connection"
 # Evolution's states in which a sendText cannot go out (2.3.7 holds it ~60 s
 # and answers 500 while `connecting`, 500 at once while `close`).
