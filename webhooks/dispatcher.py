@@ -12,7 +12,7 @@ before it or anything after it goes.
 
 import asyncio
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import httpx
 from django.conf import settings
@@ -129,21 +129,23 @@ class Dispatcher:
                 if step.action is outbox.Action.WAIT:
                     metrics.outbox_paced_waits.labels(instance.name, "interval").inc()
                     assert step.until is not None
-                    delay = (step.until - timezone.now()).total_seconds()
-                    await _wait_any(self._stop, timeout=max(0.0, delay))
+                    delay = _until(step.until - outbox.SEND_LEAD)
+                    await _wait_any(self._stop, timeout=delay)
                     continue
-                # SEND: the row is committed `sending`. A send that has started
-                # finishes, and is recorded, even when the worker is stopped.
-                send = asyncio.ensure_future(self._send(held, step.row))
+                # SEND: the row is committed `sending`, to be posted at step.at. A
+                # send that has started finishes, and is recorded, even when the
+                # worker is stopped.
+                send = asyncio.ensure_future(self._send(held, step.row, at=step.at))
                 self._sends.add(send)
                 send.add_done_callback(self._sends.discard)
                 await asyncio.shield(send)
                 sends += 1
                 if sends >= SENDS_PER_HOLD:
                     break
-                # The paced wait before asking for the next one (a step fewer per send).
+                # The paced wait before asking for the next one (a step fewer per
+                # send), which is taken up to SEND_LEAD before its time.
                 assert step.until is not None
-                delay = (step.until - timezone.now()).total_seconds()
+                delay = _until(step.until - outbox.SEND_LEAD)
                 if 0 < delay <= outbox.MAX_HELD_WAIT:
                     metrics.outbox_paced_waits.labels(instance.name, "interval").inc()
                     await _wait_any(self._stop, timeout=delay)
@@ -158,10 +160,15 @@ class Dispatcher:
                 except DatabaseError:
                     logger.exception("could not release the outbox of %s", instance.name)
 
-    async def _send(self, held: outbox.Held, row: OutboundMessage) -> None:
+    async def _send(
+        self, held: outbox.Held, row: OutboundMessage, *, at: datetime | None = None
+    ) -> None:
         instance = held.instance
         evolution = EvolutionClient(target=instance_target(instance), http=self.http)
         outcome, evolution_id, error = outbox.Outcome.SENT, "", ""
+        if at is not None:
+            # Its paced time (at most SEND_LEAD away): not cut short by a stop.
+            await asyncio.sleep(_until(at))
         try:
             if not instance.evolution_url or not instance.evolution_key:
                 raise OutboundError("No Evolution URL/key to send with.", retryable=False)
@@ -263,6 +270,11 @@ class Dispatcher:
             kv(instance=instance.name, id=row.pk, checked=check.verdict.value),
         )
         return True
+
+
+def _until(moment: datetime) -> float:
+    """Seconds from now to `moment`, 0 when it has passed."""
+    return max(0.0, (moment - timezone.now()).total_seconds())
 
 
 async def _wait_any(*events: asyncio.Event, timeout: float) -> None:
