@@ -48,8 +48,6 @@ DEFAULT_OPT_OUT_REPLY = (
 
 def default_opt_out_keywords() -> list[str]:
     return list(DEFAULT_OPT_OUT_KEYWORDS)
-
-
 DEFAULT_STT_FAILURE_MESSAGE = "Sorry, I could not understand this voice note. Could you write it?"
 MAX_DEBOUNCE_SECONDS = 300
 MAX_HANDOFF_MINUTES = 7 * 24 * 60
@@ -557,10 +555,10 @@ class InstanceConfig(models.Model):
         """As from_db with every concrete field's value, in their order, without
         Model.__init__: with 60 fields, each assigned through __setattr__, it was
         a tenth of storing a delivery (every webhook reads its instance)."""
-        if signals.post_init.has_listeners(cls):
-            return cls.from_db(db, [f.attname for f in cls._meta.concrete_fields], values)
-        new = cls.__new__(cls)
         names = [f.attname for f in cls._meta.concrete_fields]
+        if signals.post_init.has_listeners(cls):
+            return cls.from_db(db, names, values)
+        new = cls.__new__(cls)
         new.__dict__.update(zip(names, values, strict=True))
         new._state = ModelState()
         new._state.adding = False
@@ -979,7 +977,9 @@ class SendKey(models.Model):
     Only its SHA-256 is stored: the key itself is shown once, when it is made.
     """
 
-    instance = models.ForeignKey(InstanceConfig, on_delete=models.CASCADE, related_name="send_keys")
+    instance = models.ForeignKey(
+        InstanceConfig, on_delete=models.CASCADE, related_name="send_keys"
+    )
     name = models.CharField(
         max_length=100,
         blank=True,

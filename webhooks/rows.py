@@ -60,14 +60,18 @@ def _prepare(field: Field, value: Any, db: Any = connection) -> Any:
     # Only dates and JSON change on the way to the database; the other fields
     # (text, numbers, booleans, the instance's id) hold their stored value already.
     # None is NULL for both (JSONField's get_db_prep_save says so too).
-    if value is not None and isinstance(field, DateTimeField | JSONField):
+    if value is not None and _converts(field):
         return field.get_db_prep_save(value, db)
     return value
 
 
+def _converts(field: Field) -> bool:
+    return isinstance(field, DateTimeField | JSONField)
+
+
 # Each inserted column's attribute, and the field when its value needs converting.
 _INSERT_PLAN = [
-    (f.attname, f if isinstance(f, DateTimeField | JSONField) else None) for f in _INSERT_FIELDS
+    (f.attname, f if _converts(f) else None) for f in _INSERT_FIELDS
 ]
 
 
