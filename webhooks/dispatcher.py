@@ -43,6 +43,9 @@ SENDS_PER_HOLD = 50
 CLAIM_BATCH = 4
 # Evolution could not be asked whether a send went out: the instance waits this long.
 CHECK_RETRY_SECONDS = 30.0
+# A post this much after its paced time moves the instance's pacing clock to it
+# (a statement more, so not for the usual millisecond of the loop's timer).
+POSTED_LATE = timedelta(milliseconds=2)
 
 
 async def post(evolution: EvolutionClient, row: OutboundMessage) -> dict:
@@ -138,14 +141,15 @@ class Dispatcher:
                 send = asyncio.ensure_future(self._send(held, step.row, at=step.at))
                 self._sends.add(send)
                 send.add_done_callback(self._sends.discard)
-                await asyncio.shield(send)
+                posted = await asyncio.shield(send)
                 sends += 1
                 if sends >= SENDS_PER_HOLD:
                     break
                 # The paced wait before asking for the next one (a step fewer per
-                # send), which is taken up to SEND_LEAD before its time.
-                assert step.until is not None
-                delay = _until(step.until - outbox.SEND_LEAD)
+                # send), which is taken up to SEND_LEAD before its time; counted
+                # from the post itself, which may have gone out late.
+                assert step.until is not None and step.at is not None
+                delay = _until(posted + (step.until - step.at) - outbox.SEND_LEAD)
                 if 0 < delay <= outbox.MAX_HELD_WAIT:
                     metrics.outbox_paced_waits.labels(instance.name, "interval").inc()
                     await _wait_any(self._stop, timeout=delay)
@@ -162,13 +166,16 @@ class Dispatcher:
 
     async def _send(
         self, held: outbox.Held, row: OutboundMessage, *, at: datetime | None = None
-    ) -> None:
+    ) -> datetime:
+        """Post the row at `at` and record the outcome; when it was posted."""
         instance = held.instance
         evolution = EvolutionClient(target=instance_target(instance), http=self.http)
         outcome, evolution_id, error = outbox.Outcome.SENT, "", ""
         if at is not None:
             # Its paced time (at most SEND_LEAD away): not cut short by a stop.
             await asyncio.sleep(_until(at))
+        posted = timezone.now()
+        late = at is not None and posted - at > POSTED_LATE
         try:
             if not instance.evolution_url or not instance.evolution_key:
                 raise OutboundError("No Evolution URL/key to send with.", retryable=False)
@@ -194,6 +201,7 @@ class Dispatcher:
             outcome=outcome,
             evolution_id=evolution_id,
             error=error,
+            posted_late_at=posted if late else None,
         )
         metrics.outbox_sends.labels(instance.name, row.kind, finished.outcome.value).inc()
         if finished.paused_until is not None:
@@ -213,6 +221,7 @@ class Dispatcher:
                 error=error,
             ),
         )
+        return posted
 
     async def _check(
         self, held: outbox.Held, row: OutboundMessage, *, probe_id: str | None

@@ -441,11 +441,20 @@ def finish_send(
     outcome: Outcome,
     evolution_id: str = "",
     error: str = "",
+    posted_late_at: datetime | None = None,
 ) -> Finished:
     """Record what the Evolution call did. The row is written whoever holds the
-    outbox now (it is the truth about the call), if it is still this attempt's."""
+    outbox now (it is the truth about the call), if it is still this attempt's.
+    `posted_late_at`: when the call was posted, given when that was after its
+    paced time; the next send is paced from it."""
     now = timezone.now()
     with transaction.atomic():
+        if posted_late_at is not None:
+            # The pace is kept between the posts themselves: a send posted late
+            # (a busy loop, a slow database) must not bring the next one closer.
+            OutboxState.objects.filter(
+                instance_id=instance_id, last_send_at__lt=posted_late_at
+            ).update(last_send_at=posted_late_at)
         mine = OutboundMessage.objects.filter(
             pk=row_id, attempts=attempt, status=OutboundStatus.SENDING
         )

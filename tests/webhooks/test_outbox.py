@@ -146,6 +146,25 @@ def test_the_next_send_waits_the_jittered_interval_after_the_last(make_instance)
 
 
 @pytest.mark.django_db
+def test_a_send_posted_late_paces_the_next_from_its_post_not_its_planned_time(
+    make_instance,
+) -> None:
+    acme = make_instance(send_interval_ms=2000)
+    queue(acme, "1")
+    queue(acme, "2")
+    held = hold(acme)
+    sent = step(held)
+    posted = sent.at + timedelta(milliseconds=150)  # the loop was busy
+    finish(held, sent.row, Outcome.SENT, evolution_id="A", posted_late_at=posted)
+
+    waiting = step(held)
+
+    state = OutboxState.objects.get(instance=acme)
+    assert state.last_send_at == posted
+    assert waiting.until == posted + timedelta(milliseconds=state.next_gap_ms)
+
+
+@pytest.mark.django_db
 def test_a_reply_just_sent_delays_the_next_api_send(make_instance) -> None:
     acme = make_instance(send_interval_ms=3000)
     queue(acme)
