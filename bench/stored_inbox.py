@@ -30,6 +30,9 @@ import run
 
 ROWS = int(os.environ.get("BENCH_STORED_ROWS", "1000000"))
 CHATS = 50_000
+# BENCH_STORED_BACKENDS=sqlite: one database only, when working on it (the
+# results files then hold that one).
+BACKENDS = os.environ.get("BENCH_STORED_BACKENDS", "sqlite,postgresql").split(",")
 POSTGRES_SERVER = os.environ.get("BENCH_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432")
 PAYLOAD = json.dumps(
     {
@@ -210,9 +213,14 @@ def main() -> None:
     admin = _pg_admin()
     admin(f'CREATE DATABASE "{database}"')
     try:
+        backends = {
+            "sqlite": (f"sqlite:///{sqlite_path}", lambda: fill_sqlite(sqlite_path)),
+            "postgresql": (postgres_url, lambda: fill_postgres(postgres_url)),
+        }
         results = [
-            bench_backend("sqlite", f"sqlite:///{sqlite_path}", lambda: fill_sqlite(sqlite_path)),
-            bench_backend("postgresql", postgres_url, lambda: fill_postgres(postgres_url)),
+            bench_backend(name, url, fill)
+            for name, (url, fill) in backends.items()
+            if name in BACKENDS
         ]
     finally:
         admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')

@@ -122,7 +122,13 @@ if _db["ENGINE"] == "django.db.backends.sqlite3":
             "timeout": env.int("SQLITE_BUSY_TIMEOUT", default=20),
             # WAL lets readers run while one writer writes; synchronous=NORMAL
             # is durable against a crash of the process (not of the machine).
-            "init_command": ("PRAGMA journal_mode=WAL;PRAGMA synchronous=NORMAL;"),
+            # The database thread keeps its connection: a 64 MiB page cache (the
+            # default is 2 MiB) holds the indexes a month's inbox writes into,
+            # and reads through mmap share the OS's cache between processes.
+            "init_command": (
+                "PRAGMA journal_mode=WAL;PRAGMA synchronous=NORMAL;"
+                "PRAGMA cache_size=-65536;PRAGMA mmap_size=268435456;"
+            ),
         }
     )
 elif _db["ENGINE"] in ("django.db.backends.postgresql",):

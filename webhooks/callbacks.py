@@ -49,6 +49,13 @@ def queue_status_callback(*, outbound_id: int, status: str, at: datetime) -> int
     """Queue the callback of an outbound message's new status; the row's id, or None
     when its instance has no callback_url. Call it in the transaction that changes
     the status: the callback exists if and only if the change does."""
+    # Most instances have no callback: asked first, without building the rows
+    # (this runs for every send the outbox makes).
+    wanted = OutboundMessage.objects.filter(pk=outbound_id).values_list(
+        "instance__callback_url", flat=True
+    )
+    if not wanted.first():
+        return None
     # The whole instance: InstanceConfig must not be loaded with deferred fields.
     outbound = OutboundMessage.objects.select_related("instance").get(pk=outbound_id)
     instance = outbound.instance
