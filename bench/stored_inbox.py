@@ -72,8 +72,8 @@ INSERT = (
     "phone, push_name, message_type, text, content, payload, status, ignore_reason, "
     "received_at, finished_at, reply_text, evolution_instance, reply_server_url, "
     "reply_api_key, attempts, agent_attempts, send_attempts, claim_token, last_error, "
-    "used_fallback, session_name) "
-    "VALUES ({marks}, '', '', '', 1, 1, 1, '', '', {false}, '')"
+    "used_fallback, session_name, transcript) "
+    "VALUES ({marks}, '', '', '', 1, 1, 1, '', '', {false}, '', '')"
 )
 CONVERSATIONS = (
     "INSERT INTO webhooks_conversation (instance_id, chat_jid, phone, push_name, is_group, "
@@ -120,11 +120,12 @@ def fill_postgres(url: str) -> float:
             "instance_id, message_id, chat_jid, sender_jid, phone, push_name, message_type, "
             "text, content, payload, status, ignore_reason, received_at, finished_at, "
             "reply_text, evolution_instance, reply_server_url, reply_api_key, attempts, "
-            "agent_attempts, send_attempts, claim_token, last_error, used_fallback, session_name"
+            "agent_attempts, send_attempts, claim_token, last_error, used_fallback, session_name, "
+            "transcript"
         )
         with db.cursor().copy(f"COPY webhooks_inboundmessage ({columns}) FROM STDIN") as copy:
             for row in rows_to_store(ids):
-                copy.write_row((*row, "", "", "", 1, 1, 1, "", "", False, ""))
+                copy.write_row((*row, "", "", "", 1, 1, 1, "", "", False, "", ""))
         with db.cursor().copy(
             "COPY webhooks_conversation (instance_id, chat_jid, phone, push_name, "
             "last_message_at, created_at, is_group, pause_reason, session_epoch, claim_token) "

@@ -114,9 +114,17 @@ class Dispatcher:
         released = False
         try:
             sends = 0
+            # A row is in doubt (`sending` or `unconfirmed`) only when an earlier
+            # holder left it so, seen at the first step, or when one of this hold's
+            # sends got no clear answer: it is looked for then only.
+            check_doubt = True
             while not self._stop.is_set():
                 step = await run_db(
-                    outbox.next_step, instance_id=instance.pk, token=held.token, instance=instance
+                    outbox.next_step,
+                    instance_id=instance.pk,
+                    token=held.token,
+                    instance=instance,
+                    check_doubt=check_doubt,
                 )
                 if step.action in (outbox.Action.LOST, outbox.Action.RELEASED):
                     released = True
@@ -129,6 +137,7 @@ class Dispatcher:
                         released = True
                         return
                     continue
+                check_doubt = False
                 if step.action is outbox.Action.WAIT:
                     metrics.outbox_paced_waits.labels(instance.name, "interval").inc()
                     assert step.until is not None
@@ -138,10 +147,11 @@ class Dispatcher:
                 # SEND: the row is committed `sending`, to be posted at step.at. A
                 # send that has started finishes, and is recorded, even when the
                 # worker is stopped.
-                send = asyncio.ensure_future(self._send(held, step.row, at=step.at))
+                send = asyncio.ensure_future(self._send(held, step))
                 self._sends.add(send)
                 send.add_done_callback(self._sends.discard)
-                posted = await asyncio.shield(send)
+                posted, outcome = await asyncio.shield(send)
+                check_doubt = outcome is not outbox.Outcome.SENT
                 sends += 1
                 if sends >= SENDS_PER_HOLD:
                     break
@@ -165,10 +175,12 @@ class Dispatcher:
                     logger.exception("could not release the outbox of %s", instance.name)
 
     async def _send(
-        self, held: outbox.Held, row: OutboundMessage, *, at: datetime | None = None
-    ) -> datetime:
-        """Post the row at `at` and record the outcome; when it was posted."""
-        instance = held.instance
+        self, held: outbox.Held, step: outbox.Next
+    ) -> tuple[datetime, outbox.Outcome]:
+        """Post the step's row at its time and record the outcome; when it was
+        posted, and the outcome recorded."""
+        instance, row, at = held.instance, step.row, step.at
+        assert row is not None
         evolution = EvolutionClient(target=instance_target(instance), http=self.http)
         outcome, evolution_id, error = outbox.Outcome.SENT, "", ""
         if at is not None:
@@ -202,6 +214,7 @@ class Dispatcher:
             evolution_id=evolution_id,
             error=error,
             posted_late_at=posted if late else None,
+            failing=step.failing,
         )
         metrics.outbox_sends.labels(instance.name, row.kind, finished.outcome.value).inc()
         if finished.paused_until is not None:
@@ -221,7 +234,7 @@ class Dispatcher:
                 error=error,
             ),
         )
-        return posted
+        return posted, finished.outcome
 
     async def _check(
         self, held: outbox.Held, row: OutboundMessage, *, probe_id: str | None

@@ -207,6 +207,8 @@ class Next:
     reason: str = ""
     # The instance's latest message Evolution has (for findMessages' "keeps no messages").
     probe_id: str | None = None
+    # SEND: the outbox had failures or a backoff to reset when this one succeeds.
+    failing: bool = False
 
 
 def daily_limit_today(*, instance: InstanceConfig, first_day: date | None, today: date) -> int:
@@ -243,10 +245,18 @@ def last_send_at(
     return max(candidates) if candidates else None
 
 
-def next_step(*, instance_id: int, token: str, instance: InstanceConfig | None = None) -> Next:
+def next_step(
+    *,
+    instance_id: int,
+    token: str,
+    instance: InstanceConfig | None = None,
+    check_doubt: bool = True,
+) -> Next:
     """What a dispatcher holding this outbox does next; marks the row `sending`
     (committed before the call) when it is time to send it. `instance`: the
-    settings as read when the outbox was claimed (read here when not given)."""
+    settings as read when the outbox was claimed (read here when not given).
+    `check_doubt=False`: the holder knows no row can be in doubt (see the
+    dispatcher), and the look for one is skipped."""
     now = timezone.now()
     with transaction.atomic():
         state = (
@@ -267,7 +277,7 @@ def next_step(*, instance_id: int, token: str, instance: InstanceConfig | None =
             until = now + timedelta(seconds=NOT_CONNECTED_RECHECK)
             _release_state(state, due_at=until)
             return Next(Action.RELEASED, until=until, reason="not_connected")
-        doubt = _in_doubt(instance_id=instance_id)
+        doubt = _in_doubt(instance_id=instance_id) if check_doubt else None
         if doubt is not None:
             return Next(Action.CHECK, row=doubt, probe_id=_probe_id(instance_id=instance_id))
         row, limit_reason = _next_row(state=state, instance=instance, now=now)
@@ -293,7 +303,9 @@ def next_step(*, instance_id: int, token: str, instance: InstanceConfig | None =
                 return Next(Action.WAIT, row=row, until=ready, reason="interval")
             at = ready
         gap_ms = _mark_sending(state=state, instance=instance, row=row, now=at)
-        return Next(Action.SEND, row=row, until=at + timedelta(milliseconds=gap_ms), at=at)
+        failing = bool(state.failures_in_row or state.backoff_minutes)
+        until = at + timedelta(milliseconds=gap_ms)
+        return Next(Action.SEND, row=row, until=until, at=at, failing=failing)
 
 
 def _not_connected(*, instance_id: int) -> bool:
@@ -442,11 +454,13 @@ def finish_send(
     evolution_id: str = "",
     error: str = "",
     posted_late_at: datetime | None = None,
+    failing: bool = True,
 ) -> Finished:
     """Record what the Evolution call did. The row is written whoever holds the
     outbox now (it is the truth about the call), if it is still this attempt's.
     `posted_late_at`: when the call was posted, given when that was after its
-    paced time; the next send is paced from it."""
+    paced time; the next send is paced from it. `failing=False`: the outbox had
+    no failures to reset when the send was taken (Next.failing)."""
     now = timezone.now()
     with transaction.atomic():
         if posted_late_at is not None:
@@ -464,11 +478,11 @@ def finish_send(
                 status=OutboundStatus.SENT, evolution_id=evolution_id[:128], sent_at=now
             ):
                 queue_status_callback(outbound_id=row_id, status=OutboundStatus.SENT, at=now)
-            # A success ends a run of failures and resets the backoff (usually
-            # there is none: the statement then changes nothing).
-            OutboxState.objects.filter(instance_id=instance_id).exclude(
-                failures_in_row=0, backoff_minutes=0
-            ).update(failures_in_row=0, backoff_minutes=0)
+            # A success ends a run of failures and resets the backoff.
+            if failing:
+                OutboxState.objects.filter(instance_id=instance_id).exclude(
+                    failures_in_row=0, backoff_minutes=0
+                ).update(failures_in_row=0, backoff_minutes=0)
             return Finished(outcome)
         if outcome is Outcome.FAILED:
             if mine.update(status=OutboundStatus.FAILED, error=error):

@@ -291,9 +291,39 @@ def test_three_5xx_in_a_row_pause_the_outbox_and_a_success_resets_the_backoff(
     assert outcomes == [Outcome.RETRY, Outcome.RETRY, Outcome.RATE_LIMITED]
     OutboxState.objects.filter(instance=acme).update(paused_until=None, due_at=timezone.now())
     held = hold(acme)
-    finish(held, step(held).row, Outcome.SENT, evolution_id="OK")
+    again = step(held)
+    assert again.failing  # the dispatcher passes it on: the success must reset
+    finish(held, again.row, Outcome.SENT, evolution_id="OK", failing=again.failing)
     assert status_of(row) == OutboundStatus.SENT and row.attempts == 4
     assert OutboxState.objects.get(instance=acme).backoff_minutes == 0
+
+
+@pytest.mark.django_db
+def test_a_hold_s_later_steps_skip_the_look_for_rows_in_doubt_and_a_reset_of_no_failures(
+    make_instance,
+) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    acme = make_instance(send_interval_ms=0)
+    queue(acme, "1")
+    queue(acme, "2")
+    held = hold(acme)
+
+    with CaptureQueriesContext(connection) as first:
+        sent = step(held)
+    with CaptureQueriesContext(connection) as finished:
+        finish(held, sent.row, Outcome.SENT, evolution_id="X", failing=sent.failing)
+    with CaptureQueriesContext(connection) as later:
+        second = outbox.next_step(instance_id=acme.pk, token=held.token, check_doubt=False)
+
+    def in_doubt(captured: CaptureQueriesContext) -> list[str]:
+        return [q["sql"] for q in captured.captured_queries if "'unconfirmed'" in q["sql"]]
+
+    assert len(in_doubt(first)) == 1 and in_doubt(later) == []
+    assert second.action is Action.SEND and second.row.text == "2"
+    assert not sent.failing
+    assert not [q for q in finished.captured_queries if "failures_in_row" in q["sql"]]
 
 
 @pytest.mark.django_db
