@@ -33,6 +33,7 @@ CHATS = 50_000
 # BENCH_STORED_BACKENDS=sqlite: one database only, when working on it (the
 # results files then hold that one).
 BACKENDS = os.environ.get("BENCH_STORED_BACKENDS", "sqlite,postgresql").split(",")
+INGEST_RUNS = int(os.environ.get("BENCH_STORED_INGEST_RUNS", "3"))
 POSTGRES_SERVER = os.environ.get("BENCH_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432")
 PAYLOAD = json.dumps(
     {
@@ -133,15 +134,24 @@ def fill_postgres(url: str) -> float:
         ) as copy:
             for chat in range(CHATS):
                 copy.write_row((*_conversation(chat, ids), False, "", 1, ""))
-        db.execute("ANALYZE")
+    # As autovacuum keeps a month-old database: without it, it would vacuum the
+    # million new rows in the middle of the measurement.
+    with psycopg.connect(url.replace("postgres://", "postgresql://", 1), autocommit=True) as db:
+        db.execute("VACUUM ANALYZE")
     return time.time() - started
 
 
 def measure(hub_url: str, fake_url: str, *, prefix: str) -> dict[str, Any]:
-    print(f"  two messages per chat, wrk c={run.CONCURRENCY} {run.DURATION} s...", flush=True)
-    ingest = run.wrk(hub_url, run.ingest_script(prefix=f"{prefix}W", per_chat=2))
-    time.sleep(3)  # the backlog drains
-    print(f"    {ingest}", flush=True)
+    # One 10 s run of ingest spreads by ±15-25 % here from run to run, more than
+    # the 10 % being judged: the run in the middle of INGEST_RUNS is kept.
+    runs = []
+    for n in range(INGEST_RUNS):
+        print(f"  two messages per chat, wrk c={run.CONCURRENCY} {run.DURATION} s...", flush=True)
+        runs.append(run.wrk(hub_url, run.ingest_script(prefix=f"{prefix}W{n}", per_chat=2)))
+        time.sleep(3)  # the backlog drains
+        print(f"    {runs[-1]}", flush=True)
+    runs.sort(key=lambda r: r["requests"] / r["seconds"])
+    ingest = runs[len(runs) // 2]
     print(f"  idle overhead, {run.IDLE_MESSAGES} messages one at a time...", flush=True)
     sent = run.send_sequential(hub_url, fake_url, run.IDLE_MESSAGES, prefix=f"{prefix}IDLE")
     records = httpx.get(f"{fake_url}/_records", timeout=30).json()
@@ -151,6 +161,7 @@ def measure(hub_url: str, fake_url: str, *, prefix: str) -> dict[str, Any]:
         "two_per_chat_p50_ms": ingest["p50_ms"],
         "two_per_chat_p99_ms": ingest["p99_ms"],
         "two_per_chat_non2xx": ingest["non2xx"],
+        "two_per_chat_runs_rps": [round(r["requests"] / r["seconds"], 1) for r in runs],
         "idle_in_p50_ms": round(statistics.median(to_agent), 2),
         "idle_in_p99_ms": round(run.percentile(to_agent, 99), 2),
     }
@@ -249,7 +260,7 @@ def render(results: list[dict[str, Any]]) -> str:
     ]
     for r in results:
         for key, label, unit in (
-            ("two_per_chat_rps", "ingest, 2 messages per chat (c=32)", "webhooks/s"),
+            ("two_per_chat_rps", "ingest, 2 messages per chat (c=32), median", "webhooks/s"),
             ("two_per_chat_p99_ms", "  its p99 latency", "ms"),
             ("idle_in_p50_ms", "idle: webhook sent → agent request, p50", "ms"),
             ("idle_in_p99_ms", "  its p99", "ms"),

@@ -5,7 +5,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import DatabaseError
-from django.db.models import Min
+from django.db.models import Count, Min
 from django.http import HttpRequest, JsonResponse
 from django.utils import timezone
 
@@ -22,8 +22,12 @@ def queue_stats() -> tuple[int, float]:
     """Messages queued and due now, and the age in seconds of the oldest of them."""
     now = timezone.now()
     due = InboundMessage.objects.filter(status=Status.QUEUED, next_attempt_at__lte=now)
-    oldest = due.aggregate(oldest=Min("received_at"))["oldest"]
-    return due.count(), (now - oldest).total_seconds() if oldest else 0.0
+    # One aggregate with both: MIN(received_at) alone lets the planner walk the
+    # received_at index from its start looking for a queued row, every stored
+    # message when none is (0.4-1.5 s on a month's inbox, on the database thread).
+    found = due.aggregate(count=Count("id"), oldest=Min("received_at"))
+    oldest = found["oldest"]
+    return found["count"], (now - oldest).total_seconds() if oldest else 0.0
 
 
 def readiness() -> dict[str, Any]:
