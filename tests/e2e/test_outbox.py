@@ -114,6 +114,48 @@ def test_the_daily_limit_holds_back_the_eleventh_send(make_tenant: Callable[...,
     assert eleventh["wait_reason"].startswith("daily send limit reached (10 of 10 today)")
 
 
+def test_after_stop_an_api_send_to_that_number_is_refused_and_nothing_goes(
+    make_tenant: Callable[..., Tenant],
+) -> None:
+    shop = make_tenant(send_interval_ms=0, opt_out_reply="Ok, no more messages.")
+    stop, response = shop.send_text("STOP", phone=NUMBER)
+    assert response.status_code == 200, response.text
+    shop.wait_finished(stop)
+
+    refused = api_send(shop, {"to": NUMBER, "text": "Promoção de hoje!"})
+    other = api_send(shop, {"to": "5511911115002", "text": "Seu pedido saiu."})
+
+    assert refused.status_code == 400, refused.text
+    assert "opted out" in refused.json()["to"][0]
+    assert other.status_code == 202, other.text
+    wait_status(shop, other.json()["id"], "sent")
+    # The opt-out reply and the other number's send: nothing else went.
+    assert texts_sent(shop) == ["Ok, no more messages.", "Seu pedido saiu."]
+
+
+def test_a_send_key_sends_through_its_own_instance_only_and_nothing_else(
+    make_tenant: Callable[..., Tenant],
+) -> None:
+    shop = make_tenant(send_interval_ms=0)
+    other = make_tenant(send_interval_ms=0)
+    created = shop.hub.server.api("POST", f"/api/v1/instances/{shop.name}/send-keys/", json={})
+    assert created.status_code == 201, created.text
+    key = created.json()["key"]
+    assert key.startswith("omnihub_send_")
+
+    own = api_send(shop, {"to": NUMBER, "text": "Pelo CRM."}, **{"x-api-key": key})
+    elsewhere = api_send(other, {"to": NUMBER, "text": "Não."}, **{"x-api-key": key})
+    http = shop.hub.server.http
+    tenant_api = http.get("/api/v1/instances/", headers={"x-api-key": key})
+    listing = http.get(f"/api/v1/instances/{shop.name}/messages/", headers={"x-api-key": key})
+
+    assert own.status_code == 202, own.text
+    assert (elsewhere.status_code, tenant_api.status_code, listing.status_code) == (403, 403, 403)
+    wait_status(shop, own.json()["id"], "sent")
+    assert texts_sent(shop) == ["Pelo CRM."]
+    assert other.evolution.sent() == []
+
+
 def test_messages_update_moves_an_outbound_message_to_delivered_and_read(
     make_tenant: Callable[..., Tenant],
 ) -> None:
