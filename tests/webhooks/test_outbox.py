@@ -8,6 +8,8 @@ from typing import Any
 import httpx
 import pytest
 from asgiref.sync import sync_to_async
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from instances.models import InstanceConfig
@@ -37,6 +39,13 @@ def queue(instance: InstanceConfig, text: str = "Olá", **fields: Any) -> Outbou
 def hold(instance: InstanceConfig) -> outbox.Held:
     [held] = [h for h in outbox.claim_outboxes(limit=10) if h.instance.pk == instance.pk]
     return held
+
+
+def hold_two(instance: InstanceConfig) -> outbox.Held:
+    """Two sends queued ("1", "2") and the instance's outbox held."""
+    queue(instance, "1")
+    queue(instance, "2")
+    return hold(instance)
 
 
 def step(held: outbox.Held) -> outbox.Next:
@@ -131,9 +140,7 @@ def test_sends_go_in_the_order_accepted_and_an_operator_s_first(make_instance) -
 @pytest.mark.django_db
 def test_the_next_send_waits_the_jittered_interval_after_the_last(make_instance) -> None:
     acme = make_instance(send_interval_ms=2000)
-    queue(acme, "1")
-    queue(acme, "2")
-    held = hold(acme)
+    held = hold_two(acme)
     sent = step(held)
     finish(held, sent.row, Outcome.SENT, evolution_id="A")
 
@@ -150,9 +157,7 @@ def test_a_send_posted_late_paces_the_next_from_its_post_not_its_planned_time(
     make_instance,
 ) -> None:
     acme = make_instance(send_interval_ms=2000)
-    queue(acme, "1")
-    queue(acme, "2")
-    held = hold(acme)
+    held = hold_two(acme)
     sent = step(held)
     posted = sent.at + timedelta(milliseconds=150)  # the loop was busy
     finish(held, sent.row, Outcome.SENT, evolution_id="A", posted_late_at=posted)
@@ -181,9 +186,7 @@ def test_a_reply_just_sent_delays_the_next_api_send(make_instance) -> None:
 @pytest.mark.django_db
 def test_a_wait_longer_than_a_few_seconds_lets_the_outbox_go_until_then(make_instance) -> None:
     acme = make_instance(send_interval_ms=60_000)
-    queue(acme, "1")
-    queue(acme, "2")
-    held = hold(acme)
+    held = hold_two(acme)
     finish(held, step(held).row, Outcome.SENT, evolution_id="A")
 
     nxt = step(held)
@@ -302,13 +305,8 @@ def test_three_5xx_in_a_row_pause_the_outbox_and_a_success_resets_the_backoff(
 def test_a_hold_s_later_steps_skip_the_look_for_rows_in_doubt_and_a_reset_of_no_failures(
     make_instance,
 ) -> None:
-    from django.db import connection
-    from django.test.utils import CaptureQueriesContext
-
-    acme = make_instance(send_interval_ms=0)
-    queue(acme, "1")
-    queue(acme, "2")
-    held = hold(acme)
+    held = hold_two(make_instance(send_interval_ms=0))
+    acme = held.instance
 
     with CaptureQueriesContext(connection) as first:
         sent = step(held)
