@@ -115,7 +115,8 @@ def fill_postgres(url: str) -> float:
     import psycopg
 
     started = time.time()
-    with psycopg.connect(url.replace("postgres://", "postgresql://", 1)) as db:
+    url = url.replace("postgres://", "postgresql://", 1)
+    with psycopg.connect(url) as db:
         ids = [r[0] for r in db.execute("SELECT id FROM instances_instanceconfig ORDER BY id")]
         columns = (
             "instance_id, message_id, chat_jid, sender_jid, phone, push_name, message_type, "
@@ -136,7 +137,7 @@ def fill_postgres(url: str) -> float:
                 copy.write_row((*_conversation(chat, ids), False, "", 1, ""))
     # As autovacuum keeps a month-old database: without it, it would vacuum the
     # million new rows in the middle of the measurement.
-    with psycopg.connect(url.replace("postgres://", "postgresql://", 1), autocommit=True) as db:
+    with psycopg.connect(url, autocommit=True) as db:
         db.execute("VACUUM ANALYZE")
     return time.time() - started
 

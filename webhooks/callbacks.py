@@ -59,8 +59,6 @@ def queue_status_callback(*, outbound_id: int, status: str, at: datetime) -> int
     # The whole instance: InstanceConfig must not be loaded with deferred fields.
     outbound = OutboundMessage.objects.select_related("instance").get(pk=outbound_id)
     instance = outbound.instance
-    if not instance.callback_url:
-        return None
     body = {
         "event": EVENT,
         "instance": instance.name,

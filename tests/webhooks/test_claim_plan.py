@@ -8,6 +8,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from tests.webhooks.conftest import message_body, queue_message
+from webhooks.health import queue_stats
 from webhooks.ingest import record_message, understand
 from webhooks.transitions import claim_conversations
 
@@ -92,8 +93,6 @@ def test_no_statement_of_storing_a_message_scans_a_table(make_instance, queued_b
 
 
 def test_the_backlog_figures_of_ready_and_metrics_read_only_the_due_index(make_instance) -> None:
-    from webhooks.health import queue_stats
-
     queue_message(make_instance())
     with CaptureQueriesContext(connection) as captured:
         assert queue_stats()[0] == 1

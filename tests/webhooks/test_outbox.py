@@ -590,8 +590,6 @@ OUTBOX_INDEXES = (
 
 
 def sqlite_plan(sql: str) -> list[str]:
-    from django.db import connection
-
     with connection.cursor() as cursor:
         cursor.execute(f"EXPLAIN QUERY PLAN {sql}")
         return [row[-1] for row in cursor.fetchall()]
@@ -601,9 +599,6 @@ def sqlite_plan(sql: str) -> list[str]:
 def test_the_dispatcher_s_statements_read_the_outbox_s_own_indexes_only(
     make_instance, monkeypatch
 ) -> None:
-    from django.db import connection
-    from django.test.utils import CaptureQueriesContext
-
     from tests.webhooks import test_claim_plan
 
     monkeypatch.setattr(
