@@ -16,11 +16,12 @@ still answered 200 only once its row is durable.
 """
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -36,35 +37,74 @@ Call = tuple[Callable[..., Any], dict[str, Any], "asyncio.Future[Any]"]
 
 
 class GroupCommitter:
-    """Runs queued calls on its thread, many per transaction."""
+    """Runs queued calls on its thread, many per transaction.
+
+    A call made while the thread is idle goes to it at once, from the caller's
+    task, and its outcome is handed straight to the caller's future: no task of
+    the committer's own sits between them. That is two event-loop turns fewer
+    per call (about 0.1 ms on an idle hub, and on the reply's path between the
+    agent's answer and its sendText). Calls made while it is busy wait and go
+    together as the next batch, as soon as the current one is back.
+    """
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[Call] = asyncio.Queue()
+        self.pending: list[Call] = []
+        self.busy = False
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="omnihub-db")
-        self.runner: asyncio.Task[None] | None = None
 
     async def submit(self, fn: Callable[..., T], kwargs: dict[str, Any]) -> T:
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait((fn, kwargs, future))
-        if self.runner is None or self.runner.done():
-            self.runner = asyncio.create_task(self._run())
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self.pending.append((fn, kwargs, future))
+        if not self.busy:
+            self._start(loop)
         return await future
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self.queue.get()]
-            while not self.queue.empty() and len(batch) < MAX_BATCH:
-                batch.append(self.queue.get_nowait())
-            calls = [(fn, kwargs) for fn, kwargs, _ in batch]
-            outcomes = await loop.run_in_executor(self.executor, _execute, calls)
-            for (_, _, future), (ok, value) in zip(batch, outcomes, strict=True):
-                if future.done():
-                    continue
-                if ok:
-                    future.set_result(value)
-                else:
-                    future.set_exception(value)
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
+        self.busy = True
+        calls = [(fn, kwargs) for fn, kwargs, _ in batch]
+        try:
+            running = self.executor.submit(_execute, calls)
+        except RuntimeError as exc:
+            # The executor was shut down (close_database_threads): nothing runs.
+            self.busy = False
+            _hand_back(batch, [(False, exc)] * len(batch))
+            return
+
+        def back(_: "Future[list[tuple[bool, Any]]]") -> None:
+            # On the database thread: the rest happens on the loop.
+            if not loop.is_closed():
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(self._done, loop, batch, running)
+
+        running.add_done_callback(back)
+
+    def _done(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[Call],
+        running: "Future[list[tuple[bool, Any]]]",
+    ) -> None:
+        self.busy = False
+        try:
+            outcomes = running.result()
+        except Exception as exc:
+            outcomes = [(False, exc)] * len(batch)
+        _hand_back(batch, outcomes)
+        if self.pending:
+            self._start(loop)
+
+
+def _hand_back(batch: list[Call], outcomes: list[tuple[bool, Any]]) -> None:
+    for (_, _, future), (ok, value) in zip(batch, outcomes, strict=True):
+        if future.done():
+            # Its caller was cancelled; the call ran all the same.
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
 
 
 class _SQLiteWriterLock:

@@ -100,3 +100,45 @@ def test_a_batch_run_again_still_makes_every_worker_write(make_instance) -> None
     row.refresh_from_db()
     assert (row.status, row.claim_token) == (Status.REPLIED, "")
     assert InboundMessage.objects.count() == 1
+
+
+def test_calls_made_while_the_thread_is_busy_go_together_as_the_next_batch(
+    settings, monkeypatch
+) -> None:
+    settings.DB_GROUP_COMMIT = True
+    sizes: list[int] = []
+    execute = db._execute
+
+    def counted(calls: db.Calls) -> list[tuple[bool, object]]:
+        sizes.append(len(calls))
+        return execute(calls)
+
+    monkeypatch.setattr(db, "_execute", counted)
+
+    async def main() -> list[object]:
+        # The first goes to the idle thread at once; the next 20 wait for it.
+        calls = [db.run_db(add_heartbeat, worker_id=f"b{n}") for n in range(21)]
+        return await asyncio.gather(*calls)
+
+    results = asyncio.run(main())
+    db.close_database_threads()
+
+    assert results == [f"b{n}" for n in range(21)]
+    assert sizes == [1, 20]
+
+
+def test_a_caller_cancelled_while_its_call_runs_leaves_the_call_done_and_the_thread_working(
+    settings,
+) -> None:
+    settings.DB_GROUP_COMMIT = True
+
+    async def main() -> str:
+        first = asyncio.ensure_future(db.run_db(add_heartbeat, worker_id="cancelled"))
+        await asyncio.sleep(0)
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        return await db.run_db(add_heartbeat, worker_id="next")
+
+    assert asyncio.run(main()) == "next"
+    db.close_database_threads()
+    assert set(WorkerHeartbeat.objects.values_list("worker_id", flat=True)) == {"cancelled", "next"}
