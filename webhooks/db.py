@@ -72,11 +72,11 @@ class GroupCommitter:
             _hand_back(batch, [(False, exc)] * len(batch))
             return
 
-        def back(_: "Future[list[tuple[bool, Any]]]") -> None:
+        def back(ran: "Future[list[tuple[bool, Any]]]") -> None:
             # On the database thread: the rest happens on the loop.
             if not loop.is_closed():
                 with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(self._done, loop, batch, running)
+                    loop.call_soon_threadsafe(self._done, loop, batch, ran)
 
         running.add_done_callback(back)
 
@@ -84,11 +84,11 @@ class GroupCommitter:
         self,
         loop: asyncio.AbstractEventLoop,
         batch: list[Call],
-        running: "Future[list[tuple[bool, Any]]]",
+        ran: "Future[list[tuple[bool, Any]]]",
     ) -> None:
         self.busy = False
         try:
-            outcomes = running.result()
+            outcomes = ran.result()
         except Exception as exc:
             outcomes = [(False, exc)] * len(batch)
         _hand_back(batch, outcomes)
