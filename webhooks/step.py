@@ -94,6 +94,9 @@ class Step:
             held, outbound_id, self.taken = await run_db(
                 save_claimed_and_take_more, conversation=self.batch.conversation, **save
             )
+            # The batch is what the chat's task holds: stopped right after this
+            # write (a shutdown during its send), the worker hands these back.
+            self.batch.messages = self.taken
         else:
             held, outbound_id = await run_db(save_claimed, **save)
         for key, value in fields.items():

@@ -28,7 +28,7 @@ from webhooks.db import run_db
 from webhooks.dispatcher import Dispatcher
 from webhooks.models import WorkerHeartbeat
 from webhooks.processing import handle_batch
-from webhooks.reply_sending import sends_in_flight
+from webhooks.reply_sending import stop_after_send
 from webhooks.transitions import Batch, claim_conversations, release_batch
 from webhooks.wakeup import wake_events
 
@@ -227,13 +227,14 @@ class Worker:
             _, pending = await asyncio.wait(tasks, timeout=self.shutdown_grace)
         leftovers = [self._in_flight.get(task) for task in pending]
         for task in pending:
+            stop_after_send(task)
+        # A task in a sendText finishes it and records its outcome before it
+        # stops: wait for that (bounded by the send's own timeout) before
+        # handing the rows back.
+        _, stuck = await asyncio.wait(pending, timeout=settings.EVOLUTION_TIMEOUT + 5.0)
+        for task in stuck:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        # A cancelled task's sendText goes on (processing shields it) and records
-        # its outcome: wait for it before handing the rows back.
-        waited = await sends_in_flight(timeout=settings.EVOLUTION_TIMEOUT + 5.0)
-        if waited:
-            logger.info("worker waited for %d sends in flight", waited)
         for batch in leftovers:
             if batch is not None:
                 await run_db(release_batch, batch=batch)

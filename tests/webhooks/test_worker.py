@@ -422,3 +422,72 @@ async def test_stopping_lets_a_send_in_flight_finish_and_records_it(
     row = await run_db(_row, pk=queued.pk)
     assert (row.status, row.claim_token) == (Status.REPLIED, "")
     assert len(worker_http.sent) == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_stopping_during_a_send_records_it_and_leaves_the_chat_s_next_message_queued(
+    make_instance, worker_http: Upstream
+) -> None:
+    started = asyncio.Event()
+
+    async def slow_send(request: Any) -> Any:
+        started.set()
+        await asyncio.sleep(0.3)
+        return 201, {"key": {"id": "3EB0SLOW"}}
+
+    worker_http.evolution = slow_send
+    acme = await sync_to_async(make_instance)()
+    first = await sync_to_async(queue_in_chat)(acme, CHAT_A, "A1")
+    second = await sync_to_async(queue_in_chat)(acme, CHAT_A, "A2")
+
+    async with running(Worker(concurrency=2, poll_interval=0.05, shutdown_grace=0.05)):
+        await asyncio.wait_for(started.wait(), timeout=5)
+
+    replied, waiting = await run_db(_row, pk=first.pk), await run_db(_row, pk=second.pk)
+    assert (replied.status, replied.claim_token) == (Status.REPLIED, "")
+    assert (waiting.status, waiting.claim_token) == (Status.QUEUED, "")
+    assert len(worker_http.sent) == 1
+    assert len(worker_http.agent_calls) == 1
+
+
+@pytest.mark.asyncio
+async def test_stop_after_send_cancels_a_task_that_is_not_sending_at_once() -> None:
+    from webhooks.reply_sending import sending, stop_after_send
+
+    reached = asyncio.Event()
+
+    async def waits_then_sends() -> str:
+        await asyncio.sleep(10)
+        with sending():
+            reached.set()
+        return "sent"
+
+    task = asyncio.create_task(waits_then_sends())
+    await asyncio.sleep(0)
+    stop_after_send(task)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not reached.is_set()
+
+
+@pytest.mark.asyncio
+async def test_stop_after_send_lets_a_sending_task_finish_its_send_then_stops_it() -> None:
+    from webhooks.reply_sending import sending, stop_after_send
+
+    steps: list[str] = []
+    in_send = asyncio.Event()
+
+    async def sends_then_goes_on() -> None:
+        with sending():
+            in_send.set()
+            await asyncio.sleep(0.05)
+            steps.append("recorded")
+        steps.append("next message")
+
+    task = asyncio.create_task(sends_then_goes_on())
+    await in_send.wait()
+    stop_after_send(task)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert steps == ["recorded"]
