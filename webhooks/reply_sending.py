@@ -332,14 +332,15 @@ def sending() -> Iterator[None]:
         raise asyncio.CancelledError
 
 
-def stop_after_send(task: "asyncio.Task[Any]") -> None:
-    """Cancel a worker's task at once, or, while it is sending a reply, once that
-    send is recorded (its text may be out: cancelled half-way, it would be sent
-    again by the chat's next owner)."""
+def stop_after_send(task: "asyncio.Task[Any]") -> bool:
+    """Cancel a worker's task at once (True), or, while it is sending a reply, once
+    that send is recorded (False; its text may be out: cancelled half-way, it
+    would be sent again by the chat's next owner)."""
     if task in _sending:
         _sending[task] = True
-    else:
-        task.cancel()
+        return False
+    task.cancel()
+    return True
 
 
 async def _send_and_record(

@@ -226,14 +226,15 @@ class Worker:
         if self.shutdown_grace > 0:
             _, pending = await asyncio.wait(tasks, timeout=self.shutdown_grace)
         leftovers = [self._in_flight.get(task) for task in pending]
-        for task in pending:
-            stop_after_send(task)
-        # A task in a sendText finishes it and records its outcome before it
-        # stops: wait for that (bounded by the send's own timeout) before
-        # handing the rows back.
-        _, stuck = await asyncio.wait(pending, timeout=settings.EVOLUTION_TIMEOUT + 5.0)
-        for task in stuck:
-            task.cancel()
+        sending = [task for task in pending if not stop_after_send(task)]
+        if sending:
+            # A task in a sendText finishes it and records its outcome before it
+            # stops: wait for that (bounded by the send's own timeout) before
+            # handing the rows back.
+            logger.info("worker waiting for %d sends in flight", len(sending))
+            _, stuck = await asyncio.wait(sending, timeout=settings.EVOLUTION_TIMEOUT + 5.0)
+            for task in stuck:
+                task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         for batch in leftovers:
             if batch is not None:

@@ -452,6 +452,28 @@ async def test_stopping_during_a_send_records_it_and_leaves_the_chat_s_next_mess
 
 
 @pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_stopping_while_a_message_finishes_within_the_grace_waits_for_it(
+    make_instance, worker_http: Upstream
+) -> None:
+    async def slow_agent(request: Any) -> Any:
+        await asyncio.sleep(0.2)
+        return 200, {"message": "done in time"}
+
+    worker_http.agent = slow_agent
+    acme = await sync_to_async(make_instance)()
+    queued = await sync_to_async(queue_in_chat)(acme, CHAT_A, "A1")
+
+    async with running(Worker(concurrency=2, poll_interval=0.05, shutdown_grace=2.0)) as task:
+        await eventually(lambda: _agent_called(worker_http))
+
+    assert task.exception() is None
+    row = await run_db(_row, pk=queued.pk)
+    assert (row.status, row.reply_text) == (Status.REPLIED, "done in time")
+    assert len(worker_http.sent) == 1
+
+
+@pytest.mark.asyncio
 async def test_stop_after_send_cancels_a_task_that_is_not_sending_at_once() -> None:
     from webhooks.reply_sending import sending, stop_after_send
 
