@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 WORKERS ?= 2
 
-.PHONY: run test install bench clean example-db encryption-key
+.PHONY: run test test-sqlite test-postgres install bench clean example-db encryption-key
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -64,14 +64,22 @@ test: install
 	ENV_FILE= SECRET_KEY=check $(BIN)/python manage.py spectacular --validate --fail-on-warn --file /dev/null
 	@$(BIN)/python -c "import psycopg; psycopg.connect('$(TEST_POSTGRES_URL)'.rsplit('/', 1)[0] + '/postgres', connect_timeout=5).close()" \
 		|| { echo "PostgreSQL is not reachable at $(TEST_POSTGRES_URL): start it (.ci/run does), or set TEST_POSTGRES_URL."; exit 1; }
-	@# SQLite pass: everything but the scale-out test, which is PostgreSQL's own.
+	@# The two passes side by side: the suite mostly waits (servers, sleeps, the
+	@# browser), about half a core of the two; each pass's output is printed whole
+	@# when it ends.
+	@$(MAKE) --no-print-directory -j2 --output-sync=target test-sqlite test-postgres
+
+# SQLite pass: everything but the scale-out test, which is PostgreSQL's own; then the
+# pipeline's tests again with production's database path: every call of the webhook and
+# the worker on the group committer's thread (end-to-end tests run the real server,
+# where it is always on).
+test-sqlite:
 	TEST_POSTGRES_URL=$(TEST_POSTGRES_URL) $(BIN)/pytest -m "not scale_out"
-	@# The pipeline's tests again with production's database path: every call of the
-	@# webhook and the worker on the group committer's thread (end-to-end tests run the
-	@# real server, where it is always on).
 	TEST_GROUP_COMMIT=true $(BIN)/pytest -m pipeline
-	@# PostgreSQL pass: the suite again, without the browser tests (they drive a
-	@# hub on SQLite) and the minute-long fault tests already run above.
+
+# PostgreSQL pass: the suite again, without the browser tests (they drive a hub on
+# SQLite) and the minute-long fault tests the SQLite pass runs.
+test-postgres:
 	DATABASE_URL=$(TEST_POSTGRES_URL) $(BIN)/pytest -m "not browser and (scale_out or not slow)"
 	DATABASE_URL=$(TEST_POSTGRES_URL) TEST_GROUP_COMMIT=true $(BIN)/pytest -m pipeline
 
