@@ -73,13 +73,13 @@ test: install
 # pipeline's tests again with production's database path: every call of the webhook and
 # the worker on the group committer's thread (end-to-end tests run the real server,
 # where it is always on).
-test-sqlite:
+test-sqlite: install
 	TEST_POSTGRES_URL=$(TEST_POSTGRES_URL) $(BIN)/pytest -m "not scale_out"
 	TEST_GROUP_COMMIT=true $(BIN)/pytest -m pipeline
 
 # PostgreSQL pass: the suite again, without the browser tests (they drive a hub on
 # SQLite) and the minute-long fault tests the SQLite pass runs.
-test-postgres:
+test-postgres: install
 	DATABASE_URL=$(TEST_POSTGRES_URL) $(BIN)/pytest -m "not browser and (scale_out or not slow)"
 	DATABASE_URL=$(TEST_POSTGRES_URL) TEST_GROUP_COMMIT=true $(BIN)/pytest -m pipeline
 
