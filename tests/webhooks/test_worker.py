@@ -18,6 +18,7 @@ from tests.webhooks.conftest import Upstream, message_body, queue_message, secon
 from webhooks import wakeup, worker
 from webhooks.db import run_db
 from webhooks.models import Conversation, InboundMessage, Status, WorkerHeartbeat
+from webhooks.reply_sending import sending, stop_after_send
 from webhooks.transitions import (
     MAX_CLAIMS,
     claim_conversations,
@@ -452,8 +453,6 @@ async def test_stopping_while_a_message_finishes_within_the_grace_waits_for_it(
 
 @pytest.mark.asyncio
 async def test_stop_after_send_cancels_a_task_that_is_not_sending_at_once() -> None:
-    from webhooks.reply_sending import sending, stop_after_send
-
     reached = asyncio.Event()
 
     async def waits_then_sends() -> str:
@@ -472,8 +471,6 @@ async def test_stop_after_send_cancels_a_task_that_is_not_sending_at_once() -> N
 
 @pytest.mark.asyncio
 async def test_stop_after_send_lets_a_sending_task_finish_its_send_then_stops_it() -> None:
-    from webhooks.reply_sending import sending, stop_after_send
-
     steps: list[str] = []
     in_send = asyncio.Event()
 
