@@ -117,8 +117,8 @@ async def handle_batch(*, batch: Batch, http: httpx.AsyncClient) -> None:
             # Another worker holds the chat now (this one's lease ran out).
             return
         if taken is not None:
-            # Taken with the last message's final write.
-            batch.messages = taken
+            # Taken with the last message's final write (Step.update put them in
+            # the batch as it wrote).
             continue
         left = [m for m in batch.messages[handled:] if m.status == Status.PROCESSING]
         if left:
