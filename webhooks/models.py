@@ -82,6 +82,17 @@ class InboundMessage(models.Model):
     first_send_failed_at = models.DateTimeField(null=True, blank=True)
     sent_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # The reply part whose sendText is in flight, and since when: written with
+    # the claim check just before the send, cleared as its outcome is recorded on
+    # an outbound row. Its echo may arrive before sendText answers: the text tells
+    # it from a human's message. Left set (the worker died mid-send), the send may
+    # have reached Evolution, which is asked before it goes again. An outbound row
+    # written before the send instead cost its INSERT and five index writes
+    # between the agent's answer and the sendText (webhooks/reply_sending.py).
+    # NULL when nothing is in flight (a nullable column is added without
+    # rebuilding a month's inbox on SQLite).
+    sending_text = models.TextField(null=True, blank=True)  # noqa: DJ001
+    send_started_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-id"]
@@ -240,13 +251,15 @@ class OutboundMessage(models.Model):
     """A message the hub sent, is sending, or has queued to send through Evolution.
 
     Its Evolution id (sendText's key.id) is how the hub tells its own messages'
-    echoes from a human's messages written on the phone; a row is written
-    before the send, so an echo that arrives before sendText answers is known
-    by its text. A row still `sending` when its message is handled again, or
-    `unconfirmed`, is an attempt that may have reached Evolution.
+    echoes from a human's messages written on the phone; an echo that arrives
+    before sendText answers is known by its text. A row still `sending` when
+    its message is handled again, or `unconfirmed`, is an attempt that may have
+    reached Evolution.
 
-    Replies are written `sending` just before they go (webhooks/rows.py, plain
-    SQL: the new columns have database defaults). API and operator sends are the
+    A reply's row is written once its send's outcome is known (webhooks/rows.py,
+    plain SQL: the new columns have database defaults); meanwhile its message's
+    sending_text stands for it, and a send cut short there becomes a `sending`
+    row when the message is handled again. API and operator sends are the
     outbox: written `queued`, taken in turn by the dispatcher, and every change
     of their state is in webhooks/outbox.py.
     """

@@ -413,8 +413,8 @@ async def _ask_agent(
     stored_request = agent.stored(request)
     text = reply.text if reply.should_send else ""
     target = evolution_target(message=message)
-    # The reply's outbound row goes in the same write as the agent's answer:
-    # one database round trip fewer between the answer and its sendText.
+    # The reply's send is noted in the same write as the agent's answer: one
+    # database round trip fewer between the answer and its sendText.
     send_start = (
         SendStart(
             chat_jid=message.chat_jid,
@@ -428,7 +428,7 @@ async def _ask_agent(
         if prepared is not None
         else {}
     )
-    held, outbound_id = await step.update(
+    held, may_send = await step.update(
         message,
         send_start=send_start,
         **media_fields,
@@ -441,7 +441,7 @@ async def _ask_agent(
         session_name=session,
     )
     if held and send_start is not None:
-        step.prepared[message.pk] = outbound_id
+        step.prepared[message.pk] = send_start if may_send else None
     return held
 
 

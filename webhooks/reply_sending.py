@@ -1,6 +1,7 @@
-"""Sending a reply: its parts one after another through Evolution, each recorded
-before it goes (its echo is the hub's own) and after; a send that may have
-reached Evolution is checked before it goes again (webhooks/duplicates.py).
+"""Sending a reply: its parts one after another through Evolution, each noted on
+its message before it goes (its echo is the hub's own) and recorded as an
+outbound row with its outcome; a send that may have reached Evolution is
+checked before it goes again (webhooks/duplicates.py).
 """
 
 import asyncio
@@ -102,10 +103,11 @@ async def send_reply(step: Step, *, message: InboundMessage, http: httpx.AsyncCl
         instance=step.batch.instance, text=message.reply_text, agent_response=message.agent_response
     )
     index = 0
-    # Recorded before the send: its echo may arrive before sendText answers.
+    # Noted before the send: its echo may arrive before sendText answers.
+    start: SendStart | None
     if message.pk in step.prepared:
-        # The common path: the row was written with the agent's answer.
-        outbound_id = step.prepared.pop(message.pk)
+        # The common path: noted with the agent's answer.
+        start = step.prepared.pop(message.pk)
     else:
         if len(parts) > 1 and message.attempts > 1:
             # Sent in parts before: the parts that went out are not sent again.
@@ -151,15 +153,13 @@ async def send_reply(step: Step, *, message: InboundMessage, http: httpx.AsyncCl
                 token=step.batch.token,
                 agent_timeout=step.batch.instance.agent_timeout,
             )
-        held, outbound_id = await step.update(
-            message,
-            send_start=SendStart(chat_jid=message.chat_jid, text=parts[index].echo_text),
-            send_end=settled,
-            **fields,
-        )
+        start = SendStart(chat_jid=message.chat_jid, text=parts[index].echo_text)
+        held, may_send = await step.update(message, send_start=start, send_end=settled, **fields)
         if not held:
             return False
-    if outbound_id is None:
+        if not may_send:
+            start = None
+    if start is None:
         return await _hold(step, message=message)
     # A send that has started finishes, and is recorded, even when the worker is
     # stopped meanwhile: cancelled half-way, its text may be out while the row
@@ -172,7 +172,7 @@ async def send_reply(step: Step, *, message: InboundMessage, http: httpx.AsyncCl
             step,
             message=message,
             target=target,
-            outbound_id=outbound_id,
+            start=start,
             http=http,
             parts=parts,
             index=index,
@@ -348,13 +348,14 @@ async def _send_and_record(
     *,
     message: InboundMessage,
     target: EvolutionTarget,
-    outbound_id: int,
+    start: SendStart,
     http: httpx.AsyncClient,
     parts: list[Part],
     index: int,
 ) -> bool:
-    """Send the reply's parts from `index` on, each recorded before and after it goes;
-    a part failing stops the rest (retried from that part, or failed for good)."""
+    """Send the reply's parts from `index` on (`start`: the first one's, noted),
+    each noted before it goes and recorded with its outcome; a part failing stops
+    the rest (retried from that part, or failed for good)."""
     evolution = EvolutionClient(target=target, http=http)
     while True:
         attempt = message.send_attempts + 1
@@ -367,7 +368,7 @@ async def _send_and_record(
                 message.instance.name, "evolution", exc.status or "none"
             ).inc()
             failed = SendEnd(
-                outbound_id=outbound_id,
+                start=start,
                 evolution_id="",
                 ok=False,
                 error=str(exc),
@@ -383,7 +384,7 @@ async def _send_and_record(
                 send_end=failed,
                 retryable=exc.retryable,
             )
-        sent = SendEnd(outbound_id=outbound_id, evolution_id=sent_key_id(answer), ok=True)
+        sent = SendEnd(start=start, evolution_id=sent_key_id(answer), ok=True)
         index += 1
         if index == len(parts):
             await step.finish(
@@ -395,17 +396,14 @@ async def _send_and_record(
             )
             return True
         # One write: this part sent, the next one about to go.
-        held, outbound_id_or_none = await step.update(
-            message,
-            send_attempts=attempt,
-            send_end=sent,
-            send_start=SendStart(chat_jid=message.chat_jid, text=parts[index].echo_text),
+        start = SendStart(chat_jid=message.chat_jid, text=parts[index].echo_text)
+        held, may_send = await step.update(
+            message, send_attempts=attempt, send_end=sent, send_start=start
         )
         if not held:
             return False
-        if outbound_id_or_none is None:
+        if not may_send:
             return await _hold(step, message=message)
-        outbound_id = outbound_id_or_none
 
 
 async def _send_part(

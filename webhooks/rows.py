@@ -70,9 +70,7 @@ def _converts(field: Field) -> bool:
 
 
 # Each inserted column's attribute, and the field when its value needs converting.
-_INSERT_PLAN = [
-    (f.attname, f if _converts(f) else None) for f in _INSERT_FIELDS
-]
+_INSERT_PLAN = [(f.attname, f if _converts(f) else None) for f in _INSERT_FIELDS]
 
 
 def insert_message(*, row: InboundMessage) -> bool:
@@ -479,17 +477,25 @@ def _own_sql() -> str:
         name: q(_out.get_field(name).column)
         for name in ("instance", "chat_jid", "text", "evolution_id", "status")
     }
+    # A reply part in flight is noted on its message (sending_text); the chat's
+    # open messages are found with webhooks_chat_open.
+    in_flight = (
+        f"SELECT 1 FROM {_table()} WHERE {_column('instance')} = %s "
+        f"AND {_column('chat_jid')} = %s AND {_column('status')} IN (%s, %s) "
+        f"AND {_column('sending_text')} = %s"
+    )
     return (
         f"SELECT 1 FROM {t} WHERE {col['instance']} = %s AND ({col['evolution_id']} = %s "
         # An echo may arrive before sendText has answered with the id (or after
         # it timed out): then the chat's unconfirmed send with the same text.
         f"OR ({col['chat_jid']} = %s AND {col['status']} IN (%s, %s, %s) "
-        f"AND {col['evolution_id']} = '' AND {col['text']} = %s)) LIMIT 1"
+        f"AND {col['evolution_id']} = '' AND {col['text']} = %s)) "
+        f"UNION ALL {in_flight} LIMIT 1"
     )
 
 
 def is_own_message(*, instance_id: int, chat_jid: str, message_id: str, text: str) -> bool:
-    """Whether a fromMe message is the echo of one the hub sent."""
+    """Whether a fromMe message is the echo of one the hub sent or is sending."""
     params = [
         instance_id,
         message_id,
@@ -497,6 +503,11 @@ def is_own_message(*, instance_id: int, chat_jid: str, message_id: str, text: st
         OutboundStatus.SENDING.value,
         OutboundStatus.FAILED.value,
         OutboundStatus.UNCONFIRMED.value,
+        text,
+        instance_id,
+        chat_jid,
+        Status.QUEUED.value,
+        Status.PROCESSING.value,
         text,
     ]
     return statements.run(_own_sql(), params).fetchone() is not None
@@ -516,9 +527,27 @@ class EarlierAttempt:
 def earlier_attempt(*, message_pk: int) -> EarlierAttempt | None:
     """The first such attempt of the message's reply, if any.
 
-    Asked only for a message handled again (not on the common path), so the
-    ORM's cost does not matter here.
+    A send the message still notes as in flight (its worker died mid-send) is
+    recorded first, as a row left `sending`. Asked only for a message handled
+    again (not on the common path), so the ORM's cost does not matter here.
     """
+    cut = (
+        InboundMessage.objects.filter(pk=message_pk, sending_text__isnull=False)
+        .values_list("instance_id", "chat_jid", "sending_text", "send_started_at")
+        .first()
+    )
+    if cut is not None:
+        instance_id, chat_jid, text, started_at = cut
+        sent = OutboundMessage.objects.create(
+            instance_id=instance_id,
+            chat_jid=chat_jid,
+            text=text,
+            in_reply_to_id=message_pk,
+            status=OutboundStatus.SENDING,
+        )
+        # The attempt's own time: Evolution is asked about the messages around it.
+        OutboundMessage.objects.filter(pk=sent.pk).update(created_at=started_at or sent.created_at)
+        InboundMessage.objects.filter(pk=message_pk).update(sending_text=None, send_started_at=None)
     found = (
         OutboundMessage.objects.filter(
             in_reply_to_id=message_pk,
@@ -611,7 +640,25 @@ def let_go_if_done(*, conversation_id: int, token: str, instance_id: int, chat_j
 
 
 @cache
-def _outbound_insert_sql() -> str:
+def _not_connected_sql(states: int) -> str:
+    q = connection.ops.quote_name
+    state = ConnectionState._meta
+    marks = ", ".join(["%s"] * states)
+    return (
+        f"SELECT 1 FROM {q(state.db_table)} WHERE {q(state.get_field('instance').column)} = %s "
+        f"AND {q(state.get_field('state').column)} IN ({marks})"
+    )
+
+
+def is_not_connected(*, instance_id: int, states: Sequence[str]) -> bool:
+    """Whether the instance's last connection.update left it in one of `states`
+    (none received yet: False, so the send is tried)."""
+    found = statements.run(_not_connected_sql(len(states)), [instance_id, *states]).fetchone()
+    return found is not None
+
+
+@cache
+def _record_send_sql() -> str:
     q = connection.ops.quote_name
     columns = (
         "instance",
@@ -622,39 +669,42 @@ def _outbound_insert_sql() -> str:
         "status",
         "error",
         "created_at",
+        "sent_at",
     )
     names = ", ".join(q(_out.get_field(name).column) for name in columns)
-    state = ConnectionState._meta
-    # The connection check in the same statement: it was an ORM query of its
-    # own, compiled anew for every reply (more than half of the worker's
-    # database time per message on SQLite).
-    return (
-        f"INSERT INTO {q(_out.db_table)} ({names}) "
-        "SELECT %s, %s, %s, %s, '', %s, '', %s "
-        f"WHERE NOT EXISTS (SELECT 1 FROM {q(state.db_table)} "
-        f"WHERE {q(state.get_field('instance').column)} = %s "
-        f"AND {q(state.get_field('state').column)} IN (%s, %s)) RETURNING id"
-    )
+    marks = ", ".join(["%s"] * len(columns))
+    return f"INSERT INTO {q(_out.db_table)} ({names}) VALUES ({marks})"
 
 
-def insert_outbound(
-    *, instance_id: int, chat_jid: str, text: str, in_reply_to: int, not_connected: Sequence[str]
-) -> int | None:
-    """Record a reply about to be sent; its id, or None (nothing written) while the
-    instance's last connection state is one of `not_connected`."""
-    now = _out.get_field("created_at").get_db_prep_save(timezone.now(), connection)
+def record_send(
+    *,
+    instance_id: int,
+    chat_jid: str,
+    text: str,
+    in_reply_to: int,
+    started_at: datetime,
+    status: OutboundStatus,
+    evolution_id: str,
+    error: str,
+) -> None:
+    """A reply part's send, with its outcome: the row is written once it is known
+    (the message's sending_text stood for it meanwhile). Its created_at is when
+    the send started."""
+    db = connections[DEFAULT_DB_ALIAS]
+    stamp = _out.get_field("created_at")
+    sent_at = timezone.now() if status == OutboundStatus.SENT else None
     params = [
         instance_id,
         chat_jid,
         text,
         in_reply_to,
-        OutboundStatus.SENDING.value,
-        now,
-        instance_id,
-        *not_connected,
+        evolution_id[:128],
+        status.value,
+        error,
+        stamp.get_db_prep_save(started_at, db),
+        None if sent_at is None else stamp.get_db_prep_save(sent_at, db),
     ]
-    found = statements.run(_outbound_insert_sql(), params).fetchone()
-    return None if found is None else int(found[0])
+    statements.run(_record_send_sql(), params)
 
 
 @cache

@@ -56,9 +56,9 @@ class Step:
     def __init__(self, batch: Batch) -> None:
         self.batch = batch
         self.lost = False
-        # Replies whose outbound row was written with the agent's answer: its id,
+        # Replies whose send was noted with the agent's answer: that SendStart,
         # or None when the number is not connected (the reply is held).
-        self.prepared: dict[int, int | None] = {}
+        self.prepared: dict[int, SendStart | None] = {}
         # Set when the batch's last message was finished: the chat's next messages,
         # taken in the same database call ([]: the chat was let go).
         self.taken: list[InboundMessage] | None = None
@@ -71,8 +71,9 @@ class Step:
         send_end: SendEnd | None = None,
         take_more: bool = False,
         **fields: Any,
-    ) -> tuple[bool, int | None]:
-        """Write fields if this worker still holds the chat; False when it lost it.
+    ) -> tuple[bool, bool]:
+        """Write fields if this worker still holds the chat (False when it lost it),
+        and whether `send_start`'s send may go (see save_claimed).
         With `take_more` (the batch's last message finished), the chat's next
         messages are taken in the same call, into self.taken.
 
@@ -91,18 +92,18 @@ class Step:
             "instance_id": instance.pk,
         }
         if take_more:
-            held, outbound_id, self.taken = await run_db(
+            held, may_send, self.taken = await run_db(
                 save_claimed_and_take_more, conversation=self.batch.conversation, **save
             )
             # The batch is what the chat's task holds: stopped right after this
             # write (a shutdown during its send), the worker hands these back.
             self.batch.messages = self.taken
         else:
-            held, outbound_id = await run_db(save_claimed, **save)
+            held, may_send = await run_db(save_claimed, **save)
         for key, value in fields.items():
             setattr(message, key, value)
         self.lost = self.lost or not held
-        return held, outbound_id
+        return held, may_send
 
     async def finish(self, message: InboundMessage, status: str, **fields: Any) -> None:
         now = timezone.now()

@@ -254,17 +254,23 @@ def _let_go(
 # --- the worker's writes to a message it holds -----------------------------------
 @dataclass(frozen=True)
 class SendStart:
-    """A reply about to go out: recorded before the send, so its echo is known."""
+    """A reply part about to go out: noted on its message before the send, so its
+    echo is known and a send cut short is checked before it goes again."""
 
     chat_jid: str
     text: str
+    started_at: datetime = field(default_factory=timezone.now)
 
 
 @dataclass(frozen=True)
 class SendEnd:
-    outbound_id: int
+    """A send's outcome. `start`: the send noted by a SendStart, recorded now as
+    an outbound row; `outbound_id`: an earlier attempt's row, settled."""
+
     evolution_id: str
     ok: bool
+    start: SendStart | None = None
+    outbound_id: int | None = None
     error: str = ""
     # Failed without Evolution's answer: it may have been sent (see OutboundStatus).
     unconfirmed: bool = False
@@ -285,48 +291,61 @@ def save_claimed(
     send_start: SendStart | None = None,
     send_end: SendEnd | None = None,
     instance_id: int | None = None,
-) -> tuple[bool, int | None]:
+) -> tuple[bool, bool]:
     """Write fields to a message this worker holds, and what goes with them.
 
-    Returns (whether the claim still held, the new outbound row's id). Runs
-    only database writes: webhooks/db.py may run it twice.
+    Returns (whether the claim still held, whether `send_start`'s send may go:
+    False while the instance's last connection.update says it is not connected,
+    and nothing of it is written). Runs only database writes: webhooks/db.py may
+    run it twice, so `fields` is copied, never changed.
     """
-    if not update_claimed_row(pk=message_pk, claim_token=token, fields=fields):
-        return False, None
-    if send_end is not None:
-        # First: with a send_start too, it settles an earlier attempt's row
-        # whatever becomes of the new one.
+    may_send = False
+    written = dict(fields)
+    if send_end is not None and send_end.start is not None:
+        written.update(sending_text=None, send_started_at=None)
+    if send_start is not None:
+        assert instance_id is not None
+        # Not noted, and not sent, while the number is not connected.
+        may_send = not rows.is_not_connected(instance_id=instance_id, states=NOT_CONNECTED)
+        if may_send:
+            written.update(sending_text=send_start.text, send_started_at=send_start.started_at)
+    if not update_claimed_row(pk=message_pk, claim_token=token, fields=written):
+        return False, False
+    if send_end is not None and send_end.start is not None:
+        # After the send, with its outcome: nothing between the agent's answer
+        # and the sendText but the message's own row.
+        assert instance_id is not None
+        rows.record_send(
+            instance_id=instance_id,
+            chat_jid=send_end.start.chat_jid,
+            text=send_end.start.text,
+            in_reply_to=message_pk,
+            started_at=send_end.start.started_at,
+            status=send_end.status,
+            evolution_id=send_end.evolution_id,
+            error=send_end.error,
+        )
+    elif send_end is not None:
+        assert send_end.outbound_id is not None
         rows.finish_outbound(
             outbound_id=send_end.outbound_id,
             status=send_end.status,
             evolution_id=send_end.evolution_id,
             error=send_end.error,
         )
-    outbound_id = None
-    if send_start is not None:
-        assert instance_id is not None
-        # None, nothing written, while the instance's last connection.update says
-        # it is not connected (no update yet: unknown, so the send is tried).
-        outbound_id = rows.insert_outbound(
-            instance_id=instance_id,
-            chat_jid=send_start.chat_jid,
-            text=send_start.text,
-            in_reply_to=message_pk,
-            not_connected=NOT_CONNECTED,
-        )
-    return True, outbound_id
+    return True, may_send
 
 
 def save_claimed_and_take_more(
     *, conversation: Conversation, **save: Any
-) -> tuple[bool, int | None, list[InboundMessage] | None]:
+) -> tuple[bool, bool, list[InboundMessage] | None]:
     """save_claimed for the batch's last message, then take_more_or_settle, in one
     database call: the chat's next messages (or [], the chat let go), None when
     the claim was lost. One trip to the database thread fewer per answered message."""
-    held, outbound_id = save_claimed(**save)
+    held, may_send = save_claimed(**save)
     if not held:
-        return False, outbound_id, None
-    return True, outbound_id, take_more_or_settle(conversation=conversation, token=save["token"])
+        return False, may_send, None
+    return True, may_send, take_more_or_settle(conversation=conversation, token=save["token"])
 
 
 HOLD_REASON = "waiting for connection"

@@ -159,6 +159,36 @@ async def test_an_echo_arriving_before_sendtext_answers_is_known_by_its_text(
     assert (await chat(acme)).pause_reason == ""
 
 
+async def test_a_human_s_message_during_a_send_still_pauses_the_chat(acme, upstream) -> None:
+    seen: list[tuple[str | None, int]] = []
+    human: list[Result] = []
+
+    async def human_writes_meanwhile(request: Any) -> tuple[int, Any]:
+        # While sendText is held, the reply is noted on its message and has no
+        # outbound row yet; the owner writes something else from the phone.
+        answering = await InboundMessage.objects.aget(text="oi")
+        seen.append((answering.sending_text, await OutboundMessage.objects.acount()))
+        typed = text_delivery(message_id="3EB0HUMAN", text="Já vi, deixa comigo", from_me=True)
+        human.append(await sync_to_async(record_delivery)(instance=acme, body=typed))
+        return 201, {"key": {"id": "3EB0REPLY"}}
+
+    upstream.evolution = human_writes_meanwhile
+    result = await deliver(acme, "oi")
+    await work(upstream)
+
+    assert seen == [(AGENT_REPLY, 0)]
+    assert [h.detail for h in human] == ["human takeover"]
+    assert (await chat(acme)).pause_reason == "human takeover"
+    answered = await row(result)
+    assert (answered.status, answered.sending_text) == (Status.REPLIED, None)
+    [sent] = [o async for o in OutboundMessage.objects.all()]
+    assert (sent.status, sent.evolution_id, sent.text) == (
+        OutboundStatus.SENT,
+        "3EB0REPLY",
+        AGENT_REPLY,
+    )
+
+
 async def test_bot_off_pauses_until_bot_on_and_neither_is_answered(acme, upstream) -> None:
     off = await deliver(acme, "  /BOT OFF ", from_me=True)
     quiet = await deliver(acme, "alô?")

@@ -103,6 +103,60 @@ async def handled_again(
     )
 
 
+async def handled_after_a_cut_send(
+    instance: InstanceConfig, upstream: Upstream
+) -> tuple[InboundMessage, list[OutboundMessage]]:
+    """A reply whose worker died during its sendText: the send is noted on the
+    message only (its row is written with the outcome), claimed again and
+    handled. The message row and the reply's outbound rows."""
+
+    def prepare() -> InboundMessage:
+        message = queue_message(instance, reply_text=REPLY, attempts=1)
+        InboundMessage.objects.filter(pk=message.pk).update(
+            sending_text=REPLY, send_started_at=timezone.now() - timedelta(seconds=10)
+        )
+        return message
+
+    message = await sync_to_async(prepare)()
+    [batch] = await sync_to_async(claim_conversations)(limit=10)
+    async with upstream.client() as http:
+        await handle_batch(batch=batch, http=http)
+    sent = [o async for o in OutboundMessage.objects.filter(in_reply_to=message).order_by("id")]
+    return await InboundMessage.objects.aget(pk=message.pk), sent
+
+
+async def test_a_send_cut_short_is_not_sent_again_when_evolution_has_it(acme, upstream) -> None:
+    upstream.find_messages = evolution_keeping([stored(key_id="3EB0SENT")])
+
+    row, [earlier] = await handled_after_a_cut_send(acme, upstream)
+
+    assert upstream.sent == []
+    assert row.status == Status.REPLIED
+    assert (row.sending_text, row.send_started_at) == (None, None)
+    assert (earlier.status, earlier.evolution_id, earlier.text) == (
+        OutboundStatus.SENT,
+        "3EB0SENT",
+        REPLY,
+    )
+    # Evolution was asked about the messages around the attempt's own time.
+    [query] = bodies(upstream.finds)
+    assert query["where"]["key"] == {"remoteJid": CHAT, "fromMe": True}
+    assert timezone.now() - earlier.created_at >= timedelta(seconds=10)
+
+
+async def test_a_send_cut_short_goes_once_when_evolution_does_not_have_it(
+    acme, upstream
+) -> None:
+    upstream.find_messages = evolution_keeping([stored(key_id="3EB0OTHER", text="Outra coisa")])
+
+    row, [earlier, again] = await handled_after_a_cut_send(acme, upstream)
+
+    assert [json.loads(r.content)["text"] for r in upstream.sent] == [REPLY]
+    assert row.status == Status.REPLIED and row.sending_text is None
+    assert earlier.status == OutboundStatus.FAILED
+    assert (again.status, again.evolution_id) == (OutboundStatus.SENT, "3EB0")
+
+
 def bodies(requests: list[httpx.Request]) -> list[Any]:
     return [json.loads(r.content) for r in requests]
 
