@@ -22,6 +22,7 @@ from django.conf import settings  # noqa: E402
 from django.db import close_old_connections  # noqa: E402
 
 from instances.checks import secrets_problem  # noqa: E402
+from omnihub.startup import freeze_startup_objects  # noqa: E402
 from webhooks.worker import Worker  # noqa: E402
 
 
@@ -84,6 +85,7 @@ async def lifespan(receive: Any, send: Any) -> None:
                 logger.error("cannot start: %s", problem)
                 await send({"type": "lifespan.startup.failed", "message": problem})
                 return
+            freeze_startup_objects()
             if settings.OMNIHUB_EMBEDDED_WORKER:
                 task = asyncio.create_task(Worker().run(stop=stop))
             await send({"type": "lifespan.startup.complete"})

@@ -8,6 +8,7 @@ import typer
 from django.conf import settings
 from django_typer.management import TyperCommand
 
+from omnihub.startup import freeze_startup_objects
 from webhooks.worker import Worker
 
 
@@ -26,6 +27,7 @@ class Command(TyperCommand):
         asyncio.run(self._run(concurrency=concurrency, poll_interval=poll_interval))
 
     async def _run(self, *, concurrency: int, poll_interval: float) -> None:
+        freeze_startup_objects()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
