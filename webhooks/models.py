@@ -87,7 +87,7 @@ class InboundMessage(models.Model):
     # an outbound row. Its echo may arrive before sendText answers: the text tells
     # it from a human's message. Left set (the worker died mid-send), the send may
     # have reached Evolution, which is asked before it goes again. An outbound row
-    # written before the send instead cost its INSERT and five index writes
+    # written before the send instead put an INSERT and its four index writes
     # between the agent's answer and the sendText (webhooks/reply_sending.py).
     # NULL when nothing is in flight (a nullable column is added without
     # rebuilding a month's inbox on SQLite).
