@@ -558,15 +558,17 @@ def earlier_attempt(*, message_pk: int) -> EarlierAttempt | None:
     )
     if cut is not None:
         instance_id, chat_jid, text, started_at = cut
-        sent = OutboundMessage.objects.create(
+        # Dated when the attempt started: Evolution is asked about the messages around it.
+        record_send(
             instance_id=instance_id,
             chat_jid=chat_jid,
             text=text,
-            in_reply_to_id=message_pk,
+            in_reply_to=message_pk,
+            started_at=started_at or timezone.now(),
             status=OutboundStatus.SENDING,
+            evolution_id="",
+            error="",
         )
-        # The attempt's own time: Evolution is asked about the messages around it.
-        OutboundMessage.objects.filter(pk=sent.pk).update(created_at=started_at or sent.created_at)
         InboundMessage.objects.filter(pk=message_pk).update(sending_text=None, send_started_at=None)
     found = (
         OutboundMessage.objects.filter(
