@@ -146,6 +146,65 @@ def update_claimed_row(*, pk: int, claim_token: str, fields: dict[str, Any]) -> 
     return ran.rowcount == 1
 
 
+@cache
+def _update_before_send_sql(names: tuple[str, ...], states: int) -> str:
+    q = connection.ops.quote_name
+    state = ConnectionState._meta
+    marks = ", ".join(["%s"] * states)
+    not_connected = (
+        f"EXISTS (SELECT 1 FROM {q(state.db_table)} WHERE "
+        f"{q(state.get_field('instance').column)} = %s "
+        f"AND {q(state.get_field('state').column)} IN ({marks}))"
+    )
+    assignments = "".join(f"{_column(name)} = %s, " for name in names)
+    return (
+        f"UPDATE {_table()} SET {assignments}"
+        f"{_column('sending_text')} = CASE WHEN {not_connected} THEN NULL ELSE %s END, "
+        f"{_column('send_started_at')} = CASE WHEN {not_connected} THEN NULL ELSE %s END "
+        f"WHERE id = %s AND {_column('claim_token')} = %s AND {_column('status')} = %s "
+        # The column itself: SQLite 3.40 evaluated `sending_text IS NOT NULL` in this
+        # RETURNING as true for a NULL it had just written.
+        f"RETURNING {_column('sending_text')}"
+    )
+
+
+def update_claimed_row_before_send(
+    *,
+    pk: int,
+    claim_token: str,
+    fields: dict[str, Any],
+    instance_id: int,
+    not_connected: Sequence[str],
+    text: str,
+    started_at: datetime,
+) -> tuple[bool, bool]:
+    """Write fields to a row this worker holds and note the send about to start,
+    unless the instance's last connection.update left it in one of
+    `not_connected` (none received yet: noted, so the send is tried).
+
+    One statement: it stands between the agent's answer and its sendText, where
+    a separate read of the connection state cost one more. Returns (whether the
+    claim still held, whether the send was noted and may go).
+    """
+    names = tuple(sorted(n for n in fields if n not in ("sending_text", "send_started_at")))
+    values = [_prepare(_meta.get_field(n), fields[n]) for n in names]
+    check = [instance_id, *not_connected]
+    params = [
+        *values,
+        *check,
+        text,
+        *check,
+        db_datetime(started_at),
+        pk,
+        claim_token,
+        Status.PROCESSING.value,
+    ]
+    found = statements.run(_update_before_send_sql(names, len(not_connected)), params).fetchone()
+    if found is None:
+        return False, False
+    return True, found[0] is not None
+
+
 _INSTANCE_FIELDS = InstanceConfig._meta.concrete_fields
 Converter = Callable[[Any, Any, Any], Any]
 
@@ -659,24 +718,6 @@ def let_go_if_done(*, conversation_id: int, token: str, instance_id: int, chat_j
         if statements.run(lock, [conversation_id, token]).fetchone() is None:
             return False
     return statements.run(_let_go_sql(), params).rowcount == 1
-
-
-@cache
-def _not_connected_sql(states: int) -> str:
-    q = connection.ops.quote_name
-    state = ConnectionState._meta
-    marks = ", ".join(["%s"] * states)
-    return (
-        f"SELECT 1 FROM {q(state.db_table)} WHERE {q(state.get_field('instance').column)} = %s "
-        f"AND {q(state.get_field('state').column)} IN ({marks})"
-    )
-
-
-def is_not_connected(*, instance_id: int, states: Sequence[str]) -> bool:
-    """Whether the instance's last connection.update left it in one of `states`
-    (none received yet: False, so the send is tried)."""
-    found = statements.run(_not_connected_sql(len(states)), [instance_id, *states]).fetchone()
-    return found is not None
 
 
 @cache

@@ -306,10 +306,18 @@ def save_claimed(
     if send_start is not None:
         assert instance_id is not None
         # Not noted, and not sent, while the number is not connected.
-        may_send = not rows.is_not_connected(instance_id=instance_id, states=NOT_CONNECTED)
-        if may_send:
-            written.update(sending_text=send_start.text, send_started_at=send_start.started_at)
-    if not update_claimed_row(pk=message_pk, claim_token=token, fields=written):
+        held, may_send = rows.update_claimed_row_before_send(
+            pk=message_pk,
+            claim_token=token,
+            fields=written,
+            instance_id=instance_id,
+            not_connected=NOT_CONNECTED,
+            text=send_start.text,
+            started_at=send_start.started_at,
+        )
+    else:
+        held = update_claimed_row(pk=message_pk, claim_token=token, fields=written)
+    if not held:
         return False, False
     if send_end is not None and send_end.start is not None:
         # After the send, with its outcome: nothing between the agent's answer
