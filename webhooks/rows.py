@@ -285,6 +285,52 @@ def open_messages(*, instance_id: int, chat_jid: str) -> list[InboundMessage]:
     ]
 
 
+@cache
+def _take_first_sql(vendor: str) -> str:
+    table = _table()
+    columns = ", ".join(connection.ops.quote_name(f.column) for f, _ in _open_reading(vendor)[1])
+    status = _column("status")
+    first = (
+        f"SELECT id FROM {table} WHERE {_column('instance')} = %(instance)s "
+        f"AND {_column('chat_jid')} = %(chat)s AND {status} IN (%(queued)s, %(processing)s) "
+        f"ORDER BY {_column('queued_at')} ASC NULLS FIRST, id ASC LIMIT 1"
+    )
+    # Due: not waiting for a retry (found `processing`: its worker's lease on
+    # the chat ran out).
+    due = (
+        f"({status} = %(processing)s OR {_column('next_attempt_at')} IS NULL "
+        f"OR {_column('next_attempt_at')} <= %(now)s)"
+    )
+    return (
+        f"UPDATE {table} SET {status} = %(processing)s, {_column('claim_token')} = %(token)s, "
+        f"{_column('lease_until')} = %(lease)s, {_column('attempts')} = {_column('attempts')} + 1 "
+        f"WHERE id = ({first}) AND {due} RETURNING {columns}"
+    )
+
+
+def take_first_open(
+    *, instance_id: int, chat_jid: str, token: str, lease: datetime, now: datetime
+) -> InboundMessage | None:
+    """Take a held chat's first open message if it is due, in one statement (what
+    open_messages and take_messages do for a chat without debounce); None when
+    it has none or the first waits for a retry."""
+    params = {
+        "instance": instance_id,
+        "chat": chat_jid,
+        "queued": Status.QUEUED.value,
+        "processing": Status.PROCESSING.value,
+        "now": db_datetime(now),
+        "token": token,
+        "lease": db_datetime(lease),
+    }
+    found = statements.run(_take_first_sql(connection.vendor), params).fetchone()
+    if found is None:
+        return None
+    reading = _open_reading(connection.vendor)[1]
+    names = [f.attname for f, _ in reading]
+    return InboundMessage.from_db(connection.alias, names, _convert(reading, found))
+
+
 def take_messages(*, pks: Sequence[int], token: str, lease: datetime) -> None:
     """Mark messages as being handled under this claim, until `lease`."""
     if not pks:
@@ -693,6 +739,13 @@ def _let_go_sql() -> str:
         f"AND NOT EXISTS (SELECT 1 FROM {_table()} WHERE {_column('instance')} = %s "
         f"AND {_column('chat_jid')} = %s AND {_column('status')} IN (%s, %s))"
     )
+
+
+def holds_conversation(*, conversation_id: int, token: str) -> bool:
+    """Whether this claim still holds the chat (its row locked on PostgreSQL)."""
+    lock = "" if connection.vendor == "sqlite" else " FOR UPDATE"
+    sql = f"SELECT 1 FROM {_conv_table()} WHERE id = %s AND {_conv_column('claim_token')} = %s"
+    return statements.run(sql + lock, [conversation_id, token]).fetchone() is not None
 
 
 def let_go_if_done(*, conversation_id: int, token: str, instance_id: int, chat_jid: str) -> bool:

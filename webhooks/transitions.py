@@ -157,6 +157,25 @@ def _take_due(conversation: Conversation, *, token: str, now: datetime) -> list[
     """
     instance = conversation.instance
     debounce = instance.debounce_seconds
+    if not debounce:
+        # One message, one answer, one lease: the first, if due, in one statement.
+        lease = lease_for(agent_timeout=instance.agent_timeout, now=now)
+        first = rows.take_first_open(
+            instance_id=conversation.instance_id,
+            chat_jid=conversation.chat_jid,
+            token=token,
+            lease=lease,
+            now=now,
+        )
+        if first is not None:
+            if conversation.due_at != lease:
+                rows.renew_conversation_lease(
+                    conversation_id=conversation.pk, token=token, lease=lease
+                )
+                conversation.due_at = lease
+            first.instance = instance
+            return [first]
+        # None open, or the first waits for its retry: read them for the release.
     opens = rows.open_messages(instance_id=conversation.instance_id, chat_jid=conversation.chat_jid)
     due = due_time(open_messages=_waiting(opens), debounce_seconds=debounce, now=now)
     if due is None or due > now:
@@ -201,12 +220,7 @@ def take_more_or_settle(*, conversation: Conversation, token: str) -> list[Inbou
     ):
         # The usual case, one statement: nothing came meanwhile.
         return []
-    held = (
-        Conversation.objects.select_for_update()
-        .filter(pk=conversation.pk, claim_token=token)
-        .exists()
-    )
-    if not held:
+    if not rows.holds_conversation(conversation_id=conversation.pk, token=token):
         return []
     return _take_due(conversation, token=token, now=timezone.now())
 
@@ -214,12 +228,7 @@ def take_more_or_settle(*, conversation: Conversation, token: str) -> list[Inbou
 @transaction.atomic(savepoint=False)
 def settle_conversation(*, conversation: Conversation, token: str) -> None:
     """Let a held conversation go, due again when its next open message is."""
-    held = (
-        Conversation.objects.select_for_update()
-        .filter(pk=conversation.pk, claim_token=token)
-        .exists()
-    )
-    if held:
+    if rows.holds_conversation(conversation_id=conversation.pk, token=token):
         opens = rows.open_messages(
             instance_id=conversation.instance_id, chat_jid=conversation.chat_jid
         )

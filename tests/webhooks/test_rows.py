@@ -8,7 +8,12 @@ from django.db import connection
 from django.db.models import DateTimeField
 
 from webhooks.models import ConnectionState, InboundMessage
-from webhooks.rows import db_datetime, update_claimed_row, update_claimed_row_before_send
+from webhooks.rows import (
+    db_datetime,
+    take_first_open,
+    update_claimed_row,
+    update_claimed_row_before_send,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -107,3 +112,82 @@ def test_nothing_is_written_for_a_worker_that_lost_the_claim(make_instance) -> N
 
     row.refresh_from_db()
     assert (row.reply_text, row.sending_text) == (None, None)
+
+
+CHAT = "5511987654321@s.whatsapp.net"
+NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
+
+
+def _open_row(instance, message_id: str, **fields) -> InboundMessage:
+    defaults = {"status": "queued", "content": {"text": message_id}, "payload": {}}
+    return InboundMessage.objects.create(
+        instance=instance, message_id=message_id, chat_jid=CHAT, **{**defaults, **fields}
+    )
+
+
+def _take(instance) -> InboundMessage | None:
+    return take_first_open(
+        instance_id=instance.pk,
+        chat_jid=CHAT,
+        token="new",
+        lease=NOW + timedelta(minutes=2),
+        now=NOW,
+    )
+
+
+def test_take_first_open_takes_the_chats_first_open_message_as_the_orm_reads_it(
+    make_instance,
+) -> None:
+    instance = make_instance()
+    _open_row(instance, "DONE", status="replied")
+    first = _open_row(instance, "FIRST", queued_at=NOW - timedelta(seconds=2))
+    _open_row(instance, "SECOND", queued_at=NOW - timedelta(seconds=1))
+
+    taken = _take(instance)
+
+    assert taken is not None and taken.pk == first.pk
+    stored = InboundMessage.objects.get(pk=first.pk)
+    assert (stored.status, stored.claim_token, stored.attempts) == ("processing", "new", 1)
+    assert stored.lease_until == NOW + timedelta(minutes=2)
+    for field in InboundMessage._meta.concrete_fields:
+        assert getattr(taken, field.attname) == getattr(stored, field.attname), field.name
+
+
+def test_take_first_open_takes_nothing_while_the_first_waits_for_its_retry(
+    make_instance,
+) -> None:
+    instance = make_instance()
+    waiting = _open_row(instance, "RETRY", next_attempt_at=NOW + timedelta(seconds=30))
+    _open_row(instance, "LATER")
+
+    assert _take(instance) is None
+
+    assert InboundMessage.objects.filter(status="processing").count() == 0
+    waiting.refresh_from_db()
+    assert waiting.next_attempt_at == NOW + timedelta(seconds=30)
+
+
+def test_take_first_open_takes_a_message_left_processing_by_a_worker_whose_lease_ran_out(
+    make_instance,
+) -> None:
+    instance = make_instance()
+    left = _open_row(
+        instance,
+        "LEFT",
+        status="processing",
+        claim_token="old",
+        attempts=1,
+        next_attempt_at=NOW + timedelta(hours=1),
+    )
+
+    taken = _take(instance)
+
+    assert taken is not None and taken.pk == left.pk
+    assert (taken.claim_token, taken.attempts) == ("new", 2)
+
+
+def test_take_first_open_finds_nothing_in_a_chat_with_nothing_open(make_instance) -> None:
+    instance = make_instance()
+    _open_row(instance, "DONE", status="replied")
+
+    assert _take(instance) is None
