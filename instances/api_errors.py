@@ -21,7 +21,29 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         # operation documents ('detail'), not a 415 that none does.
         exc = exceptions.ParseError(exc.detail)
     response = drf_exception_handler(exc, context)
+    if response is not None and isinstance(exc, exceptions.ValidationError):
+        response.data = flat_errors(response.data)
     if response is not None and isinstance(exc, exceptions.NotAuthenticated):
         response.status_code = 401
         response["WWW-Authenticate"] = "x-api-key"
     return response
+
+
+def flat_errors(data: Any, prefix: str = "") -> Any:
+    """A nested serializer's errors under dotted names ({"media.base64": [...]}), so
+    that every 400 has the documented shape: a name, then a message or a list of them."""
+    if not isinstance(data, dict):
+        return data if not prefix else {prefix: data}
+    flat: dict[str, Any] = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if isinstance(value, dict):
+            flat.update(flat_errors(value, key))
+        elif isinstance(value, list) and any(isinstance(item, dict) for item in value):
+            # A list of objects: each one's errors under its index.
+            for index, item in enumerate(value):
+                if item:
+                    flat.update(flat_errors(item, f"{key}.{index}"))
+        else:
+            flat[key] = value
+    return flat

@@ -78,8 +78,12 @@ def test_a_media_send_keeps_the_file_but_answers_only_its_length(api, make_insta
         ({"to": "12", "text": "a"}, "to"),
         ({"to": "abc@example.com", "text": "a"}, "to"),
         ({"to": "5511987654321", "text": "   "}, "text"),
-        ({"to": "5511987654321", "media": {"mime_type": "image/png"}}, "media"),
-        ({"to": "5511987654321", "media": {"base64": "***", "mime_type": "image/png"}}, "media"),
+        # A nested field's error under its dotted name, as the schema documents a 400.
+        ({"to": "5511987654321", "media": {"mime_type": "image/png"}}, "media.non_field_errors"),
+        (
+            {"to": "5511987654321", "media": {"base64": "***", "mime_type": "image/png"}},
+            "media.base64",
+        ),
     ],
 )
 def test_a_bad_send_is_refused_with_400_naming_the_field(api, make_instance, body, field) -> None:
@@ -88,7 +92,9 @@ def test_a_bad_send_is_refused_with_400_naming_the_field(api, make_instance, bod
     response = send(api, body)
 
     assert response.status_code == 400
-    assert field in response.json()
+    errors = response.json()
+    assert field in errors
+    assert all(isinstance(m, str) for messages in errors.values() for m in messages)
     assert not OutboundMessage.objects.exists()
 
 
