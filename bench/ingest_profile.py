@@ -282,7 +282,12 @@ def mock_http() -> Any:
             return httpx.Response(201, json={"key": {"id": f"3EB0{count:018d}"}})
         return httpx.Response(201, json={})
 
-    return httpx.AsyncClient(transport=httpx.MockTransport(handle))
+    # The worker's own client class where the code has one (instances/clients/http.py).
+    try:
+        from instances.clients.http import CookielessClient as client_class
+    except ImportError:
+        client_class = httpx.AsyncClient
+    return client_class(transport=httpx.MockTransport(handle))
 
 
 async def work(claimed: list[Any]) -> int:
