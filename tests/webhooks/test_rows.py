@@ -31,35 +31,27 @@ def test_db_datetime_gives_what_the_field_gives_the_database(value: datetime) ->
     assert db_datetime(value) == DateTimeField().get_db_prep_save(value, connection)
 
 
-def test_a_time_written_with_db_datetime_is_found_by_the_orm(make_instance) -> None:
-    instance = make_instance()
-    when = AWARE[2]
-    row = InboundMessage.objects.create(
+def _held_row(instance, message_id: str = "SEND1") -> InboundMessage:
+    """A message this test's worker holds (claim token "t")."""
+    return InboundMessage.objects.create(
         instance=instance,
-        message_id="DT1",
+        message_id=message_id,
         chat_jid="5511987654321@s.whatsapp.net",
         status="processing",
         claim_token="t",
         content={},
         payload={},
     )
+
+
+def test_a_time_written_with_db_datetime_is_found_by_the_orm(make_instance) -> None:
+    when = AWARE[2]
+    row = _held_row(make_instance(), "DT1")
 
     assert update_claimed_row(pk=row.pk, claim_token="t", fields={"sent_at": when})
 
     assert InboundMessage.objects.get(sent_at=when).pk == row.pk
     assert InboundMessage.objects.filter(sent_at__gt=when - timedelta(microseconds=1)).exists()
-
-
-def _held_row(instance) -> InboundMessage:
-    return InboundMessage.objects.create(
-        instance=instance,
-        message_id="SEND1",
-        chat_jid="5511987654321@s.whatsapp.net",
-        status="processing",
-        claim_token="t",
-        content={},
-        payload={},
-    )
 
 
 def _note(row: InboundMessage, *, token: str = "t") -> tuple[bool, bool]:
