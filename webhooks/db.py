@@ -39,7 +39,7 @@ MAX_BATCH = 200
 # with the default, a busy loop kept the database thread waiting for it while
 # that thread held SQLite's write lock, so the other process's writers waited
 # too: in bench/ingest_profile.py the database thread's time per answered
-# message fell from 0.8 to 0.55-0.65 ms with 0.5 ms, for the same CPU.
+# message fell from 0.78-0.88 to 0.54-0.70 ms with 0.5 ms, for the same CPU.
 SWITCH_INTERVAL = 0.0005
 Call = tuple[Callable[..., Any], dict[str, Any], "asyncio.Future[Any]"]
 

@@ -264,14 +264,18 @@ def _open_reading(vendor: str) -> tuple[str, list[tuple[Field, list[Converter]]]
         (f, connection.ops.get_db_converters(f.get_col(table)) + f.get_db_converters(connection))
         for f in fields
     ]
-    # In the order they are handled: a retried message after what was open (the
-    # ones queued before queued_at existed first); webhooks_chat_open finds them.
-    sql = (
-        f"SELECT {columns} FROM {table} WHERE {_column('instance')} = %s "
-        f"AND {_column('chat_jid')} = %s AND {_column('status')} IN (%s, %s) "
+    return f"SELECT {columns} FROM {table} {_chat_open_in_order()}", converters
+
+
+def _chat_open_in_order() -> str:
+    """A chat's open messages (instance, chat, queued, processing as parameters), in
+    the order they are handled: a retried message after what was open (the ones
+    queued before queued_at existed first); webhooks_chat_open finds them."""
+    return (
+        f"WHERE {_column('instance')} = %s AND {_column('chat_jid')} = %s "
+        f"AND {_column('status')} IN (%s, %s) "
         f"ORDER BY {_column('queued_at')} ASC NULLS FIRST, id ASC"
     )
-    return sql, converters
 
 
 def open_messages(*, instance_id: int, chat_jid: str) -> list[InboundMessage]:
@@ -290,21 +294,17 @@ def _take_first_sql(vendor: str) -> str:
     table = _table()
     columns = ", ".join(connection.ops.quote_name(f.column) for f, _ in _open_reading(vendor)[1])
     status = _column("status")
-    first = (
-        f"SELECT id FROM {table} WHERE {_column('instance')} = %(instance)s "
-        f"AND {_column('chat_jid')} = %(chat)s AND {status} IN (%(queued)s, %(processing)s) "
-        f"ORDER BY {_column('queued_at')} ASC NULLS FIRST, id ASC LIMIT 1"
-    )
     # Due: not waiting for a retry (found `processing`: its worker's lease on
     # the chat ran out).
     due = (
-        f"({status} = %(processing)s OR {_column('next_attempt_at')} IS NULL "
-        f"OR {_column('next_attempt_at')} <= %(now)s)"
+        f"({status} = %s OR {_column('next_attempt_at')} IS NULL "
+        f"OR {_column('next_attempt_at')} <= %s)"
     )
     return (
-        f"UPDATE {table} SET {status} = %(processing)s, {_column('claim_token')} = %(token)s, "
-        f"{_column('lease_until')} = %(lease)s, {_column('attempts')} = {_column('attempts')} + 1 "
-        f"WHERE id = ({first}) AND {due} RETURNING {columns}"
+        f"UPDATE {table} SET {status} = %s, {_column('claim_token')} = %s, "
+        f"{_column('lease_until')} = %s, {_column('attempts')} = {_column('attempts')} + 1 "
+        f"WHERE id = (SELECT id FROM {table} {_chat_open_in_order()} LIMIT 1) AND {due} "
+        f"RETURNING {columns}"
     )
 
 
@@ -314,15 +314,18 @@ def take_first_open(
     """Take a held chat's first open message if it is due, in one statement (what
     open_messages and take_messages do for a chat without debounce); None when
     it has none or the first waits for a retry."""
-    params = {
-        "instance": instance_id,
-        "chat": chat_jid,
-        "queued": Status.QUEUED.value,
-        "processing": Status.PROCESSING.value,
-        "now": db_datetime(now),
-        "token": token,
-        "lease": db_datetime(lease),
-    }
+    processing = Status.PROCESSING.value
+    params = [
+        processing,
+        token,
+        db_datetime(lease),
+        instance_id,
+        chat_jid,
+        Status.QUEUED.value,
+        processing,
+        processing,
+        db_datetime(now),
+    ]
     found = statements.run(_take_first_sql(connection.vendor), params).fetchone()
     if found is None:
         return None
@@ -759,17 +762,15 @@ def let_go_if_done(*, conversation_id: int, token: str, instance_id: int, chat_j
         Status.QUEUED.value,
         Status.PROCESSING.value,
     ]
-    if connection.vendor != "sqlite":
-        # A webhook storing a message of this chat holds the row's lock (it
-        # touched the conversation first): wait for it, so that the check
-        # below, a statement of its own, sees that message. On SQLite every
-        # write transaction runs alone.
-        lock = (
-            f"SELECT 1 FROM {_conv_table()} WHERE id = %s AND "
-            f"{_conv_column('claim_token')} = %s FOR UPDATE"
-        )
-        if statements.run(lock, [conversation_id, token]).fetchone() is None:
-            return False
+    # On PostgreSQL a webhook storing a message of this chat holds the row's lock
+    # (it touched the conversation first): wait for it, so that the check below,
+    # a statement of its own, sees that message. On SQLite every write
+    # transaction runs alone.
+    locked = connection.vendor == "sqlite" or holds_conversation(
+        conversation_id=conversation_id, token=token
+    )
+    if not locked:
+        return False
     return statements.run(_let_go_sql(), params).rowcount == 1
 
 

@@ -168,11 +168,7 @@ def _take_due(conversation: Conversation, *, token: str, now: datetime) -> list[
             now=now,
         )
         if first is not None:
-            if conversation.due_at != lease:
-                rows.renew_conversation_lease(
-                    conversation_id=conversation.pk, token=token, lease=lease
-                )
-                conversation.due_at = lease
+            _hold_until(conversation, token=token, lease=lease)
             first.instance = instance
             return [first]
         # None open, or the first waits for its retry: read them for the release.
@@ -190,15 +186,20 @@ def _take_due(conversation: Conversation, *, token: str, now: datetime) -> list[
             # One message, one answer, one lease: the next is taken after it.
             break
     lease = lease_for(agent_timeout=instance.agent_timeout, now=now)
-    if conversation.due_at != lease:
-        rows.renew_conversation_lease(conversation_id=conversation.pk, token=token, lease=lease)
-        conversation.due_at = lease
+    _hold_until(conversation, token=token, lease=lease)
     rows.take_messages(pks=[m.pk for m in taken], token=token, lease=lease)
     for message in taken:
         message.status, message.claim_token, message.lease_until = Status.PROCESSING, token, lease
         message.attempts += 1
         message.instance = instance
     return taken
+
+
+def _hold_until(conversation: Conversation, *, token: str, lease: datetime) -> None:
+    """The held chat's lease to cover the messages just taken (unless it does)."""
+    if conversation.due_at != lease:
+        rows.renew_conversation_lease(conversation_id=conversation.pk, token=token, lease=lease)
+        conversation.due_at = lease
 
 
 # No savepoint: inside the database thread's transaction this needs only to be
